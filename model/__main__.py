@@ -1,0 +1,18 @@
+"""`python -m model`: print the per-layer summary of UltimusNet."""
+import argparse
+
+from . import UltimusNet, summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Print UltimusNet's layers, output shapes and parameter counts.")
+    p.add_argument("--blocks", type=int, default=4, help="number of Ultimus blocks (default 4)")
+    p.add_argument("--batchnorm", action="store_true", help="add BatchNorm after each convolution")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the pooled features (default 0)")
+    p.add_argument("--backend", default="reference", help="Ultimus backend used for the summary pass")
+    a = p.parse_args()
+    print(summary(UltimusNet(blocks=a.blocks, batchnorm=a.batchnorm, dropout=a.dropout, backend=a.backend)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Helpers shared by the tests: random block parameters, relative error, backend lists."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ultimus_kernels import available_backends
+from ultimus_kernels.dispatch import unavailable_reason
+
+FUSED = ("triton", "cpu", "cuda")
+DEVICE_OF = {"triton": "cuda" if torch.cuda.is_available() else "cpu", "cpu": "cpu", "cuda": "cuda"}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, computed in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def make_inputs(B, D, d, dtype=torch.float64, device="cpu", bias=True, logit_scale=1.0, requires_grad=True):
+    """Fresh random x and parameters in nn.Linear layouts, scaled like nn.Linear's initialisation;
+    `logit_scale` multiplies Wq and Wk (and bq, bk) to push the attention logits up."""
+    g = lambda *shape, s=1.0: torch.randn(*shape, dtype=torch.float64) * s  # noqa: E731
+    x = g(B, D)
+    wq, wk = g(d, D, s=logit_scale / D**0.5), g(d, D, s=logit_scale / D**0.5)
+    wv, wo = g(d, D, s=1 / D**0.5), g(D, d, s=1 / d**0.5)
+    bq, bk = (g(d, s=0.5 * logit_scale), g(d, s=0.5 * logit_scale)) if bias else (None, None)
+    bv, bo = (g(d, s=0.5), g(D, s=0.5)) if bias else (None, None)
+    tensors = [x, wq, bq, wk, bk, wv, bv, wo, bo]
+    out = []
+    for t in tensors:
+        if t is not None:
+            t = t.to(dtype=dtype, device=device)
+            t.requires_grad_(requires_grad)
+        out.append(t)
+    return out
+
+
+def backend_or_skip(backend: str) -> torch.device:
+    """The device a fused backend runs on here; skips when the hardware is absent."""
+    device = torch.device(DEVICE_OF[backend])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    why = unavailable_reason(backend, device)
+    if why is not None:
+        pytest.skip(f"backend '{backend}' unavailable: {why}")
+    return device
+
+
+__all__ = ["FUSED", "available_backends", "backend_or_skip", "make_inputs", "rel_err"]

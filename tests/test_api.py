@@ -1,0 +1,173 @@
+"""The public contract: argument checking, backend selection, the module, the extension build."""
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ultimus_kernels
+from ultimus_kernels import BACKENDS, MAX_ATTN_DIM, MAX_DIM, UltimusBlock, available_backends, ultimus
+from ultimus_kernels.dispatch import resolve_backend
+from _util import make_inputs
+
+GOOD = dict(B=4, D=12, d=3)
+
+
+def good_args():
+    return make_inputs(GOOD["B"], GOOD["D"], GOOD["d"], dtype=torch.float32, requires_grad=False)
+
+
+def call(args, **kw):
+    return ultimus(*args, backend=kw.pop("backend", "reference"), **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_good_call_returns_b_by_d_in_x_dtype(backend):
+    y = call(good_args(), backend=backend)
+    assert y.shape == (4, 12) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda a: a.__setitem__(0, a[0][0]), ValueError, "x must be 2-D"),
+    (lambda a: a.__setitem__(0, a[0].unsqueeze(0)), ValueError, "x must be 2-D"),
+    (lambda a: a.__setitem__(0, torch.ones(4, 12, dtype=torch.int64)), TypeError, "floating-point"),
+    (lambda a: a.__setitem__(0, torch.randn(4, 13)), ValueError, r"wq must have shape \(3, 13\)"),
+    (lambda a: a.__setitem__(3, torch.randn(4, 12)), ValueError, "wk must have shape"),
+    (lambda a: a.__setitem__(5, torch.randn(3, 11)), ValueError, "wv must have shape"),
+    (lambda a: a.__setitem__(7, torch.randn(3, 12)), ValueError, r"wo must have shape \(12, 3\)"),
+    (lambda a: a.__setitem__(2, torch.randn(4)), ValueError, "bq must have shape"),
+    (lambda a: a.__setitem__(8, torch.randn(3)), ValueError, "bo must have shape"),
+    (lambda a: a.__setitem__(1, torch.randn(3, 12).int()), TypeError, "wq must be a floating-point"),
+    (lambda a: a.__setitem__(7, None), TypeError, "wo is required"),
+    (lambda a: a.__setitem__(0, [[1.0] * 12] * 4), TypeError, "x must be a torch.Tensor"),
+    (lambda a: a.__setitem__(1, torch.randn(0, 12)), ValueError, "at least 1"),
+    (lambda a: a.__setitem__(4, torch.randn(3, device="meta")), ValueError, "one device"),
+])
+def test_bad_input_gets_a_clear_error(mutate, exc, match):
+    for backend in ["reference", "auto"]:
+        args = good_args()
+        mutate(args)
+        with pytest.raises(exc, match=match):
+            call(args, backend=backend)
+
+
+def test_empty_batch_returns_empty_result():
+    args = make_inputs(0, 12, 3, dtype=torch.float32)
+    y = call(args)
+    assert y.shape == (0, 12)
+    y.sum().backward()
+    assert args[0].grad.shape == (0, 12)
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        call(good_args(), backend="fast")
+    with pytest.raises(ValueError, match="unknown backend"):
+        UltimusBlock(backend="fast")
+
+
+def test_unavailable_backend_raises_runtime_error_naming_it():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable on cpu"):
+        call(good_args(), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "cuda"])
+def test_sizes_past_a_fused_limit_are_refused_with_the_limit(backend):
+    device = "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+    if backend not in available_backends(device):
+        pytest.skip(f"{backend} not available here")
+    for D, d, limit in [(MAX_DIM + 1, 4, f"D <= {MAX_DIM}"), (16, MAX_ATTN_DIM + 1, f"d <= {MAX_ATTN_DIM}")]:
+        args = make_inputs(2, D, d, dtype=torch.float32, device=device, requires_grad=False)
+        with pytest.raises(ValueError, match=limit):
+            call(args, backend=backend)
+    # ... while the sizes every backend must support work, and "auto" falls back past the limit.
+    assert call(make_inputs(2, MAX_DIM, MAX_ATTN_DIM, dtype=torch.float32, device=device,
+                            requires_grad=False), backend=backend).shape == (2, MAX_DIM)
+    assert resolve_backend("auto", torch.device(device), MAX_DIM + 1, 4) == "reference"
+
+
+def test_available_backends_lists_reference_and_names_reasons():
+    assert available_backends("cpu")[0] == "reference"
+    report = ultimus_kernels.backend_report("cpu")
+    assert set(report) == set(BACKENDS)
+    assert all(why is None or (isinstance(why, str) and why) for why in report.values())
+    assert report["cuda"] is not None
+
+
+def test_python_m_ultimus_kernels_reports_backends():
+    out = subprocess.run([sys.executable, "-m", "ultimus_kernels"], capture_output=True, text=True, check=True).stdout
+    for name in BACKENDS:
+        assert name in out
+
+
+def test_block_state_dict_does_not_depend_on_backend():
+    a = UltimusBlock(48, 8, backend="reference")
+    b = UltimusBlock(48, 8, backend="auto")
+    assert list(a.state_dict()) == list(b.state_dict()) == [
+        "q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias", "out.weight", "out.bias"]
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 48)
+    b.backend = "reference"
+    assert torch.equal(a(x), b(x))
+    assert "backend='reference'" in repr(b)
+    nb = UltimusBlock(48, 8, bias=False)
+    assert list(nb.state_dict()) == ["q.weight", "k.weight", "v.weight", "out.weight"]
+
+
+# --- the compiled extensions -------------------------------------------------------------------
+
+def _build_info():
+    path = Path(ultimus_kernels.__file__).parent / "_build_info.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_cpu_extension_was_built():
+    """`pip install -e .` builds the C++ CPU extension unless told not to."""
+    note = _build_info().get("_C", "")
+    if note.startswith("skipped: ULTIMUS_NO_EXTENSIONS"):
+        pytest.skip(note)
+    assert "cpu" in available_backends("cpu"), ultimus_kernels.backend_report("cpu")["cpu"]
+
+
+def test_cuda_sources_compiled_when_nvcc_is_present():
+    note = _build_info().get("_C_cuda", "")
+    if shutil.which("nvcc") is None or torch.version.cuda is None or note.startswith("skipped: ULTIMUS_"):
+        pytest.skip(f"no CUDA build expected here ({note or 'nvcc not on PATH'})")
+    assert note == "built", note
+    assert importlib.util.find_spec("ultimus_kernels._C_cuda") is not None
+    importlib.import_module("ultimus_kernels._C_cuda")  # loads (and registers) even without a GPU
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_opcheck_of_the_compiled_ops(backend):
+    device = "cuda" if backend == "cuda" else "cpu"
+    if backend not in available_backends(device):
+        pytest.skip(f"{backend} not available here")
+    from ultimus_kernels.ops.ultimus_cpp import ultimus_cpp  # registers fake + autograd
+
+    for bias in (True, False):
+        args = make_inputs(5, 12, 3, dtype=torch.float32, device=device, bias=bias)
+        torch.library.opcheck(torch.ops.ultimus_ext.fwd.default, (*args, True))
+        gy = torch.randn(5, 12, device=device)
+        plain = [a.detach() if a is not None else None for a in args]
+        torch.library.opcheck(torch.ops.ultimus_ext.bwd.default, (gy, *plain, True, True, True),
+                              test_utils=("test_schema", "test_faketensor"))
+    assert ultimus_cpp is not None
+
+
+def test_torch_compile_fullgraph_with_cpu_backend():
+    if "cpu" not in available_backends("cpu"):
+        pytest.skip("cpu backend not built")
+    block = UltimusBlock(48, 8, backend="cpu")
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    x = torch.randn(9, 48, requires_grad=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    block.backend = "reference"
+    y_ref = block(x_ref)
+    assert torch.allclose(y, y_ref, atol=1e-5)

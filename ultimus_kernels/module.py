@@ -1,0 +1,42 @@
+"""`UltimusBlock`: the block as an nn.Module whose backend can be switched at any time."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .dispatch import BACKENDS, ultimus
+
+
+class UltimusBlock(nn.Module):
+    """One Ultimus attention block: (B, dim) -> (B, dim).
+
+    Submodules `q`, `k`, `v` (Linear dim -> attn_dim) and `out` (Linear attn_dim -> dim); the
+    state_dict does not depend on `backend`, which may be reassigned at any time.
+    """
+
+    def __init__(self, dim: int = 48, attn_dim: int = 8, residual: bool = True, bias: bool = True,
+                 backend: str = "auto"):
+        super().__init__()
+        self.dim, self.attn_dim, self.residual = dim, attn_dim, residual
+        self.q = nn.Linear(dim, attn_dim, bias=bias)
+        self.k = nn.Linear(dim, attn_dim, bias=bias)
+        self.v = nn.Linear(dim, attn_dim, bias=bias)
+        self.out = nn.Linear(attn_dim, dim, bias=bias)
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name != "auto" and name not in BACKENDS:
+            raise ValueError(f"UltimusBlock: unknown backend '{name}'; choose one of {('auto',) + BACKENDS}")
+        self._backend = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ultimus(x, self.q.weight, self.q.bias, self.k.weight, self.k.bias, self.v.weight,
+                       self.v.bias, self.out.weight, self.out.bias, residual=self.residual,
+                       backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, attn_dim={self.attn_dim}, residual={self.residual}, backend={self.backend!r}"
