@@ -1,0 +1,379 @@
+"""Microbenchmarks of the Ultimus block: every backend against PyTorch eager and torch.compile.
+
+    python bench/attn.py                      # full sweep on the default device
+    python bench/attn.py --quick              # a run under a minute on CPU
+    python bench/attn.py --device cuda --json bench/results/h100.json --plot bench/results/h100.png
+    python bench/attn.py --model              # a full UltimusNet training step per backend
+
+Providers: `reference` (eager PyTorch, the baseline), `compile` (torch.compile of the reference),
+`compile-max-autotune` (GPU, with --max-autotune), and every fused backend that runs on the device
+(`triton`, `cpu`, `cuda`). Modes: `fwd` (training forward: inputs require grad), `bwd` (backward
+only, from a saved graph), `fwd+bwd`.
+
+Bytes counted (the roofline reported against): the fused block must read x and write y once in the
+forward (2*B*D elements), read x and gy and write gx in the backward (3*B*D elements), plus the
+weights (4*d*D + 3*d + D elements, read once). GB/s = those bytes / median time. On a GPU the script
+measures the device's copy bandwidth itself (a 1 GiB device-to-device copy, read + write bytes) and
+reports each run as a percentage of it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+from ultimus_kernels import ultimus, ultimus_reference  # noqa: E402
+from ultimus_kernels.dispatch import unavailable_reason  # noqa: E402
+
+FUSED = ("triton", "cpu", "cuda")
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CACHE_BYTES = 64 << 20  # rotate inputs so that the sets together exceed this (L2 of an H100: 50 MB)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs and providers
+# ------------------------------------------------------------------------------------------------
+
+def make_set(B, D, d, dtype, device, gen):
+    """One random input set (never zeros): x, parameters in nn.Linear layouts, and gy."""
+    def r(*shape, s=1.0):
+        return (torch.randn(*shape, generator=gen) * s).to(device=device, dtype=dtype)
+    params = [r(d, D, s=D**-0.5), r(d, s=0.1), r(d, D, s=D**-0.5), r(d, s=0.1), r(d, D, s=D**-0.5), r(d, s=0.1),
+              r(D, d, s=d**-0.5), r(D, s=0.1)]
+    x = r(B, D).requires_grad_()
+    return x, [p.requires_grad_() for p in params], r(B, D)
+
+
+def block_bytes(mode: str, B: int, D: int, d: int, elem: int) -> int:
+    """The fewest bytes a fused block moves: activations once each, weights once."""
+    per_row = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * D
+    weights = 4 * d * D + 3 * d + D
+    return (B * per_row + weights * (2 if mode == "fwd+bwd" else 1)) * elem
+
+
+def provider_fn(name: str, max_autotune: bool = False) -> Callable:
+    if name == "reference":
+        return lambda x, p: ultimus_reference(x, *p)
+    if name.startswith("compile"):
+        compiled = torch.compile(ultimus_reference, dynamic=False,
+                                 mode="max-autotune-no-cudagraphs" if max_autotune else None)
+        return lambda x, p: compiled(x, *p)
+    return lambda x, p, name=name: ultimus(x, *p, backend=name)
+
+
+def mode_fn(mode: str, fn: Callable, sets) -> Callable:
+    """A closure running `mode` once, on the next input set in rotation."""
+    state = {"i": 0}
+    saved = {}
+    if mode == "bwd":  # graphs built once outside the timed region; retain_graph keeps them
+        for i, (x, p, gy) in enumerate(sets):
+            saved[i] = fn(x, p)
+
+    def run():
+        i = state["i"] = (state["i"] + 1) % len(sets)
+        x, p, gy = sets[i]
+        if mode == "fwd":
+            return fn(x, p)
+        y = saved[i] if mode == "bwd" else fn(x, p)
+        return torch.autograd.grad(y, [x, *p], gy, retain_graph=(mode == "bwd"))
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+def time_gpu(run: Callable) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms, with CUDA events through triton.testing.do_bench."""
+    import triton.testing
+
+    med, p20, p80 = triton.testing.do_bench(run, warmup=50, rep=200, quantiles=[0.5, 0.2, 0.8])
+    return med, p20, p80
+
+
+def time_cpu(run: Callable, threads: int, min_run_time: float) -> tuple[float, float, float]:
+    """(median, p20, p80) in ms, with torch.utils.benchmark (blocked autorange)."""
+    from torch.utils import benchmark
+
+    run()  # warm-up
+    m = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads).blocked_autorange(
+        min_run_time=min_run_time)
+    times = sorted(m.times)
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))] * 1e3  # noqa: E731
+    return m.median * 1e3, q(0.2), q(0.8)
+
+
+def copy_bandwidth_gbs(device) -> Optional[float]:
+    """The device's measured copy bandwidth: a 1 GiB device-to-device copy, read + write bytes."""
+    if device.type != "cuda":
+        return None
+    import triton.testing
+
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, quantiles=[0.5])
+    ms = ms[0] if isinstance(ms, (list, tuple)) else ms
+    del src, dst
+    return 2 * (1 << 30) / (ms * 1e-3) / 1e9
+
+
+# ------------------------------------------------------------------------------------------------
+# The sweep
+# ------------------------------------------------------------------------------------------------
+
+def providers_for(args, device) -> tuple[list[str], dict[str, str]]:
+    wanted = args.backends.split(",") if args.backends else (
+        ["reference", "compile"] + (["compile-max-autotune"] if args.max_autotune else []) + list(FUSED))
+    chosen, skipped = [], {}
+    for name in wanted:
+        if name in FUSED:
+            why = unavailable_reason(name, device)
+            if name == "triton" and device.type == "cpu" and why is None:
+                why = "the Triton interpreter is a correctness tool, not a timing target"
+            if why:
+                skipped[name] = why
+                continue
+        elif name not in ("reference", "compile", "compile-max-autotune"):
+            raise SystemExit(f"unknown provider {name!r}")
+        if name == "compile-max-autotune" and device.type != "cuda":
+            skipped[name] = "max-autotune is for GPUs"
+            continue
+        chosen.append(name)
+    return chosen, skipped
+
+
+def sweep(args, device) -> list[dict]:
+    from tqdm import tqdm
+
+    providers, skipped = providers_for(args, device)
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", file=sys.stderr)
+    bandwidth = copy_bandwidth_gbs(device)
+    if bandwidth:
+        print(f"measured copy bandwidth: {bandwidth:.0f} GB/s", file=sys.stderr)
+    dtypes = [DTYPES[t] for t in args.dtype.split(",")]
+    jobs = [(dtype, B, mode, prov) for dtype in dtypes for B in args.batch_sizes for mode in args.modes
+            for prov in providers]
+    gen = torch.Generator().manual_seed(0)
+    rows, fns, inputs = [], {}, {}
+    bar = tqdm(jobs, desc="benchmark", file=sys.stderr, disable=args.no_progress)
+    for dtype, B, mode, prov in bar:
+        bar.set_postfix_str(f"{prov} {mode} B={B} {str(dtype)[6:]}")
+        key = (dtype, B)
+        if key not in inputs:
+            inputs.clear()  # one size in memory at a time
+            elem = torch.finfo(dtype).bits // 8
+            n_sets = max(1, min(16, math.ceil(CACHE_BYTES / max(1, 5 * B * args.dim * elem))))
+            inputs[key] = [make_set(B, args.dim, args.attn_dim, dtype, device, gen) for _ in range(n_sets)]
+        if prov not in fns:
+            fns[prov] = provider_fn(prov, max_autotune=prov.endswith("max-autotune"))
+        run = mode_fn(mode, fns[prov], inputs[key])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            run()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            med, p20, p80 = time_gpu(run)
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        else:
+            med, p20, p80 = time_cpu(run, args.threads, args.min_run_time)
+            peak = None
+        nbytes = block_bytes(mode, B, args.dim, args.attn_dim, torch.finfo(dtype).bits // 8)
+        gbs = nbytes / (med * 1e-3) / 1e9
+        rows.append(dict(provider=prov, mode=mode, B=B, D=args.dim, d=args.attn_dim, dtype=str(dtype)[6:],
+                         median_ms=med, p20_ms=p20, p80_ms=p80, bytes=nbytes, gb_per_s=gbs,
+                         pct_copy_bandwidth=(100 * gbs / bandwidth) if bandwidth else None,
+                         peak_mem_mib=peak))
+    base = {(r["mode"], r["B"], r["dtype"], r["provider"]): r["median_ms"] for r in rows}
+    for r in rows:
+        k = (r["mode"], r["B"], r["dtype"])
+        r["speedup_vs_eager"] = base.get((*k, "reference"), float("nan")) / r["median_ms"]
+        r["speedup_vs_compile"] = base.get((*k, "compile"), float("nan")) / r["median_ms"]
+    return rows, skipped, bandwidth
+
+
+# ------------------------------------------------------------------------------------------------
+# The end-to-end effect: one UltimusNet training step per backend
+# ------------------------------------------------------------------------------------------------
+
+def model_sweep(args, device) -> list[dict]:
+    from model import UltimusNet
+
+    providers, skipped = providers_for(args, device)
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", file=sys.stderr)
+    rows = []
+    for B in args.model_batch_sizes:
+        images = torch.randn(B, 3, 32, 32, device=device)
+        labels = torch.randint(0, 10, (B,), device=device)
+        for prov in providers:
+            torch.manual_seed(0)
+            net = UltimusNet(backend="reference" if prov.startswith("compile") else prov).to(device)
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+            step_net = torch.compile(net) if prov.startswith("compile") else net
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(step_net(images), labels).backward()
+                opt.step()
+            step()
+            med, p20, p80 = time_gpu(step) if device.type == "cuda" else time_cpu(step, args.threads,
+                                                                                   args.min_run_time)
+            rows.append(dict(provider=prov, mode="train-step", B=B, dtype="float32", median_ms=med, p20_ms=p20,
+                             p80_ms=p80))
+    base = {(r["B"], r["provider"]): r["median_ms"] for r in rows}
+    for r in rows:
+        r["speedup_vs_eager"] = base.get((r["B"], "reference"), float("nan")) / r["median_ms"]
+        r["speedup_vs_compile"] = base.get((r["B"], "compile"), float("nan")) / r["median_ms"]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def table(rows: list[dict]) -> str:
+    def fmt(v, spec):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    head = f"{'provider':<21}{'mode':<11}{'dtype':<9}{'B':>9}{'median ms':>11}{'p20-p80 ms':>19}" \
+           f"{'vs eager':>9}{'vs compile':>11}{'GB/s':>8}{'% copy':>8}{'peak MiB':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['provider']:<21}{r['mode']:<11}{r['dtype']:<9}{r['B']:>9}{r['median_ms']:>11.4f}"
+            f"{fmt(r['p20_ms'], '.4f') + '-' + fmt(r['p80_ms'], '.4f'):>19}"
+            f"{fmt(r.get('speedup_vs_eager'), '.2f') + 'x':>9}{fmt(r.get('speedup_vs_compile'), '.2f') + 'x':>11}"
+            f"{fmt(r.get('gb_per_s'), '.1f'):>8}{fmt(r.get('pct_copy_bandwidth'), '.1f'):>8}"
+            f"{fmt(r.get('peak_mem_mib'), '.1f'):>9}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    dtypes = sorted({r["dtype"] for r in rows})
+    fig, axes = plt.subplots(len(dtypes), len(modes), figsize=(5 * len(modes), 4 * len(dtypes)), squeeze=False)
+    for i, dtype in enumerate(dtypes):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            for prov in dict.fromkeys(r["provider"] for r in rows):
+                pts = sorted((r["B"], r["B"] / (r["median_ms"] * 1e-3)) for r in rows
+                             if r["provider"] == prov and r["mode"] == mode and r["dtype"] == dtype)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=prov)
+            ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="samples / s",
+                   title=f"{mode}, {dtype}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="device to benchmark (default: cuda when available, else cpu)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated providers: reference, compile, compile-max-autotune, triton, cpu, cuda "
+                        "(default: all that run on the device)")
+    p.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma-separated modes: fwd, bwd, fwd+bwd")
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma-separated B values (default: powers of 4 from 128 to 2^22 on GPU, to 2^16 on CPU)")
+    p.add_argument("--dtype", default=None,
+                   help="comma-separated dtypes: float32, float16, bfloat16 (default: float32 on CPU; all on GPU)")
+    p.add_argument("--dim", type=int, default=48, help="D, the block width (default 48)")
+    p.add_argument("--attn-dim", type=int, default=8, help="d, the attention width (default 8)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    p.add_argument("--min-run-time", type=float, default=0.5, help="CPU seconds of timing per point (default 0.5)")
+    p.add_argument("--max-autotune", action="store_true", help="also time torch.compile(mode='max-autotune') on GPU")
+    p.add_argument("--quick", action="store_true",
+                   help="a small sweep (B = 128 and 4096, float32, short timing): under a minute on CPU")
+    p.add_argument("--model", action="store_true", help="time one full UltimusNet training step per backend instead")
+    p.add_argument("--model-batch-sizes", default="128,512", help="batch sizes for --model (default 128,512)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write one JSON row per measurement here")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of throughput vs B here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    gpu = args.device.type == "cuda"
+    if args.quick:
+        args.batch_sizes = args.batch_sizes or "128,4096"
+        args.min_run_time = min(args.min_run_time, 0.1)
+    top = 22 if gpu else 16
+    args.batch_sizes = ([int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
+                        else [128] + [4**k for k in range(4, top // 2 + 1)])
+    args.modes = args.modes.split(",")
+    for m in args.modes:
+        if m not in MODES:
+            p.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    args.dtype = args.dtype or ("float32" if (args.quick or not gpu) else "float32,bfloat16,float16")
+    for t in args.dtype.split(","):
+        if t not in DTYPES:
+            p.error(f"unknown dtype {t!r}; choose from {', '.join(DTYPES)}")
+    args.model_batch_sizes = [int(b) for b in args.model_batch_sizes.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = args.device
+    name = device_name(device)
+    import triton
+
+    meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
+                date=dt.datetime.now().isoformat(timespec="seconds"), threads=args.threads,
+                command="python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if argv is None else None)
+    if args.model:
+        rows, skipped, bandwidth = model_sweep(args, device), {}, None
+    else:
+        rows, skipped, bandwidth = sweep(args, device)
+    for r in rows:
+        r.update(meta)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(dict(meta=dict(meta, copy_bandwidth_gbs=bandwidth, skipped=skipped),
+                                                   rows=rows), indent=1) + "\n")
+    if args.plot and not args.model:
+        plot(rows, args.plot, f"Ultimus block (D={args.dim}, d={args.attn_dim}) on {name}")
+    print(f"\n{name}  torch {torch.__version__}  triton {triton.__version__}"
+          + (f"  copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
