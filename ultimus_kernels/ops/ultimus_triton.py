@@ -33,7 +33,6 @@ kernels themselves (not an opaque call), the ops have fake implementations for f
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
@@ -75,7 +74,14 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 if triton is not None:
 
     @triton.jit
-    def _attention(q, k, v, d, scale, BLOCK_d: tl.constexpr):
+    def _attn_scale(d, ACC: tl.constexpr):
+        # 1/sqrt(d) in the accumulation dtype. Computed here rather than passed in: Triton types a
+        # Python float argument as fp32 (too coarse for float64) and Inductor as fp64 (which would
+        # promote a float32 kernel).
+        return 1.0 / tl.sqrt(d.to(ACC))
+
+    @triton.jit
+    def _attention(q, k, d, scale, BLOCK_d: tl.constexpr):
         """A = softmax_j(s q[i] k[j]) for every row of the tile: (BLOCK_B, BLOCK_d, BLOCK_d)."""
         att_valid = tl.arange(0, BLOCK_d) < d
         scores = scale * q[:, :, None] * k[:, None, :]
@@ -103,11 +109,12 @@ if triton is not None:
     def ultimus_fwd_kernel(
         x_ptr, y_ptr,
         wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr,
-        B, D, d, stride_xb, stride_xd, scale,
+        B, D, d, stride_xb, stride_xd,
         HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr,
         RESIDUAL: tl.constexpr, ACC: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr,
     ):
+        scale = _attn_scale(d, ACC)
         rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         cols = tl.arange(0, BLOCK_D)
         att = tl.arange(0, BLOCK_d)
@@ -117,7 +124,7 @@ if triton is not None:
         q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_D, BLOCK_d)
         k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_D, BLOCK_d)
         v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_D, BLOCK_d)
-        attn = _attention(q, k, v, d, scale, BLOCK_d)
+        attn = _attention(q, k, d, scale, BLOCK_d)
         z = tl.sum(v[:, :, None] * attn, axis=1)  # (BLOCK_B, BLOCK_d)
 
         # Wo loaded transposed, (BLOCK_d, BLOCK_D): woT[j, n] = Wo[n, j].
@@ -136,12 +143,13 @@ if triton is not None:
         wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr,
         gwq_part_ptr, gbq_part_ptr, gwk_part_ptr, gbk_part_ptr, gwv_part_ptr, gbv_part_ptr,
         gwo_part_ptr, gbo_part_ptr,
-        B, D, d, stride_xb, stride_xd, stride_gyb, stride_gyd, scale, num_tiles,
+        B, D, d, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles,
         HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr,
         RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
         NUM_PROGRAMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        scale = _attn_scale(d, ACC)
         cols = tl.arange(0, BLOCK_D)
         att = tl.arange(0, BLOCK_d)
         w_mask = (att[:, None] < d) & (cols[None, :] < D)
@@ -176,7 +184,7 @@ if triton is not None:
             q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_D, BLOCK_d)
             k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_D, BLOCK_d)
             v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_D, BLOCK_d)
-            attn = _attention(q, k, v, d, scale, BLOCK_d)
+            attn = _attention(q, k, d, scale, BLOCK_d)
 
             gz = tl.dot(gy, wo, input_precision="ieee", out_dtype=ACC)  # (BLOCK_B, BLOCK_d)
             gv = tl.sum(attn * gz[:, None, :], axis=2)  # r[i] = sum_j A[i, j] gz[j], and gv = r
@@ -225,16 +233,19 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _tile_config(B: int, D: int, d: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_D, BLOCK_d, num_warps) for a problem."""
+def _tile_config(B: int, D: int, d: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_B, BLOCK_D, BLOCK_d, num_warps, num_stages) for a problem."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_d = max(16, triton.next_power_of_2(d))
     if interpreter_active():
         # The interpreter pays ~10 ms per program whatever its size: few, large tiles.
-        return max(16, min(1024, triton.next_power_of_2(max(B, 1)))), BLOCK_D, BLOCK_d, 4
-    # Keep the (BLOCK_B, BLOCK_d, BLOCK_d) attention tile and the (BLOCK_B, BLOCK_D) x tile in registers.
-    BLOCK_B = max(16, min(64, 8192 // (BLOCK_d * BLOCK_d), 8192 // BLOCK_D))
-    return BLOCK_B, BLOCK_D, BLOCK_d, 4
+        return max(16, min(1024, triton.next_power_of_2(max(B, 1)))), BLOCK_D, BLOCK_d, 4, 1
+    # Keep the (BLOCK_B, BLOCK_d, BLOCK_d) attention tile and the (BLOCK_B, BLOCK_D) x tile on chip;
+    # for wide D, the backward's tile loop is not software-pipelined (each stage is a copy of the
+    # x and gy tiles in shared memory, past the 227 KB an H100 block may have at D = 256).
+    BLOCK_B = max(16, min(64, 8192 // (BLOCK_d * BLOCK_d), 4096 // BLOCK_D))
+    num_stages = 1 if BLOCK_D * BLOCK_d >= 4096 else 2
+    return BLOCK_B, BLOCK_D, BLOCK_d, 4, num_stages
 
 
 def _num_programs(num_tiles: int, device: torch.device) -> int:
@@ -267,11 +278,11 @@ if triton is not None:
             return y
         wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
         (bq, bk, bv, bo), (has_bq, has_bk, has_bv, has_bo) = _bias_args(bq, bk, bv, bo, fallback=wq)
-        BLOCK_B, BLOCK_D, BLOCK_d, num_warps = _tile_config(B, D, d, x.device)
+        BLOCK_B, BLOCK_D, BLOCK_d, num_warps, _ = _tile_config(B, D, d, x.device)
         grid = (triton.cdiv(B, BLOCK_B),)
         torch.library.wrap_triton(ultimus_fwd_kernel)[grid](
             x, y, wq, bq, wk, bk, wv, bv, wo, bo,
-            B, D, d, x.stride(0), x.stride(1), 1.0 / math.sqrt(d),
+            B, D, d, x.stride(0), x.stride(1),
             HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo,
             RESIDUAL=residual, ACC=_TL_ACC[_acc_dtype(x)],
             BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_d=BLOCK_d, num_warps=num_warps,
@@ -289,7 +300,7 @@ if triton is not None:
         acc = _acc_dtype(x)
         dev = x.device
         gx = torch.empty((B, D) if need_gx else (0,), dtype=x.dtype, device=dev)
-        BLOCK_B, BLOCK_D, BLOCK_d, num_warps = _tile_config(B, D, d, dev)
+        BLOCK_B, BLOCK_D, BLOCK_d, num_warps, num_stages = _tile_config(B, D, d, dev)
         num_tiles = triton.cdiv(B, BLOCK_B)
         P = _num_programs(num_tiles, dev) if (need_gw or need_gx) and B > 0 else 0
         # Parameter-gradient partials, one row per program, in wq, bq, wk, bk, wv, bv, wo, bo order.
@@ -302,10 +313,11 @@ if triton is not None:
             torch.library.wrap_triton(ultimus_bwd_kernel)[(P,)](
                 gy, x, gx, wq, bq, wk, bk, wv, bv, wo, bo,
                 *parts,
-                B, D, d, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), 1.0 / math.sqrt(d), num_tiles,
+                B, D, d, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
                 HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo,
                 RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
                 NUM_PROGRAMS=P, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_d=BLOCK_d, num_warps=num_warps,
+                num_stages=num_stages,
             )
         if not need_gw:
             return gx, *(torch.empty((0,), dtype=acc, device=dev) for _ in part_shapes)
