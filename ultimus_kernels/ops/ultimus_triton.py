@@ -42,6 +42,7 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     _TRITON_IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # pragma: no cover - exercised only where triton is missing
@@ -81,14 +82,17 @@ if triton is not None:
         return 1.0 / tl.sqrt(d.to(ACC))
 
     @triton.jit
-    def _attention(q, k, d, scale, BLOCK_d: tl.constexpr):
+    def _attention(q, k, d, scale, EXACT_EXP: tl.constexpr, BLOCK_d: tl.constexpr):
         """A = softmax_j(s q[i] k[j]) for every row of the tile: (BLOCK_B, BLOCK_d, BLOCK_d)."""
         att_valid = tl.arange(0, BLOCK_d) < d
         scores = scale * q[:, :, None] * k[:, None, :]
         # Padded columns j >= d take no probability mass; padded rows i >= d have v[i] = 0.
         scores = tl.where(att_valid[None, None, :], scores, float("-inf"))
         row_max = tl.max(scores, axis=2)
-        p = tl.exp(scores - row_max[:, :, None])
+        if EXACT_EXP:  # float64 on a GPU: libdevice's exp (float64 is for gradcheck)
+            p = libdevice.exp(scores - row_max[:, :, None])
+        else:  # float32: the fast ex2-based exp, ~1e-7 relative; the interpreter: numpy's exp
+            p = tl.exp(scores - row_max[:, :, None])
         return p / tl.sum(p, axis=2)[:, :, None]
 
     @triton.jit
@@ -111,7 +115,7 @@ if triton is not None:
         wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr,
         B, D, d, stride_xb, stride_xd,
         HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr,
-        RESIDUAL: tl.constexpr, ACC: tl.constexpr,
+        RESIDUAL: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr,
     ):
         scale = _attn_scale(d, ACC)
@@ -124,7 +128,7 @@ if triton is not None:
         q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_D, BLOCK_d)
         k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_D, BLOCK_d)
         v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_D, BLOCK_d)
-        attn = _attention(q, k, d, scale, BLOCK_d)
+        attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_d)
         z = tl.sum(v[:, :, None] * attn, axis=1)  # (BLOCK_B, BLOCK_d)
 
         # Wo loaded transposed, (BLOCK_d, BLOCK_D): woT[j, n] = Wo[n, j].
@@ -146,6 +150,7 @@ if triton is not None:
         B, D, d, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles,
         HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr,
         RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
+        EXACT_EXP: tl.constexpr,
         NUM_PROGRAMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -184,7 +189,7 @@ if triton is not None:
             q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_D, BLOCK_d)
             k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_D, BLOCK_d)
             v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_D, BLOCK_d)
-            attn = _attention(q, k, d, scale, BLOCK_d)
+            attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_d)
 
             gz = tl.dot(gy, wo, input_precision="ieee", out_dtype=ACC)  # (BLOCK_B, BLOCK_d)
             gv = tl.sum(attn * gz[:, None, :], axis=2)  # r[i] = sum_j A[i, j] gz[j], and gv = r
@@ -231,6 +236,11 @@ if triton is not None:
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _exact_exp(x: Tensor) -> bool:
+    """float64 on a GPU takes libdevice's exp; the interpreter's exp is numpy's, exact already."""
+    return x.dtype == torch.float64 and not interpreter_active()
 
 
 def _tile_config(B: int, D: int, d: int, device: torch.device) -> tuple[int, int, int, int, int]:
@@ -284,7 +294,7 @@ if triton is not None:
             x, y, wq, bq, wk, bk, wv, bv, wo, bo,
             B, D, d, x.stride(0), x.stride(1),
             HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo,
-            RESIDUAL=residual, ACC=_TL_ACC[_acc_dtype(x)],
+            RESIDUAL=residual, ACC=_TL_ACC[_acc_dtype(x)], EXACT_EXP=_exact_exp(x),
             BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_d=BLOCK_d, num_warps=num_warps,
         )
         return y
@@ -315,7 +325,7 @@ if triton is not None:
                 *parts,
                 B, D, d, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
                 HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo,
-                RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
+                RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc], EXACT_EXP=_exact_exp(x),
                 NUM_PROGRAMS=P, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_d=BLOCK_d, num_warps=num_warps,
                 num_stages=num_stages,
             )
