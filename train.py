@@ -88,6 +88,8 @@ def setup_distributed(args):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -126,7 +128,7 @@ class _GatherBatches(torch.utils.data.Dataset):
 def batches(split: Split, indices: torch.Tensor, batch_size: int, device, workers: int):
     """Yield (uint8 images, labels) on `device` for `indices`, in order."""
     chunks = list(indices.split(batch_size))
-    if split.images.device == device:  # the data set lives on the device: index it there
+    if split.images.device.type != "cpu":  # the data set lives on the device: index it there
         for idx in chunks:
             idx = idx.to(device)
             yield split.images[idx], split.labels[idx]

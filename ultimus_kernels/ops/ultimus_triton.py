@@ -109,7 +109,8 @@ if triton is not None:
             out += tl.load(b_ptr + att, mask=att < d, other=0.0).to(ACC)[None, :]
         return out
 
-    @triton.jit
+    # d is never specialised: Triton would turn d == 1 into a Python constant, and _attn_scale needs a tensor.
+    @triton.jit(do_not_specialize=["d"])
     def ultimus_fwd_kernel(
         x_ptr, y_ptr,
         wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr,
@@ -141,7 +142,7 @@ if triton is not None:
             y += x
         tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["d"])
     def ultimus_bwd_kernel(
         gy_ptr, x_ptr, gx_ptr,
         wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr,
