@@ -171,6 +171,10 @@ def sweep(args, device) -> list[dict]:
         key = (dtype, B)
         if key not in inputs:
             inputs.clear()  # one size in memory at a time
+            # A fresh torch.compile per size: with dynamic=False every size is a recompile, and past
+            # Dynamo's recompile limit (8) a compiled function silently runs eager.
+            fns = {p: f for p, f in fns.items() if not p.startswith("compile")}
+            torch._dynamo.reset()
             elem = torch.finfo(dtype).bits // 8
             n_sets = max(1, min(16, math.ceil(CACHE_BYTES / max(1, 5 * B * args.dim * elem))))
             inputs[key] = [make_set(B, args.dim, args.attn_dim, dtype, device, gen) for _ in range(n_sets)]
@@ -217,6 +221,7 @@ def model_sweep(args, device) -> list[dict]:
         images = torch.randn(B, 3, 32, 32, device=device)
         labels = torch.randint(0, 10, (B,), device=device)
         for prov in providers:
+            torch._dynamo.reset()  # a fresh compile per (B, provider); see sweep()
             torch.manual_seed(0)
             net = UltimusNet(backend="reference" if prov.startswith("compile") else prov).to(device)
             opt = torch.optim.Adam(net.parameters(), lr=1e-3)
