@@ -11,6 +11,8 @@ Environment variables:
     ULTIMUS_SKIP_CUDA=1      do not build the CUDA extension
     ULTIMUS_FORCE_CUDA=1     build it and fail the install if that fails
     ULTIMUS_NO_EXTENSIONS=1  build no compiled extension at all (a pure-Python install)
+    ULTIMUS_CPU_ARCH=native  the -march of the CPU kernels on x86-64 (default native: the SIMD of the
+                             installing machine; set e.g. x86-64-v3, or "none" for a portable build)
     TORCH_CUDA_ARCH_LIST     GPU architectures (default: the visible GPU's, else "8.0;9.0")
     MAX_JOBS                 parallel compile jobs (ninja)
     CUDA_HOME                CUDA toolkit prefix (default: found from nvcc on PATH)
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 from pathlib import Path
@@ -73,7 +76,14 @@ def extensions():
         return [], {}, report
 
     cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"]  # the C++ standard is torch's choice
-    ext_modules = [CppExtension("ultimus_kernels._C", ["csrc/ultimus_cpu.cpp"], extra_compile_args={"cxx": cxx})]
+    # -fopenmp: at::parallel_for runs serially without it. -march: the CPU kernel's chunk is one SIMD
+    # register (AVX-512: 16 floats, AVX2: 8, SSE: 4), so the SIMD width compiled for sets its speed.
+    cpu_cxx = cxx + ["-fopenmp"]
+    arch = os.environ.get("ULTIMUS_CPU_ARCH", "native").strip()
+    if arch and arch != "none" and platform.machine().lower() in ("x86_64", "amd64"):
+        cpu_cxx.append(f"-march={arch}")
+    ext_modules = [CppExtension("ultimus_kernels._C", ["csrc/ultimus_cpu.cpp"],
+                                extra_compile_args={"cxx": cpu_cxx}, extra_link_args=["-fopenmp"])]
     force_cuda = flag("ULTIMUS_FORCE_CUDA")
     if flag("ULTIMUS_SKIP_CUDA"):
         report["_C_cuda"] = "skipped: ULTIMUS_SKIP_CUDA=1 was set at install time"

@@ -7,11 +7,12 @@
 //   gz = Wo^T gy; r[i] = sum_j A[i, j] gz[j]; gv = r; gS[i, j] = A[i, j] v[i] (gz[j] - r[i])
 //   gq[i] = s sum_j gS[i, j] k[j]; gk[j] = s sum_i gS[i, j] q[i]; gx = Wq^T gq + Wk^T gk + Wv^T gv (+ gy)
 //
-// Layout. Rows are processed in chunks of kChunk samples stored transposed ("structure of arrays":
-// xt[n][c] is feature n of sample c of the chunk), so that every inner loop runs over the kChunk
-// samples with unit stride and the compiler vectorises it. The batch is split into a number of tasks
-// that depends only on B; each task owns a row of parameter-gradient partials, and the partial rows
-// are summed in a fixed order: the gradients do not depend on the thread count or the schedule.
+// Layout. Rows are processed in chunks of kChunk samples (one SIMD register of floats) stored
+// transposed: x[n] is a Vec holding feature n of every sample of the chunk, so each step of the math
+// is one vector operation across the chunk's samples. The batch is split into a number of tasks that
+// depends only on B; within a task the parameter gradients accumulate per lane (Vec partial sums),
+// then each task writes one row of partials (its lanes summed in order) and the rows are summed in
+// a fixed order: the gradients depend neither on the thread count nor on the schedule.
 //
 // This file also defines the ops (TORCH_LIBRARY) that the CUDA file implements for CUDA tensors.
 #include <ATen/Parallel.h>
@@ -21,39 +22,65 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
+#include <algorithm>
+#include <type_traits>
 #include <limits>
+#include <vector>
 
 #include "ultimus.h"
 
 namespace ultimus {
 namespace {
 
-constexpr int kChunk = 16;  // samples per chunk: two AVX2 (or four SSE) float vectors
+// Samples per chunk: one SIMD register of floats for the ISA compiled for (setup.py builds with
+// -march=native unless ULTIMUS_CPU_ARCH says otherwise). A wider generic vector than the hardware's
+// spills to the stack on GCC, so the chunk follows the register width.
+#if defined(__AVX512F__)
+constexpr int kChunk = 16;
+#elif defined(__AVX__)
+constexpr int kChunk = 8;
+#else
+constexpr int kChunk = 4;
+#endif
 
-// exp for x <= 0 (the argument is always a score minus its row max), written without calls or
-// branches so that loops over it vectorise. Cody-Waite range reduction, degree-5 polynomial
-// (Cephes expf), relative error ~2e-7. A NaN argument gives NaN (the select keeps it).
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;  // exp(-87) ~ 1.6e-38: the smallest normal float, and 0 to the softmax
-  // Round x log2(e) to the nearest integer; truncation of (t - 0.5) does that for t <= 0 and,
-  // unlike nearbyint, vectorises without SSE4.1.
-  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f - 0.5f));
-  float r = x - n * 0.693359375f;
+// One feature of the kChunk samples of a chunk. GCC/Clang vector extensions: the compiler lowers
+// each operation to the widest SIMD it targets (4 SSE, 2 AVX2 or 1 AVX-512 register for floats),
+// so the code states the math once and vectorises by construction.
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(kChunk * sizeof(T))));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+using IntVec = VecOf<int32_t>::type;
+
+template <typename T>
+inline Vec<T> splat(T value) {
+  return Vec<T>{} + value;
+}
+
+// exp for x <= 0 (a score minus its row max), branch-free: Cody-Waite range reduction and the
+// degree-5 Cephes polynomial, relative error ~2e-7. A NaN lane stays NaN.
+inline Vec<float> exp_nonpositive(Vec<float> x) {
+  x = x < -87.0f ? splat(-87.0f) : x;  // exp(-87) ~ 1.6e-38, the smallest normal: 0 to the softmax
+  // Nearest integer to x log2(e): truncating t - 0.5 rounds to nearest for t <= 0.
+  const IntVec n_int = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, IntVec);
+  const Vec<float> n = __builtin_convertvector(n_int, Vec<float>);
+  Vec<float> r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  Vec<float> p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * (Vec<float>)((n_int + 127) << 23);  // times 2^n, built in the exponent bits
 }
-inline double exp_nonpositive(double x) { return std::exp(x); }  // float64 is for gradcheck: exact libm
+inline Vec<double> exp_nonpositive(Vec<double> x) {  // float64 is for gradcheck: exact libm
+  for (int c = 0; c < kChunk; ++c) x[c] = std::exp(x[c]);
+  return x;
+}
 
 template <typename acc_t>
 struct Params {  // contiguous accumulation-dtype views of the weights; biases may be null
@@ -62,176 +89,162 @@ struct Params {  // contiguous accumulation-dtype views of the weights; biases m
   acc_t scale;
 };
 
-// Per-chunk state, transposed: [feature][sample of the chunk].
+// Per-chunk state: [feature] of Vec over the chunk's samples.
 template <typename acc_t>
 struct Chunk {
-  acc_t x[kMaxDim][kChunk];
-  acc_t q[kMaxAttnDim][kChunk], k[kMaxAttnDim][kChunk], v[kMaxAttnDim][kChunk];
-  acc_t attn_row[kMaxAttnDim][kChunk];  // one row A[i, :] at a time
-  acc_t z[kMaxAttnDim][kChunk];
+  using V = Vec<acc_t>;
+  V x[kMaxDim];
+  V q[kMaxAttnDim], k[kMaxAttnDim], v[kMaxAttnDim];
+  V attn_row[kMaxAttnDim];  // one row A[i, :] at a time
+  V z[kMaxAttnDim];
 };
 
-template <typename scalar_t, typename acc_t>
-void load_transposed(const scalar_t* src, int64_t s0, int64_t s1, int64_t row0, int64_t rows, int64_t D,
-                     acc_t (*dst)[kChunk]) {
-  for (int64_t n = 0; n < D; ++n)
-    for (int c = 0; c < kChunk; ++c)
-      dst[n][c] = c < rows ? static_cast<acc_t>(src[(row0 + c) * s0 + n * s1]) : acc_t(0);
+// The element type of a Vec (template deduction cannot see through the vector_size typedef).
+template <typename V>
+using Elem = std::decay_t<decltype(V{}[0])>;
+
+template <typename scalar_t, typename V>
+void load_transposed(const scalar_t* src, int64_t s0, int64_t s1, int64_t row0, int64_t rows, int64_t D, V* dst) {
+  using acc_t = Elem<V>;
+  for (int64_t n = 0; n < D; ++n) dst[n] = V{};  // rows past the batch stay 0
+  for (int64_t c = 0; c < rows; ++c)
+    for (int64_t n = 0; n < D; ++n) dst[n][c] = static_cast<acc_t>(src[(row0 + c) * s0 + n * s1]);
 }
 
-// out[i][c] = b[i] + sum_n W[i][n] x[n][c]
-template <typename acc_t>
-void project(const acc_t* w, const acc_t* b, const acc_t (*x)[kChunk], int64_t D, int64_t d, acc_t (*out)[kChunk]) {
-  for (int64_t i = 0; i < d; ++i) {
-    acc_t acc[kChunk];
-    for (int c = 0; c < kChunk; ++c) acc[c] = b ? b[i] : acc_t(0);
-    for (int64_t n = 0; n < D; ++n) {
-      const acc_t wv = w[i * D + n];
-      for (int c = 0; c < kChunk; ++c) acc[c] += wv * x[n][c];
-    }
-    for (int c = 0; c < kChunk; ++c) out[i][c] = acc[c];
-  }
+template <typename scalar_t, typename V>
+void store_transposed(const V* src, int64_t row0, int64_t rows, int64_t D, scalar_t* dst) {
+  for (int64_t c = 0; c < rows; ++c)
+    for (int64_t n = 0; n < D; ++n) dst[(row0 + c) * D + n] = static_cast<scalar_t>(src[n][c]);
 }
 
-// q, k, v of the chunk from its x.
+// q, k, v of the chunk: three independent accumulation chains per step keep the FMA units busy.
 template <typename acc_t>
 void project_qkv(const Params<acc_t>& p, Chunk<acc_t>& s) {
-  project(p.wq, p.bq, s.x, p.D, p.d, s.q);
-  project(p.wk, p.bk, s.x, p.D, p.d, s.k);
-  project(p.wv, p.bv, s.x, p.D, p.d, s.v);
+  using V = Vec<acc_t>;
+  const int64_t D = p.D;
+  for (int64_t i = 0; i < p.d; ++i) {
+    V aq = splat<acc_t>(p.bq ? p.bq[i] : 0), ak = splat<acc_t>(p.bk ? p.bk[i] : 0),
+      av = splat<acc_t>(p.bv ? p.bv[i] : 0);
+    const acc_t *wq = p.wq + i * D, *wk = p.wk + i * D, *wv = p.wv + i * D;
+    for (int64_t n = 0; n < D; ++n) {
+      const V xn = s.x[n];
+      aq += wq[n] * xn;
+      ak += wk[n] * xn;
+      av += wv[n] * xn;
+    }
+    s.q[i] = aq, s.k[i] = ak, s.v[i] = av;
+  }
 }
 
 // Row i of A for every sample of the chunk, into s.attn_row.
 template <typename acc_t>
 void attention_row(const Params<acc_t>& p, Chunk<acc_t>& s, int64_t i) {
-  acc_t row_max[kChunk], total[kChunk];
-  for (int c = 0; c < kChunk; ++c) row_max[c] = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < p.d; ++j)
-    for (int c = 0; c < kChunk; ++c) {
-      const acc_t score = p.scale * s.q[i][c] * s.k[j][c];
-      row_max[c] = score > row_max[c] ? score : row_max[c];
-    }
-  for (int c = 0; c < kChunk; ++c) total[c] = acc_t(0);
-  for (int64_t j = 0; j < p.d; ++j)
-    for (int c = 0; c < kChunk; ++c) {
-      const acc_t e = exp_nonpositive(p.scale * s.q[i][c] * s.k[j][c] - row_max[c]);
-      s.attn_row[j][c] = e;
-      total[c] += e;
-    }
-  for (int c = 0; c < kChunk; ++c) total[c] = acc_t(1) / total[c];
-  for (int64_t j = 0; j < p.d; ++j)
-    for (int c = 0; c < kChunk; ++c) s.attn_row[j][c] *= total[c];
+  using V = Vec<acc_t>;
+  const V qi = p.scale * s.q[i];
+  V row_max = splat(-std::numeric_limits<acc_t>::infinity());
+  for (int64_t j = 0; j < p.d; ++j) {
+    const V score = qi * s.k[j];
+    row_max = score > row_max ? score : row_max;
+  }
+  V total = V{};
+  for (int64_t j = 0; j < p.d; ++j) {
+    const V e = exp_nonpositive(qi * s.k[j] - row_max);
+    s.attn_row[j] = e;
+    total += e;
+  }
+  const V inv = acc_t(1) / total;
+  for (int64_t j = 0; j < p.d; ++j) s.attn_row[j] *= inv;
 }
 
 template <typename scalar_t, typename acc_t>
 void forward_rows(const scalar_t* x, int64_t sx0, int64_t sx1, scalar_t* y, int64_t row0, int64_t rows,
                   const Params<acc_t>& p, bool residual, Chunk<acc_t>& s) {
+  using V = Vec<acc_t>;
   load_transposed(x, sx0, sx1, row0, rows, p.D, s.x);
   project_qkv(p, s);
-  for (int64_t j = 0; j < p.d; ++j)
-    for (int c = 0; c < kChunk; ++c) s.z[j][c] = acc_t(0);
+  for (int64_t j = 0; j < p.d; ++j) s.z[j] = V{};
   for (int64_t i = 0; i < p.d; ++i) {
     attention_row(p, s, i);
-    for (int64_t j = 0; j < p.d; ++j)
-      for (int c = 0; c < kChunk; ++c) s.z[j][c] += s.v[i][c] * s.attn_row[j][c];
+    for (int64_t j = 0; j < p.d; ++j) s.z[j] += s.v[i] * s.attn_row[j];
   }
-  for (int64_t n = 0; n < p.D; ++n) {
-    acc_t out[kChunk];
-    for (int c = 0; c < kChunk; ++c) out[c] = (p.bo ? p.bo[n] : acc_t(0)) + (residual ? s.x[n][c] : acc_t(0));
-    for (int64_t j = 0; j < p.d; ++j) {
-      const acc_t w = p.wo[n * p.d + j];
-      for (int c = 0; c < kChunk; ++c) out[c] += w * s.z[j][c];
-    }
-    for (int c = 0; c < rows; ++c) y[(row0 + c) * p.D + n] = static_cast<scalar_t>(out[c]);
+  for (int64_t n = 0; n < p.D; ++n) {  // y overwrites x feature by feature
+    V out = splat<acc_t>(p.bo ? p.bo[n] : 0) + (residual ? s.x[n] : V{});
+    const acc_t* wo = p.wo + n * p.d;
+    for (int64_t j = 0; j < p.d; ++j) out += wo[j] * s.z[j];
+    s.x[n] = out;
   }
+  store_transposed(s.x, row0, rows, p.D, y);
 }
 
 // Backward state beyond the forward's.
 template <typename acc_t>
 struct GradChunk {
-  acc_t gy[kMaxDim][kChunk];
-  acc_t gz[kMaxAttnDim][kChunk], gq[kMaxAttnDim][kChunk], gk[kMaxAttnDim][kChunk], gv[kMaxAttnDim][kChunk];
+  using V = Vec<acc_t>;
+  V gy[kMaxDim];
+  V gz[kMaxAttnDim], gq[kMaxAttnDim], gk[kMaxAttnDim], gv[kMaxAttnDim];
 };
 
-// partial[e] += sum_c a[i][c] * b[n][c] over an (I x N) block of a partial row.
-template <typename acc_t>
-void accumulate_outer(const acc_t (*a)[kChunk], int64_t I, const acc_t (*b)[kChunk], int64_t N, acc_t* partial) {
+// acc[i * N + n] += a[i] * b[n]: per-lane partial sums of a block of a parameter gradient.
+template <typename V>
+void accumulate_outer(const V* a, int64_t I, const V* b, int64_t N, V* acc) {
   for (int64_t i = 0; i < I; ++i)
-    for (int64_t n = 0; n < N; ++n) {
-      acc_t sum = 0;
-      for (int c = 0; c < kChunk; ++c) sum += a[i][c] * b[n][c];
-      partial[i * N + n] += sum;
-    }
+    for (int64_t n = 0; n < N; ++n) acc[i * N + n] += a[i] * b[n];
 }
 
-template <typename acc_t>
-void accumulate_rowsum(const acc_t (*a)[kChunk], int64_t I, acc_t* partial) {
-  for (int64_t i = 0; i < I; ++i) {
-    acc_t sum = 0;
-    for (int c = 0; c < kChunk; ++c) sum += a[i][c];
-    partial[i] += sum;
-  }
-}
-
+// `lanes` holds per-lane partial sums in the partial-row layout of ultimus.h.
 template <typename scalar_t, typename acc_t>
 void backward_rows(const scalar_t* gy, int64_t sg0, int64_t sg1, const scalar_t* x, int64_t sx0, int64_t sx1,
-                   scalar_t* gx, acc_t* partial, int64_t row0, int64_t rows, const Params<acc_t>& p, bool residual,
-                   Chunk<acc_t>& s, GradChunk<acc_t>& g) {
+                   scalar_t* gx, Vec<acc_t>* lanes, int64_t row0, int64_t rows, const Params<acc_t>& p,
+                   bool residual, Chunk<acc_t>& s, GradChunk<acc_t>& g) {
+  using V = Vec<acc_t>;
   const int64_t D = p.D, d = p.d;
   load_transposed(x, sx0, sx1, row0, rows, D, s.x);
   load_transposed(gy, sg0, sg1, row0, rows, D, g.gy);  // rows past the batch load as 0: they add nothing
   project_qkv(p, s);
-  // gz[j] = sum_n Wo[n][j] gy[n]
-  for (int64_t j = 0; j < d; ++j)
-    for (int c = 0; c < kChunk; ++c) g.gz[j][c] = acc_t(0);
-  for (int64_t n = 0; n < D; ++n)
-    for (int64_t j = 0; j < d; ++j) {
-      const acc_t w = p.wo[n * d + j];
-      for (int c = 0; c < kChunk; ++c) g.gz[j][c] += w * g.gy[n][c];
-    }
-  for (int64_t j = 0; j < d; ++j)
-    for (int c = 0; c < kChunk; ++c) s.z[j][c] = g.gk[j][c] = acc_t(0);
+  for (int64_t j = 0; j < d; ++j) s.z[j] = g.gk[j] = g.gz[j] = V{};
+  for (int64_t n = 0; n < D; ++n) {  // gz[j] = sum_n Wo[n][j] gy[n]
+    const acc_t* wo = p.wo + n * d;
+    for (int64_t j = 0; j < d; ++j) g.gz[j] += wo[j] * g.gy[n];
+  }
   for (int64_t i = 0; i < d; ++i) {
     attention_row(p, s, i);
-    acc_t r[kChunk], gqi[kChunk];
-    for (int c = 0; c < kChunk; ++c) r[c] = gqi[c] = acc_t(0);
-    for (int64_t j = 0; j < d; ++j)
-      for (int c = 0; c < kChunk; ++c) {
-        r[c] += s.attn_row[j][c] * g.gz[j][c];
-        s.z[j][c] += s.v[i][c] * s.attn_row[j][c];
-      }
-    for (int64_t j = 0; j < d; ++j)
-      for (int c = 0; c < kChunk; ++c) {
-        const acc_t g_score = s.attn_row[j][c] * s.v[i][c] * (g.gz[j][c] - r[c]) * p.scale;
-        gqi[c] += g_score * s.k[j][c];
-        g.gk[j][c] += g_score * s.q[i][c];
-      }
-    for (int c = 0; c < kChunk; ++c) {
-      g.gv[i][c] = r[c];
-      g.gq[i][c] = gqi[c];
+    V r = V{}, gqi = V{};
+    for (int64_t j = 0; j < d; ++j) {
+      r += s.attn_row[j] * g.gz[j];
+      s.z[j] += s.v[i] * s.attn_row[j];
     }
+    const V vi = p.scale * s.v[i];
+    for (int64_t j = 0; j < d; ++j) {
+      const V g_score = s.attn_row[j] * vi * (g.gz[j] - r);  // includes the scale s
+      gqi += g_score * s.k[j];
+      g.gk[j] += g_score * s.q[i];
+    }
+    g.gv[i] = r;
+    g.gq[i] = gqi;
   }
-  if (gx) {
+  if (gx) {  // gx overwrites x, after the parameter gradients have used it
+    if (lanes) {
+      accumulate_outer(g.gq, d, s.x, D, lanes);
+      accumulate_outer(g.gk, d, s.x, D, lanes + d * D);
+      accumulate_outer(g.gv, d, s.x, D, lanes + 2 * d * D);
+    }
     for (int64_t n = 0; n < D; ++n) {
-      acc_t out[kChunk];
-      for (int c = 0; c < kChunk; ++c) out[c] = residual ? g.gy[n][c] : acc_t(0);
-      for (int64_t i = 0; i < d; ++i) {
-        const acc_t wq = p.wq[i * D + n], wk = p.wk[i * D + n], wv = p.wv[i * D + n];
-        for (int c = 0; c < kChunk; ++c) out[c] += wq * g.gq[i][c] + wk * g.gk[i][c] + wv * g.gv[i][c];
-      }
-      for (int c = 0; c < rows; ++c) gx[(row0 + c) * D + n] = static_cast<scalar_t>(out[c]);
+      V out = residual ? g.gy[n] : V{};
+      for (int64_t i = 0; i < d; ++i)
+        out += p.wq[i * D + n] * g.gq[i] + p.wk[i * D + n] * g.gk[i] + p.wv[i * D + n] * g.gv[i];
+      s.x[n] = out;
     }
+    store_transposed(s.x, row0, rows, D, gx);
+  } else if (lanes) {
+    accumulate_outer(g.gq, d, s.x, D, lanes);
+    accumulate_outer(g.gk, d, s.x, D, lanes + d * D);
+    accumulate_outer(g.gv, d, s.x, D, lanes + 2 * d * D);
   }
-  if (partial) {
-    accumulate_outer(g.gq, d, s.x, D, partial);
-    accumulate_outer(g.gk, d, s.x, D, partial + d * D);
-    accumulate_outer(g.gv, d, s.x, D, partial + 2 * d * D);
-    accumulate_outer(g.gy, D, s.z, d, partial + 3 * d * D);
-    acc_t* biases = partial + 4 * d * D;
-    accumulate_rowsum(g.gq, d, biases);
-    accumulate_rowsum(g.gk, d, biases + d);
-    accumulate_rowsum(g.gv, d, biases + 2 * d);
-    accumulate_rowsum(g.gy, D, biases + 3 * d);
+  if (lanes) {
+    accumulate_outer(g.gy, D, s.z, d, lanes + 3 * d * D);
+    V* biases = lanes + 4 * d * D;
+    for (int64_t i = 0; i < d; ++i) biases[i] += g.gq[i], biases[d + i] += g.gk[i], biases[2 * d + i] += g.gv[i];
+    for (int64_t n = 0; n < D; ++n) biases[3 * d + n] += g.gy[n];
   }
 }
 
@@ -300,7 +313,7 @@ ultimus_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq,
   const auto acc = acc_type(x);
   at::Tensor gx = at::empty(need_gx ? std::vector<int64_t>{B, D} : std::vector<int64_t>{0}, x.options());
   const TaskSplit split = split_batch(B);
-  at::Tensor partials = at::zeros({need_gw && B > 0 ? split.num_tasks : 0, num_params(D, d)}, x.options().dtype(acc));
+  at::Tensor partials = at::empty({need_gw && B > 0 ? split.num_tasks : 0, num_params(D, d)}, x.options().dtype(acc));
   at::Tensor gy_c = gy.to(x.scalar_type());
   if (B > 0 && (need_gx || need_gw)) {
     const AccParams params(x, wq, bq, wk, bk, wv, bv, wo, bo);
@@ -311,15 +324,26 @@ ultimus_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq,
       const scalar_t* gyp = gy_c.const_data_ptr<scalar_t>();
       scalar_t* gxp = need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr;
       acc_t* part = need_gw ? partials.mutable_data_ptr<acc_t>() : nullptr;
+      const int64_t np = num_params(D, d);
       at::parallel_for(0, split.num_tasks, 1, [&](int64_t begin, int64_t end) {
         auto state = std::make_unique<Chunk<acc_t>>();
         auto grad_state = std::make_unique<GradChunk<acc_t>>();
+        std::vector<Vec<acc_t>> lanes(part ? np : 0);
         for (int64_t task = begin; task < end; ++task) {
-          acc_t* task_partial = part ? part + task * num_params(D, d) : nullptr;
+          std::fill(lanes.begin(), lanes.end(), Vec<acc_t>{});
           const int64_t task_end = std::min(B, (task + 1) * split.rows_per_task);
           for (int64_t row0 = task * split.rows_per_task; row0 < task_end; row0 += kChunk)
-            backward_rows(gyp, gy_c.stride(0), gy_c.stride(1), xp, x.stride(0), x.stride(1), gxp, task_partial, row0,
-                          std::min<int64_t>(kChunk, task_end - row0), p, residual, *state, *grad_state);
+            backward_rows(gyp, gy_c.stride(0), gy_c.stride(1), xp, x.stride(0), x.stride(1), gxp,
+                          part ? lanes.data() : nullptr, row0, std::min<int64_t>(kChunk, task_end - row0), p,
+                          residual, *state, *grad_state);
+          if (part) {  // the task's partial row: its lanes summed in a fixed order
+            acc_t* row = part + task * np;
+            for (int64_t e = 0; e < np; ++e) {
+              acc_t sum = 0;
+              for (int c = 0; c < kChunk; ++c) sum += lanes[e][c];
+              row[e] = sum;
+            }
+          }
         }
       });
     });
