@@ -328,14 +328,13 @@ def main(argv=None) -> list[dict]:
     main_process = rank == 0
     say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if main_process else (lambda *a: None)
     out = Path(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-
     try:
         data = (load_synthetic(args.train_size, args.test_size) if args.dataset == "synthetic" else
                 load_cifar10(args.data_dir, not args.no_download, args.train_size, args.test_size))
     except DataUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
+    if main_process:  # only once there is something to train on
+        out.mkdir(parents=True, exist_ok=True)
     on_device = device.type == "cuda" and (data.train.images.numel() + data.test.images.numel()) < DATA_ON_DEVICE_LIMIT
     if on_device:
         data.train = Split(data.train.images.to(device), data.train.labels.to(device))

@@ -8,6 +8,7 @@
 #include <c10/util/Optional.h>
 
 #include <array>
+#include <tuple>
 #include <cstdint>
 #include <vector>
 
@@ -77,6 +78,21 @@ inline std::vector<at::Tensor> reduce_partials(const at::Tensor& partials, int64
     out.push_back(partials.narrow(1, offsets[s], n).sum(0).view(shapes[s]));
   }
   return out;
+}
+
+// What the bwd op returns: gx and the eight parameter gradients.
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor>;
+
+// The parameter gradients from the partial rows, or empty tensors when they were not asked for.
+inline BackwardResult backward_result(const at::Tensor& gx, const at::Tensor& partials, int64_t D, int64_t d,
+                                      bool need_gw) {
+  if (!need_gw) {
+    auto e = [&] { return at::empty({0}, partials.options()); };
+    return {gx, e(), e(), e(), e(), e(), e(), e(), e()};
+  }
+  auto g = reduce_partials(partials, D, d);
+  return {gx, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
 }
 
 }  // namespace ultimus

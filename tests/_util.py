@@ -47,4 +47,11 @@ def backend_or_skip(backend: str) -> torch.device:
     return device
 
 
-__all__ = ["FUSED", "available_backends", "backend_or_skip", "make_inputs", "rel_err"]
+def gpu_backend_or_skip(backend: str) -> torch.device:
+    """Like backend_or_skip, for tests that need the backend on a real GPU (not the interpreter)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return backend_or_skip(backend)
+
+
+__all__ = ["FUSED", "available_backends", "backend_or_skip", "gpu_backend_or_skip", "make_inputs", "rel_err"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ultimus_kernels import UltimusBlock, ultimus, ultimus_reference
-from _util import FUSED, backend_or_skip, make_inputs, rel_err
+from _util import FUSED, backend_or_skip, gpu_backend_or_skip, make_inputs, rel_err
 
 SHAPES = [(1, 48, 8), (7, 48, 8), (33, 20, 3), (130, 7, 1), (5, 17, 32), (3, 256, 5)]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -182,27 +182,21 @@ def test_block_is_drop_in(backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,D,d", [(7, 48, 8), (1000, 48, 8), (33, 20, 3), (5, 256, 32)])
 def test_half_precision_on_gpu(backend, dtype, B, D, d):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    device = backend_or_skip(backend)
+    device = gpu_backend_or_skip(backend)
     check_against_reference(backend, device, B, D, d, dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_large_batch_on_gpu(backend):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    device = backend_or_skip(backend)
+    device = gpu_backend_or_skip(backend)
     check_against_reference(backend, device, 100_003, 48, 8, torch.float32)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_autocast_on_gpu(backend):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    device = backend_or_skip(backend)
+    device = gpu_backend_or_skip(backend)
     from model import UltimusNet
 
     net = UltimusNet(backend=backend).to(device)
@@ -217,9 +211,7 @@ def test_autocast_on_gpu(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_torch_compile_fullgraph_on_gpu(backend):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    device = backend_or_skip(backend)
+    device = gpu_backend_or_skip(backend)
     from model import UltimusNet
 
     torch.manual_seed(0)

@@ -104,6 +104,7 @@ def test_missing_cifar10_offline_stops_with_directions(tmp_path, capsys):
     message = str(err.value)
     assert "cifar-10-batches-py" in message and str(tmp_path / "nowhere") in message
     assert "--dataset synthetic" in message and "--data-dir" in message
+    assert not (tmp_path / "o").exists()  # no empty run folder left behind
 
 
 def test_help_explains_every_flag():

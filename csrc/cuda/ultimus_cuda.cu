@@ -335,8 +335,7 @@ at::Tensor ultimus_fwd_cuda(const at::Tensor& x, const at::Tensor& wq, const Opt
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-ultimus_bwd_cuda(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
+BackwardResult ultimus_bwd_cuda(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
                  const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv,
                  const at::Tensor& wo, const OptTensor& bo, bool residual, bool need_gx, bool need_gw) {
   const auto [D, d] = check_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo);
@@ -368,12 +367,7 @@ ultimus_bwd_cuda(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq
         launch(ultimus_bwd_kernel<scalar_t, acc_t, 32>);
     });
   }
-  if (!need_gw) {
-    auto e = [&] { return at::empty({0}, x.options().dtype(acc)); };
-    return {gx, e(), e(), e(), e(), e(), e(), e(), e()};
-  }
-  auto g = reduce_partials(partials, D, d);
-  return {gx, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
+  return backward_result(gx, partials, D, d, need_gw);
 }
 
 }  // namespace
