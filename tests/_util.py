@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ultimus_kernels import available_backends
 from ultimus_kernels.dispatch import unavailable_reason
 
 FUSED = ("triton", "cpu", "cuda")
@@ -54,4 +53,4 @@ def gpu_backend_or_skip(backend: str) -> torch.device:
     return backend_or_skip(backend)
 
 
-__all__ = ["FUSED", "available_backends", "backend_or_skip", "gpu_backend_or_skip", "make_inputs", "rel_err"]
+__all__ = ["FUSED", "backend_or_skip", "gpu_backend_or_skip", "make_inputs", "rel_err"]

@@ -11,8 +11,6 @@ from torch import Tensor
 MAX_DIM = 256
 MAX_ATTN_DIM = 32
 
-WEIGHT_NAMES = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
-
 
 def _floating(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
