@@ -13,6 +13,7 @@ lr_find.png (with --lr-find), checkpoint.pt (every epoch, atomically) and final.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -32,30 +34,70 @@ DEFAULT_MAX_LR = 0.01  # Adam's one-cycle peak for this 26k-parameter net; --lr-
 DATA_ON_DEVICE_LIMIT = 2 << 30  # keep the data set in GPU memory when it is smaller than this
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _number(kind, low=None, high=None, low_open=False, high_open=True, what=""):
+    """An argparse type: `kind` (int or float) in [low, high) (or the open/closed variants given)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError("no CUDA device is available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+POSITIVE_INT = _number(int, 1, what="an integer >= 1")
+COUNT = _number(int, 0, what="an integer >= 0")
+SEED = _number(int, 0, 2**63, what="an integer in [0, 2^63)")
+POSITIVE = _number(float, 0, low_open=True, what="a number > 0")
+NON_NEGATIVE = _number(float, 0, what="a number >= 0")
+PROBABILITY = _number(float, 0, 1, what="a probability in [0, 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=["cifar10", "synthetic"], default="cifar10",
                    help="cifar10 (torchvision) or synthetic: an offline, learnable 10-class stand-in (default cifar10)")
     d.add_argument("--data-dir", default="./data", help="where CIFAR-10 is, or is downloaded to (default ./data)")
     d.add_argument("--no-download", action="store_true", help="never download CIFAR-10; stop if it is missing")
-    d.add_argument("--train-size", type=int, default=None,
+    d.add_argument("--train-size", type=POSITIVE_INT, default=None,
                    help="training images: a seeded subsample of CIFAR-10, or the synthetic set's size (default 50000)")
-    d.add_argument("--test-size", type=int, default=None, help="test images, likewise (default 10000)")
-    d.add_argument("--workers", type=int, default=2,
+    d.add_argument("--test-size", type=POSITIVE_INT, default=None, help="test images, likewise (default 10000)")
+    d.add_argument("--workers", type=COUNT, default=2,
                    help="background processes gathering batches when the data stays in host memory (default 2)")
     m = p.add_argument_group("model")
     m.add_argument("--backend", choices=["auto", "reference", "triton", "cpu", "cuda"], default="auto",
                    help="Ultimus block implementation (default auto: the fastest that runs on --device)")
     m.add_argument("--batchnorm", action="store_true", help="BatchNorm after each convolution")
-    m.add_argument("--dropout", type=float, default=0.0, help="dropout on the pooled features (default 0)")
+    m.add_argument("--dropout", type=PROBABILITY, default=0.0, help="dropout on the pooled features, in [0, 1) (default 0)")
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=24, help="epochs (default 24)")
-    o.add_argument("--batch-size", type=int, default=128, help="batch size per process (default 128)")
-    o.add_argument("--max-lr", type=float, default=None,
-                   help=f"one-cycle peak learning rate (default {DEFAULT_MAX_LR}, or measured by --lr-find)")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (default 0)")
+    o.add_argument("--epochs", type=POSITIVE_INT, default=24, help="epochs (default 24)")
+    o.add_argument("--batch-size", type=POSITIVE_INT, default=128, help="batch size per process (default 128)")
+    o.add_argument("--max-lr", type=POSITIVE, default=None,
+                   help=f"one-cycle peak learning rate, > 0 (default {DEFAULT_MAX_LR}, or measured by --lr-find)")
+    o.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="Adam weight decay, >= 0 (default 0)")
     o.add_argument("--lr-find", action="store_true",
                    help="run an LR range test first (exponential sweep, smoothed loss) and use its pick as --max-lr")
     o.add_argument("--lr-find-pick", choices=["min10", "steepest"], default="min10",
@@ -63,15 +105,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     o.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
                    help="autocast on GPU: bf16, or fp16 with a gradient scaler (default off)")
     r = p.add_argument_group("run")
-    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cuda when available)")
-    r.add_argument("--seed", type=int, default=0, help="seed: the run is deterministic given it (default 0)")
-    r.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
+    r.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default cuda when available)")
+    r.add_argument("--seed", type=SEED, default=0, help="seed: the run is deterministic given it (default 0)")
+    r.add_argument("--out", default=None,
+                   help="output folder (default runs/<timestamp>); one that already holds a run is refused "
+                        "unless --overwrite is given")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its checkpoints, history and plots are deleted first)")
     r.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run whose checkpoint.pt is in DIR (its settings are kept)")
-    r.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
+                   help="continue the run whose checkpoint.pt is in DIR (its settings are kept; only --device, "
+                        "--workers, --no-progress and --stop-after-epoch may be given with it)")
+    r.add_argument("--stop-after-epoch", type=POSITIVE_INT, default=None, metavar="N",
                    help="stop after epoch N as if interrupted (continue later with --resume)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars, only the per-epoch lines")
-    return p.parse_args(argv)
+    return p
+
+
+# What `--resume` lets a user change; every other setting is the run's own.
+KEEP_ON_RESUME = ("resume", "stop_after_epoch", "device", "workers", "no_progress")
+# The files a run writes into --out.
+RUN_FILES = ("checkpoint.pt", "final.pt", "history.json", "curves.png", "misclassified.png", "lr_find.png")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check every flag's range and their combinations, before anything is loaded."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        explicit = build_parser()
+        for action in explicit._actions:
+            action.default = argparse.SUPPRESS
+        given = set(vars(explicit.parse_args(argv))) - set(KEEP_ON_RESUME)
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in sorted(given))
+            parser.error(f"--resume continues a run with its own settings; {flags} cannot be changed "
+                         "(start a new run with --out instead)")
+    elif args.out and not args.overwrite:
+        existing = [name for name in RUN_FILES if (Path(args.out) / name).exists()]
+        if existing:
+            parser.error(f"--out {args.out} already holds a run ({', '.join(existing)}): continue it with "
+                         f"--resume {args.out}, choose another --out, or pass --overwrite to replace it")
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.amp != "off" and device.type != "cuda":
+        parser.error("--amp needs a CUDA device")
+    if args.stop_after_epoch is not None and not args.resume and args.stop_after_epoch > args.epochs:
+        parser.error(f"--stop-after-epoch {args.stop_after_epoch} is past --epochs {args.epochs}")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,7 +162,7 @@ def setup_distributed(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if args.device:
-        device = torch.device(args.device)
+        device = torch.device(args.device)  # a torch.device, or the string a checkpoint kept
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -96,8 +175,6 @@ def setup_distributed(args):
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.amp != "off" and device.type != "cuda":
-        raise SystemExit("--amp needs a CUDA device")
     return rank, world, device
 
 
@@ -151,13 +228,28 @@ def epoch_indices(n: int, epoch: int, args, rank: int, world: int) -> torch.Tens
 # Training and evaluation
 # ------------------------------------------------------------------------------------------------
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the weights are no longer worth training or saving."""
+
+    def __init__(self, epoch: int, step: int, lr: float):
+        super().__init__(f"the training loss stopped being finite at epoch {epoch}, step {step} (lr {lr:.3e})")
+        self.epoch, self.step, self.lr = epoch, step, lr
+
+
+CHECK_EVERY = 20  # steps between looks at the device-side sums (progress bar, divergence): no sync per step
+
+
 def train_epoch(model, data, epoch, args, opt, sched, scaler, rank, world, device, bar):
     model.train()
     torch.manual_seed(args.seed * 100_003 + epoch * 1009 + rank)  # dropout: reseeded per epoch
     gen = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    # The first step whose loss was not finite (-1: none yet), tracked on the device.
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    lrs = []
     idx = epoch_indices(len(data.train.labels), epoch, args, rank, world)
+    step = -1
     for step, (images, labels) in enumerate(batches(data.train, idx, args.batch_size, device, args.workers)):
         x = augment(normalize(images, data.mean, data.std), gen)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -167,17 +259,36 @@ def train_epoch(model, data, epoch, args, opt, sched, scaler, rank, world, devic
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        lrs.append(sched.get_last_lr()[0])
         sched.step()
         with torch.no_grad():
-            stats += torch.stack([loss.detach().double() * len(labels),
-                                  (logits.argmax(1) == labels).sum().double(),
+            loss = loss.detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            stats += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double(),
                                   torch.tensor(len(labels), dtype=torch.float64, device=device)])
         bar.update(1)
-        if step % 20 == 0 and not bar.disable:
-            s = stats.tolist()
-            bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{100 * s[1] / s[2]:.1f}%", lr=f"{sched.get_last_lr()[0]:.2e}")
+        if step % CHECK_EVERY == 0:
+            _stop_if_diverged(first_bad, epoch, lrs)
+            if not bar.disable:
+                s = stats.tolist()
+                bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{100 * s[1] / s[2]:.1f}%", lr=f"{lrs[-1]:.2e}")
+    _stop_if_diverged(first_bad, epoch, lrs)
     s = all_reduce_sum(stats).tolist()
     return s[0] / s[2], s[1] / s[2]
+
+
+def _stop_if_diverged(first_bad: torch.Tensor, epoch: int, lrs: list) -> None:
+    """Raise TrainingDiverged if any process has seen a non-finite loss (every process checks at the
+    same steps, so under DDP they stop together)."""
+    bad = first_bad.clone()
+    if dist.is_initialized():
+        flag = (bad >= 0).to(torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and bad.item() < 0:
+            bad.fill_(len(lrs) - 1)  # another process diverged: this one stops at the same point
+    step = int(bad.item())
+    if step >= 0:
+        raise TrainingDiverged(epoch, step + 1, lrs[step])
 
 
 @torch.no_grad()
@@ -241,11 +352,59 @@ def lr_range_test(net, data, args, device, steps: int = 100, start: float = 1e-6
 # Outputs
 # ------------------------------------------------------------------------------------------------
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a kill never leaves half a file."""
+    """Write to a temporary file beside `path`, then rename: a kill never leaves half a file. Beside it,
+    PATH.sha256 records its SHA-256 (read back by `load_verified`). While the new file replaces the old
+    one, the record lists both hashes, so a kill at any instant leaves a file that matches its record."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp) if path.suffix == ".pt" else tmp.write_text(obj)
+    new = _sha256(tmp)
+    record = _checksum_file(path)
+    old = record.read_text().split() if record.exists() else []
+    _write_replace(record, "\n".join([new, *old[:1]]) + "\n")
     os.replace(tmp, path)
+    _write_replace(record, new + "\n")
+
+
+def _write_replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load_verified(path: Path, what: str):
+    """torch.load a file written by atomic_save after checking it against its recorded SHA-256. Any
+    failure ends the run with a message that names the file and what to do."""
+    if not path.exists():
+        raise SystemExit(f"error: {what}: {path} does not exist")
+    record = _checksum_file(path)
+    if record.exists():
+        expected = record.read_text().split()
+        if _sha256(path) not in expected:
+            raise SystemExit(
+                f"error: {what}: {path} is damaged: its SHA-256 differs from the one recorded in {record.name} "
+                "when it was written (a truncated copy, or changed bytes). Restore the file from a copy, or start "
+                "a new run with --out; final.pt beside it holds the best weights so far, if it verifies.")
+    else:
+        print(f"warning: {path} has no {record.name} (written by an older version?): its contents cannot be "
+              "verified", file=sys.stderr)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise SystemExit(f"error: {what}: {path} could not be read ({type(exc).__name__}: {exc}). Restore it "
+                         "from a copy, or start a new run with --out.") from None
 
 
 def _pyplot():
@@ -308,24 +467,58 @@ def plot_lr_find(lrs, losses, pick, path: Path) -> None:
 # Main
 # ------------------------------------------------------------------------------------------------
 
-KEEP_ON_RESUME = ("resume", "stop_after_epoch", "device", "workers", "no_progress")
+class RunState:
+    """What an interrupted run needs to say how to continue: where it writes, the last saved epoch."""
+
+    def __init__(self):
+        self.out: Optional[Path] = None
+        self.saved_epoch: Optional[int] = None
+        self.main_process = True
 
 
 def main(argv=None) -> list[dict]:
+    """Train; returns the history (one dict per epoch). Ends with SystemExit and a one-line message
+    on bad arguments, damaged checkpoints, a diverging loss or Ctrl-C."""
+    state = RunState()
+    try:
+        return _train(parse_args(argv), state)
+    except KeyboardInterrupt:
+        if not state.main_process:
+            raise SystemExit(130)
+        if state.out is None:
+            print("\ninterrupted before training started; nothing was written", file=sys.stderr)
+        elif state.saved_epoch is None:
+            print(f"\ninterrupted before the first epoch ended; nothing was saved in {state.out}", file=sys.stderr)
+        else:
+            print(f"\ninterrupted; {state.out / 'checkpoint.pt'} holds epoch {state.saved_epoch}: continue with "
+                  f"python train.py --resume {state.out}", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def _load_checkpoint(args) -> tuple[argparse.Namespace, dict]:
+    """The run to resume: its checkpoint (verified) and its settings, with the flags --resume may change."""
+    checkpoint = load_verified(Path(args.resume) / "checkpoint.pt", "--resume")
+    saved = checkpoint["args"]
+    resumed = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in KEEP_ON_RESUME}})
+    resumed.out = str(Path(args.resume))
+    return resumed, checkpoint
+
+
+def _train(args, state: RunState) -> list[dict]:
     from tqdm import tqdm
 
-    args = parse_args(argv)
     checkpoint = None
     if args.resume:
-        path = Path(args.resume) / "checkpoint.pt"
-        if not path.exists():
-            raise SystemExit(f"--resume: no checkpoint.pt in {args.resume}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        saved = checkpoint["args"]
-        args = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in KEEP_ON_RESUME}})
-        args.out = str(Path(args.resume))
+        args, checkpoint = _load_checkpoint(args)
     rank, world, device = setup_distributed(args)
-    main_process = rank == 0
+    main_process = state.main_process = rank == 0
+    if checkpoint is not None and checkpoint.get("world_size", world) != world:
+        raise SystemExit(
+            f"error: --resume: this run was started with {checkpoint['world_size']} process(es) and is resumed with "
+            f"{world}; the data shards and the learning-rate schedule depend on that number. Resume it with "
+            f"{checkpoint['world_size']} process(es)"
+            + (f" (torchrun --nproc_per_node={checkpoint['world_size']} train.py --resume {args.out})"
+               if checkpoint["world_size"] > 1 else f" (python train.py --resume {args.out})"))
     say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if main_process else (lambda *a: None)
     out = Path(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     try:
@@ -333,8 +526,17 @@ def main(argv=None) -> list[dict]:
                 load_cifar10(args.data_dir, not args.no_download, args.train_size, args.test_size))
     except DataUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
+    for name, split, asked in (("train", data.train, args.train_size), ("test", data.test, args.test_size)):
+        if asked is not None and asked > len(split.labels):
+            raise SystemExit(f"error: --{name}-size {asked}: the {args.dataset} {name} split has only "
+                             f"{len(split.labels):,} images")
     if main_process:  # only once there is something to train on
+        if getattr(args, "overwrite", False) and checkpoint is None:
+            for name in RUN_FILES:
+                for path in (out / name, _checksum_file(out / name)):
+                    path.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
+    state.out = out
     on_device = device.type == "cuda" and (data.train.images.numel() + data.test.images.numel()) < DATA_ON_DEVICE_LIMIT
     if on_device:
         data.train = Split(data.train.images.to(device), data.train.labels.to(device))
@@ -357,7 +559,7 @@ def main(argv=None) -> list[dict]:
         if main_process:
             plot_lr_find(lrs, losses, pick, out / "lr_find.png")
         say(f"LR range test ({args.lr_find_pick}): max lr {pick:.3e}  (plot: {out / 'lr_find.png'})")
-    max_lr = args.max_lr or DEFAULT_MAX_LR
+    max_lr = DEFAULT_MAX_LR if args.max_lr is None else args.max_lr
     args.max_lr = max_lr
 
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
@@ -368,11 +570,16 @@ def main(argv=None) -> list[dict]:
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     history, best_acc, start_epoch = [], -1.0, 1
     if checkpoint is not None:
+        if checkpoint["scheduler"]["total_steps"] != sched.total_steps:
+            raise SystemExit(f"error: --resume: the checkpoint's schedule has {checkpoint['scheduler']['total_steps']} "
+                             f"steps, this process would run {sched.total_steps}: resume with the run's number of "
+                             "processes and the same data set")
         net.load_state_dict(checkpoint["model"])
         opt.load_state_dict(checkpoint["optimizer"])
         sched.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         history, best_acc, start_epoch = checkpoint["history"], checkpoint["best_acc"], checkpoint["epoch"] + 1
+        state.saved_epoch = checkpoint["epoch"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
@@ -388,7 +595,16 @@ def main(argv=None) -> list[dict]:
         lr = sched.get_last_lr()[0]
         with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", leave=False, file=sys.stderr,
                   disable=not main_process or args.no_progress) as bar:
-            train_loss, train_acc = train_epoch(model, data, epoch, args, opt, sched, scaler, rank, world, device, bar)
+            try:
+                train_loss, train_acc = train_epoch(model, data, epoch, args, opt, sched, scaler, rank, world,
+                                                    device, bar)
+            except TrainingDiverged as exc:
+                kept = (f"{out / 'checkpoint.pt'} still holds epoch {state.saved_epoch}"
+                        if state.saved_epoch is not None else "nothing was saved")
+                raise SystemExit(
+                    f"error: {exc}; training stopped and {kept}. Try a lower --max-lr (this run: {max_lr:.3e})"
+                    + (", or --amp bf16 / off instead of fp16" if args.amp == "fp16" else "")
+                    + ", and start a new run with --out.") from None
         test_loss, test_acc, _ = evaluate(model, data, args, rank, world, device)
         seconds = time.perf_counter() - t0
         history.append(dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
@@ -404,10 +620,11 @@ def main(argv=None) -> list[dict]:
             plot_curves(history, out / "curves.png")
             atomic_save(dict(model=net.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                              scaler=scaler.state_dict(), epoch=epoch, history=history, best_acc=best_acc,
-                             args=vars(args),
+                             args=vars(args), world_size=world,
                              rng=dict(torch=torch.get_rng_state(),
                                       cuda=torch.cuda.get_rng_state_all() if device.type == "cuda" else None)),
                         out / "checkpoint.pt")
+        state.saved_epoch = epoch
     else:
         _, _, wrong = evaluate(model, data, args, rank, world, device, collect_wrong=32)
         if main_process:

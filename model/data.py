@@ -97,8 +97,8 @@ def _synthetic_split(n: int, seed: int) -> Split:
 
 def load_synthetic(train_size: int | None = None, test_size: int | None = None) -> Dataset:
     """The offline stand-in for CIFAR-10: same shapes, dtype and normalisation path."""
-    train = _synthetic_split(train_size or 50_000, seed=2024)
-    test = _synthetic_split(test_size or 10_000, seed=2025)
+    train = _synthetic_split(50_000 if train_size is None else train_size, seed=2024)
+    test = _synthetic_split(10_000 if test_size is None else test_size, seed=2025)
     scaled = train.images[:5000].float() / 255
     mean = tuple(scaled.mean((0, 2, 3)).tolist())
     std = tuple(scaled.std((0, 2, 3)).tolist())

@@ -3,8 +3,10 @@ the offline error, resume, the LR range test, and DistributedDataParallel throug
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +130,152 @@ def test_ddp_with_torchrun_gloo(tmp_path):
     assert len(history) == 1 and 0 <= history[0]["test_acc"] <= 1
     assert proc.stdout.count("epoch   1/1") == 1  # only rank 0 reports
     assert "2 process(es)" in proc.stdout
+
+
+# --- runs that must not be lost or go wrong -------------------------------------------------------
+
+def test_out_that_holds_a_run_is_refused_unless_overwrite(tmp_path, capsys):
+    out, _ = run(tmp_path, "--epochs", "1")
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit) as err:
+        train.main([*SMALL, "--epochs", "1", "--out", str(out)])
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert "already holds a run" in message and f"--resume {out}" in message and "--overwrite" in message
+    assert (out / "checkpoint.pt").read_bytes() == before  # nothing touched
+    (out / "lr_find.png").write_bytes(b"stale")  # an output the new run does not write
+    history = train.main([*SMALL, "--epochs", "1", "--seed", "3", "--out", str(out), "--overwrite"])
+    assert len(history) == 1 and not (out / "lr_find.png").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["args"]["seed"] == 3
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--max-lr", "0"), ("--max-lr", "-1e-3"), ("--max-lr", "nan"), ("--train-size", "0"), ("--test-size", "0"),
+    ("--batch-size", "0"), ("--epochs", "0"), ("--seed", "-1"), ("--dropout", "1"), ("--dropout", "-0.1"),
+    ("--stop-after-epoch", "0"), ("--workers", "-1"), ("--weight-decay", "-1"), ("--device", "tpu"),
+    ("--device", "cuda:7" if torch.cuda.is_available() else "cuda"), ("--epochs", "two"),
+])
+def test_out_of_range_flags_are_refused_before_any_data_is_loaded(flag, value, monkeypatch, capsys, tmp_path):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was loaded before the flags were checked")
+
+    monkeypatch.setattr(train, "load_synthetic", no_data)
+    with pytest.raises(SystemExit) as err:
+        train.main(["--dataset", "synthetic", flag, value, "--out", str(tmp_path / "o")])
+    assert err.value.code == 2
+    assert flag in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sizes_larger_than_the_data_set_are_refused(tmp_path, monkeypatch):
+    write_tiny_cifar(tmp_path / "data")
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    with pytest.raises(SystemExit, match="--train-size 500: the cifar10 train split has only 100 images"):
+        train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--no-download", "--train-size",
+                    "500", "--out", str(tmp_path / "o")])
+
+
+def test_resume_refuses_changed_settings(tmp_path, capsys):
+    out, _ = run(tmp_path, "--epochs", "2", "--stop-after-epoch", "1")
+    with pytest.raises(SystemExit) as err:
+        train.main(["--resume", str(out), "--epochs", "5", "--max-lr", "0.1"])
+    assert err.value.code == 2
+    assert "--epochs, --max-lr cannot be changed" in capsys.readouterr().err
+
+
+def test_resume_with_another_process_count_is_refused(tmp_path):
+    out, _ = run(tmp_path, "--epochs", "2", "--stop-after-epoch", "1")
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt["world_size"] = 2  # as if started under torchrun --nproc_per_node=2
+    train.atomic_save(ckpt, out / "checkpoint.pt")
+    with pytest.raises(SystemExit, match=r"started with 2 process\(es\) and is resumed with 1.*--nproc_per_node=2"):
+        train.main(["--resume", str(out), "--no-progress", "--workers", "0"])
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_checkpoint_is_refused_with_the_file_named(tmp_path, damage):
+    out, _ = run(tmp_path, "--epochs", "2", "--stop-after-epoch", "1")
+    path = out / "checkpoint.pt"
+    assert (out / "checkpoint.pt.sha256").read_text().split() == [train._sha256(path)]
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) // 3]
+    path.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as err:
+        train.main(["--resume", str(out), "--no-progress", "--workers", "0"])
+    message = str(err.value)
+    assert str(path) in message and "damaged" in message and "SHA-256" in message
+
+
+def test_unreadable_checkpoint_without_a_checksum_names_the_file(tmp_path):
+    out, _ = run(tmp_path, "--epochs", "2", "--stop-after-epoch", "1")
+    (out / "checkpoint.pt.sha256").unlink()
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:100])
+    with pytest.raises(SystemExit, match="checkpoint.pt could not be read"):
+        train.main(["--resume", str(out), "--no-progress", "--workers", "0"])
+
+
+def test_a_kill_while_saving_leaves_a_verifiable_checkpoint(tmp_path, monkeypatch):
+    """Between the rename of the new file and the final checksum record, both hashes are accepted."""
+    path = tmp_path / "c.pt"
+    train.atomic_save({"epoch": 1}, path)
+    real_replace = os.replace
+    calls = []
+
+    def replace_then_die(src, dst):
+        real_replace(src, dst)
+        calls.append(dst)
+        if str(dst) == str(path):  # the new checkpoint is in place; its final record is not yet written
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.atomic_save({"epoch": 2}, path)
+    monkeypatch.setattr(train.os, "replace", real_replace)
+    assert train.load_verified(path, "test")["epoch"] == 2
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_ce = train.F.cross_entropy
+    steps = {"n": 0}
+
+    def cross_entropy(logits, labels, **kwargs):
+        loss = real_ce(logits, labels, **kwargs)
+        if not kwargs:  # training steps (evaluation sums with reduction="sum")
+            steps["n"] += 1
+            if steps["n"] == 8 + 3:  # epoch 2, step 3 (8 steps per epoch)
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train.F, "cross_entropy", cross_entropy)
+    with pytest.raises(SystemExit) as err:
+        train.main([*SMALL, "--epochs", "3", "--out", str(out)])
+    message = str(err.value)
+    assert "epoch 2, step 3" in message and "--max-lr" in message and "holds epoch 1" in message
+    ckpt = train.load_verified(out / "checkpoint.pt", "test")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert torch.load(out / "final.pt", weights_only=False)["epoch"] == 1
+    assert len(json.loads((out / "history.json").read_text())) == 1
+
+
+def test_ctrl_c_ends_with_one_line_that_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--dataset", "synthetic", "--train-size", "512",
+                             "--test-size", "64", "--batch-size", "64", "--epochs", "50", "--no-progress",
+                             "--workers", "0", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 240
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)  # into epoch 2
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert f"continue with python train.py --resume {out}" in stderr
+    resumed = train.main(["--resume", str(out), "--no-progress", "--workers", "0", "--stop-after-epoch", "2"])
+    assert [h["epoch"] for h in resumed][-1] == 2
