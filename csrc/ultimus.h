@@ -8,6 +8,7 @@
 #include <c10/util/Optional.h>
 
 #include <array>
+#include <string>
 #include <tuple>
 #include <cstdint>
 #include <vector>
@@ -20,33 +21,72 @@ constexpr int64_t kMaxAttnDim = 32;
 
 using OptTensor = std::optional<at::Tensor>;
 
-inline void check_param(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Tensor& x) {
-  TORCH_CHECK_TYPE(t.is_floating_point(), "ultimus: ", name, " must be a floating-point tensor, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, "ultimus: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == x.device(), "ultimus: all tensors must be on one device: x is on ", x.device(),
-                    ", ", name, " on ", t.device());
+// Messages mirror ultimus_kernels/checks.py word for word (dtypes as torch.float32, shapes as
+// tuples), so that a raw op call fails exactly as the public API does.
+inline std::string dtype_str(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+inline std::string shape_str(at::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+inline bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+constexpr const char* kSupportedDtypes = "float32, float64, float16, bfloat16";
+
+inline void check_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(supported_dtype(t.scalar_type()), "ultimus: ", name, " must be ",
+                   t.is_floating_point() ? std::string("one of ") + kSupportedDtypes : "a floating-point tensor",
+                   " (supported: ", kSupportedDtypes, "), got dtype ", dtype_str(t.scalar_type()));
 }
 
-// Returns {D, d}. Mirrors ultimus_kernels/checks.py so that direct op calls fail just as clearly.
-inline std::array<int64_t, 2> check_inputs(const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
-                                           const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv,
-                                           const OptTensor& bv, const at::Tensor& wo, const OptTensor& bo) {
-  TORCH_CHECK_TYPE(x.is_floating_point(), "ultimus: x must be a floating-point tensor, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 2, "ultimus: x must be 2-D (B, D), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(wq.dim() == 2, "ultimus: wq must be 2-D (d, D), got shape ", wq.sizes());
+inline void check_param(const at::Tensor& t, const char* name, at::IntArrayRef shape, const char* meaning) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, "ultimus: ", name, " must have shape ", shape_str(shape), " (", meaning,
+                    "), got ", shape_str(t.sizes()));
+}
+
+// Returns {D, d}. Everything ultimus_kernels/checks.py's check_op_inputs checks, in the same order:
+// dtypes, ranks, shapes, devices, then the fused kernels' size limits (`backend` names the caller).
+inline std::array<int64_t, 2> check_inputs(const char* backend, const at::Tensor& x, const at::Tensor& wq,
+                                           const OptTensor& bq, const at::Tensor& wk, const OptTensor& bk,
+                                           const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
+                                           const OptTensor& bo) {
+  check_dtype(x, "x");
+  TORCH_CHECK_VALUE(x.dim() == 2, "ultimus: x must be 2-D (B, D), got shape ", shape_str(x.sizes()));
+  check_dtype(wq, "wq");
+  TORCH_CHECK_VALUE(wq.dim() == 2, "ultimus: wq must be 2-D (d, D), got shape ", shape_str(wq.sizes()));
   const int64_t D = x.size(1), d = wq.size(0);
   TORCH_CHECK_VALUE(D >= 1 && d >= 1, "ultimus: D and d must be at least 1, got D=", D, ", d=", d);
-  TORCH_CHECK_VALUE(D <= kMaxDim, "ultimus: the fused kernels support D <= ", kMaxDim, ", got D=", D);
-  TORCH_CHECK_VALUE(d <= kMaxAttnDim, "ultimus: the fused kernels support d <= ", kMaxAttnDim, ", got d=", d);
-  check_param(wq, "wq", {d, D}, x);
-  check_param(wk, "wk", {d, D}, x);
-  check_param(wv, "wv", {d, D}, x);
-  check_param(wo, "wo", {D, d}, x);
-  if (bq) check_param(*bq, "bq", {d}, x);
-  if (bk) check_param(*bk, "bk", {d}, x);
-  if (bv) check_param(*bv, "bv", {d}, x);
-  if (bo) check_param(*bo, "bo", {D}, x);
+  const std::array<std::pair<const char*, const at::Tensor*>, 8> params = {{
+      {"wq", &wq}, {"bq", bq ? &*bq : nullptr}, {"wk", &wk}, {"bk", bk ? &*bk : nullptr},
+      {"wv", &wv}, {"bv", bv ? &*bv : nullptr}, {"wo", &wo}, {"bo", bo ? &*bo : nullptr}}};
+  for (const auto& [name, t] : params)
+    if (t) check_dtype(*t, name);
+  check_param(wq, "wq", {d, D}, "d, D with D = x.shape[1]");
+  check_param(wk, "wk", {d, D}, "same as wq");
+  check_param(wv, "wv", {d, D}, "same as wq");
+  check_param(wo, "wo", {D, d}, "D, d: the output projection");
+  if (bq) check_param(*bq, "bq", {d}, "d");
+  if (bk) check_param(*bk, "bk", {d}, "d");
+  if (bv) check_param(*bv, "bv", {d}, "d");
+  if (bo) check_param(*bo, "bo", {D}, "D");
+  for (const auto& [name, t] : params)
+    TORCH_CHECK_VALUE(!t || t->device() == x.device(), "ultimus: all tensors must be on one device: x is on ",
+                      x.device(), ", ", name, " on ", t->device());
+  TORCH_CHECK_VALUE(D <= kMaxDim, "ultimus: backend '", backend, "' supports D <= ", kMaxDim, ", got D=", D,
+                    "; use backend='reference'");
+  TORCH_CHECK_VALUE(d <= kMaxAttnDim, "ultimus: backend '", backend, "' supports d <= ", kMaxAttnDim, ", got d=", d,
+                    "; use backend='reference'");
   return {D, d};
+}
+
+// The bwd ops' incoming gradient: x's shape and device, any supported dtype.
+inline void check_grad_output(const at::Tensor& gy, const at::Tensor& x) {
+  check_dtype(gy, "gy");
+  TORCH_CHECK_VALUE(gy.sizes() == x.sizes(), "ultimus: gy must have x's shape ", shape_str(x.sizes()), ", got ",
+                    shape_str(gy.sizes()));
+  TORCH_CHECK_VALUE(gy.device() == x.device(), "ultimus: all tensors must be on one device: x is on ", x.device(),
+                    ", gy on ", gy.device());
 }
 
 // The accumulation dtype: float64 for float64 x, float32 for everything else (half inputs included).
@@ -64,35 +104,16 @@ inline at::Tensor as_acc(const OptTensor& t, at::ScalarType acc) {
 // [gWq (d*D) | gWk (d*D) | gWv (d*D) | gWo (D*d) | gbq (d) | gbk (d) | gbv (d) | gbo (D)].
 C10_HOST_DEVICE inline int64_t num_params(int64_t D, int64_t d) { return 4 * d * D + 3 * d + D; }
 
-// Sums the partial rows in a fixed order (deterministic) and cuts the sum into the eight gradients,
-// each its own tensor (custom-op outputs must not alias one another).
-inline std::vector<at::Tensor> reduce_partials(const at::Tensor& partials, int64_t D, int64_t d) {
-  const std::array<std::vector<int64_t>, 8> shapes = {{{d, D}, {d}, {d, D}, {d}, {d, D}, {d}, {D, d}, {D}}};
-  // Offsets of wq, bq, wk, bk, wv, bv, wo, bo in a partial row.
-  const std::array<int64_t, 8> offsets = {0, 4 * d * D, d * D, 4 * d * D + d, 2 * d * D, 4 * d * D + 2 * d,
-                                          3 * d * D, 4 * d * D + 3 * d};
-  std::vector<at::Tensor> out;
-  for (size_t s = 0; s < shapes.size(); ++s) {
-    int64_t n = 1;
-    for (int64_t e : shapes[s]) n *= e;
-    out.push_back(partials.narrow(1, offsets[s], n).sum(0).view(shapes[s]));
-  }
-  return out;
-}
+// What the bwd op returns: gx, and every parameter gradient in one flat vector in the partial-row
+// layout (the Python side cuts it into views: custom-op outputs must not alias one another).
+using BackwardResult = std::tuple<at::Tensor, at::Tensor>;
 
-// What the bwd op returns: gx and the eight parameter gradients.
-using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor, at::Tensor>;
-
-// The parameter gradients from the partial rows, or empty tensors when they were not asked for.
-inline BackwardResult backward_result(const at::Tensor& gx, const at::Tensor& partials, int64_t D, int64_t d,
-                                      bool need_gw) {
-  if (!need_gw) {
-    auto e = [&] { return at::empty({0}, partials.options()); };
-    return {gx, e(), e(), e(), e(), e(), e(), e(), e()};
-  }
-  auto g = reduce_partials(partials, D, d);
-  return {gx, g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
+// Sums the partial rows in a fixed order (deterministic): one reduction for all eight gradients. One
+// row is already the sum. An empty vector when the parameter gradients were not asked for.
+inline BackwardResult backward_result(const at::Tensor& gx, const at::Tensor& partials, bool need_gw) {
+  if (!need_gw) return {gx, at::empty({0}, partials.options())};
+  if (partials.size(0) == 1) return {gx, partials.view({partials.size(1)})};
+  return {gx, partials.sum(0)};
 }
 
 }  // namespace ultimus

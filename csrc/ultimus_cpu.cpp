@@ -60,9 +60,10 @@ inline Vec<T> splat(T value) {
 }
 
 // exp for x <= 0 (a score minus its row max), branch-free: Cody-Waite range reduction and the
-// degree-5 Cephes polynomial, relative error ~2e-7. A NaN lane stays NaN.
+// degree-5 Cephes polynomial, relative error ~2e-7; exactly 0 below -87. A NaN lane stays NaN.
 inline Vec<float> exp_nonpositive(Vec<float> x) {
-  x = x < -87.0f ? splat(-87.0f) : x;  // exp(-87) ~ 1.6e-38, the smallest normal: 0 to the softmax
+  const auto underflow = x < -87.0f;  // exp(-87) ~ 1.6e-38, near the smallest normal: returned as 0
+  x = underflow ? splat(-87.0f) : x;
   // Nearest integer to x log2(e): truncating t - 0.5 rounds to nearest for t <= 0.
   const IntVec n_int = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, IntVec);
   const Vec<float> n = __builtin_convertvector(n_int, Vec<float>);
@@ -75,7 +76,8 @@ inline Vec<float> exp_nonpositive(Vec<float> x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * (Vec<float>)((n_int + 127) << 23);  // times 2^n, built in the exponent bits
+  p = p * (Vec<float>)((n_int + 127) << 23);  // times 2^n, built in the exponent bits
+  return underflow ? Vec<float>{} : p;
 }
 inline Vec<double> exp_nonpositive(Vec<double> x) {  // float64 is for gradcheck: exact libm
   for (int c = 0; c < kChunk; ++c) x[c] = std::exp(x[c]);
@@ -95,6 +97,7 @@ struct Chunk {
   using V = Vec<acc_t>;
   V x[kMaxDim];
   V q[kMaxAttnDim], k[kMaxAttnDim], v[kMaxAttnDim];
+  V k_max, k_min;           // over j, per sample: the extremes of row i's logits (see attention_row)
   V attn_row[kMaxAttnDim];  // one row A[i, :] at a time
   V z[kMaxAttnDim];
 };
@@ -134,21 +137,33 @@ void project_qkv(const Params<acc_t>& p, Chunk<acc_t>& s) {
     }
     s.q[i] = aq, s.k[i] = ak, s.v[i] = av;
   }
+  V k_max = s.k[0], k_min = s.k[0];
+  for (int64_t j = 1; j < p.d; ++j) {
+    k_max = s.k[j] > k_max ? s.k[j] : k_max;
+    k_min = s.k[j] < k_min ? s.k[j] : k_min;
+  }
+  s.k_max = k_max, s.k_min = k_min;
 }
 
 // Row i of A for every sample of the chunk, into s.attn_row.
+//
+// The exponent of every entry, s q_i k_j - max_j' s q_i k_j', is computed as s q_i (k_j - k_ext), where
+// k_ext is max_j k_j for q_i >= 0 and min_j k_j otherwise (the row's largest logit is at k_ext). Exact by
+// construction: a rounded difference keeps its sign and is 0 only for equal operands, so every
+// exponent is <= 0 and the largest is exactly 0 whatever the compiler contracts (a fused
+// `q k - max` leaves the top entry a rounding error away from 0, which overflows exp for large finite
+// logits). It also takes the row maximum in O(d) instead of O(d^2).
 template <typename acc_t>
 void attention_row(const Params<acc_t>& p, Chunk<acc_t>& s, int64_t i) {
   using V = Vec<acc_t>;
-  const V qi = p.scale * s.q[i];
-  V row_max = splat(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t j = 0; j < p.d; ++j) {
-    const V score = qi * s.k[j];
-    row_max = score > row_max ? score : row_max;
-  }
+  const V sq = p.scale * s.q[i];
+  const V k_ext = sq >= 0 ? s.k_max : s.k_min;
+  const V zero = V{};
   V total = V{};
   for (int64_t j = 0; j < p.d; ++j) {
-    const V e = exp_nonpositive(qi * s.k[j] - row_max);
+    // k_j - k_ext can overflow for |k| near the dtype's limit; with sq = 0 the logit is sq * k_j = 0.
+    const V exponent = sq == zero ? sq * s.k[j] : sq * (s.k[j] - k_ext);
+    const V e = exp_nonpositive(exponent);
     s.attn_row[j] = e;
     total += e;
   }
@@ -280,7 +295,7 @@ struct AccParams {  // owns the accumulation-dtype copies that Params points int
 at::Tensor ultimus_fwd_cpu(const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq, const at::Tensor& wk,
                            const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
                            const OptTensor& bo, bool residual) {
-  const auto [D, d] = check_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo);
+  const auto [D, d] = check_inputs("cpu", x, wq, bq, wk, bk, wv, bv, wo, bo);
   const int64_t B = x.size(0);
   at::Tensor y = at::empty({B, D}, x.options());
   if (B == 0) return y;
@@ -306,9 +321,9 @@ at::Tensor ultimus_fwd_cpu(const at::Tensor& x, const at::Tensor& wq, const OptT
 BackwardResult ultimus_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
                 const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv,
                 const at::Tensor& wo, const OptTensor& bo, bool residual, bool need_gx, bool need_gw) {
-  const auto [D, d] = check_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo);
+  const auto [D, d] = check_inputs("cpu", x, wq, bq, wk, bk, wv, bv, wo, bo);
+  check_grad_output(gy, x);
   const int64_t B = x.size(0);
-  TORCH_CHECK_VALUE(gy.sizes() == x.sizes(), "ultimus: gy must have x's shape ", x.sizes(), ", got ", gy.sizes());
   const auto acc = acc_type(x);
   at::Tensor gx = at::empty(need_gx ? std::vector<int64_t>{B, D} : std::vector<int64_t>{0}, x.options());
   const TaskSplit split = split_batch(B);
@@ -347,7 +362,7 @@ BackwardResult ultimus_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const 
       });
     });
   }
-  return backward_result(gx, partials, D, d, need_gw);
+  return backward_result(gx, partials, need_gw);
 }
 
 }  // namespace
@@ -358,8 +373,7 @@ TORCH_LIBRARY(ultimus_ext, m) {
       "bool residual) -> Tensor");
   m.def(
       "bwd(Tensor gy, Tensor x, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, Tensor wv, Tensor? bv, Tensor wo, "
-      "Tensor? bo, bool residual, bool need_gx, bool need_gw) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? bo, bool residual, bool need_gx, bool need_gw) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ultimus_ext, CPU, m) {

@@ -1,5 +1,9 @@
 """Every fused backend (triton, cpu, cuda) against the reference: values, gradients, gradcheck,
 determinism, extreme inputs. Triton runs through its interpreter when there is no GPU (conftest)."""
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -65,30 +69,114 @@ def test_backward_is_deterministic(backend):
         assert torch.equal(a, b)
 
 
+def scaled_logit_inputs(B, D, d, dtype, device, logit, k_bias=None):
+    """Inputs whose attention logits s q_i k_j have magnitude ~`logit`: Wq, bq and Wk, bk each scaled by
+    sqrt(logit). `k_bias` (optional) replaces bk, to put k itself at the edge of the dtype's range."""
+    args = make_inputs(B, D, d, dtype=torch.float64, requires_grad=False)
+    root = logit ** 0.5
+    for i in (1, 2, 3, 4):  # wq, bq, wk, bk
+        args[i] = args[i] * root
+    if k_bias is not None:
+        args[3], args[4] = args[3] * 0, k_bias.double()
+    return [t.to(dtype=dtype, device=device).requires_grad_() for t in args]
+
+
+def grads_of(fn, args, gy):
+    y = fn(*args)
+    return (y, *torch.autograd.grad(y, args, gy))
+
+
+# The whole finite range of each dtype: tiny logits (uniform rows), ordinary, sharp (ill-conditioned),
+# and huge (one-hot rows, where a softmax whose largest exponent is not exactly 0 overflows).
+LOGITS = {torch.float32: [1e-38, 1e-12, 1.0, 30.0, 1e3, 1e8, 1e20, 1e30, 1e37],
+          torch.float64: [1e-300, 1e-30, 1.0, 30.0, 1e3, 1e20, 1e100, 1e200, 1e300]}
+
+
 @pytest.mark.parametrize("backend", FUSED)
-def test_extreme_logits_stay_finite_and_match(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logits_across_the_whole_finite_range_match_the_float64_reference(backend, dtype):
+    """Forward and every gradient against the float64 reference of the same inputs. In float32 the
+    reference's own float32 error sets the scale (large logits are ill-conditioned: a rounding error in
+    q or k moves a near one-hot softmax): each result is held to 10x the float32 reference's error,
+    and never looser than the float32 tolerance."""
     device = backend_or_skip(backend)
-    # |logits| ~ 1e4: a softmax without the max subtraction overflows to inf/NaN here.
-    args = make_inputs(16, 48, 8, device=device, logit_scale=60.0, requires_grad=False)
-    x, wq, bq, wk, bk = args[:5]
-    logits = (x @ wq.T + bq).abs().max() * (x @ wk.T + bk).abs().max() / 8**0.5
-    assert logits > 1e3
-    y = ultimus(*args, backend=backend)
-    assert torch.isfinite(y).all()
-    assert rel_err(y, ultimus_reference(*args)) < 1e-10
-    # In float32, logits this large carry ~1e-4 absolute rounding error whatever the summation order,
-    # and the near one-hot softmax amplifies it in the gradients. The float32 reference shows the
-    # scale of that: hold the kernel to 10x the reference's own error, and never looser than 5e-5.
-    torch.manual_seed(1234)
-    args32 = make_inputs(16, 48, 8, dtype=torch.float32, device=device, logit_scale=30.0)
-    ref64 = [t.detach().double().requires_grad_() if t is not None else None for t in args32]
-    gy = torch.randn(16, 48, dtype=torch.float64, device=device)
-    g64 = torch.autograd.grad(ultimus_reference(*ref64), [t for t in ref64 if t is not None], gy)
-    g32_ref = torch.autograd.grad(ultimus_reference(*args32), [t for t in args32 if t is not None], gy.float())
-    g32 = torch.autograd.grad(ultimus(*args32, backend=backend), [t for t in args32 if t is not None], gy.float())
-    for a, a_ref, a64 in zip(g32, g32_ref, g64):
-        assert torch.isfinite(a).all()
-        assert rel_err(a, a64) < max(5e-5, 10 * rel_err(a_ref, a64))
+    for logit in LOGITS[dtype]:
+        args = scaled_logit_inputs(16, 24, 8, dtype, device, logit)
+        gy = torch.randn(16, 24, dtype=torch.float64, device=device)
+        got = grads_of(lambda *a: ultimus(*a, backend=backend), args, gy.to(dtype))
+        ref64 = grads_of(ultimus_reference, [t.detach().double().requires_grad_() for t in args], gy)
+        ref_same = grads_of(ultimus_reference, args, gy.to(dtype))
+        for name, g, g64, g_ref in zip(["y", *"x wq bq wk bk wv bv wo bo".split()], got, ref64, ref_same):
+            assert torch.isfinite(g).all(), (logit, name)
+            tol = TOL[dtype] if dtype == torch.float64 else max(TOL[dtype], 10 * rel_err(g_ref, g64))
+            assert rel_err(g, g64) <= tol, (logit, name, rel_err(g, g64), tol)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_hot_rows_and_k_at_the_edge_of_the_range(backend, dtype):
+    """Two keys a hair apart at huge logits must give the reference's [1, 0] row (not [0.5, 0.5] or
+    NaN); k near the dtype's largest value, where k_j - max_j k overflows, with a q_i of exactly 0
+    must give a uniform row, as the reference does."""
+    device = backend_or_skip(backend)
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=dtype, device=device)
+    wq = torch.zeros(2, 4, dtype=dtype, device=device)
+    wk = torch.zeros(2, 4, dtype=dtype, device=device)
+    wv = torch.zeros(2, 4, dtype=dtype, device=device)
+    wq[:, 0] = big ** 0.5 / 2
+    wk[0, 0], wk[1, 0] = big ** 0.5 / 2, big ** 0.5 / 2 * (1 - 1e-6 if dtype == torch.float32 else 1 - 1e-14)
+    wv[:, 0] = 1.0
+    wo = torch.eye(4, 2, dtype=dtype, device=device)
+    args = [x, wq, None, wk, None, wv, None, wo, None]
+    y = ultimus(*args, residual=False, backend=backend)
+    assert torch.equal(y.cpu(), ultimus_reference(*args, residual=False).cpu())
+    assert y[0, :2].tolist() == [2.0, 0.0]
+    # k = +-0.9 max: k_j - k_ext overflows to -inf. Row 0 has q_0 = 0 exactly (uniform), row 1 a small q.
+    k_bias = torch.tensor([0.9, -0.9, 0.5, -0.2], dtype=torch.float64) * big
+    for logit_q in (1e-3, 1e-30):
+        args = scaled_logit_inputs(5, 6, 4, dtype, device, 1.0, k_bias=k_bias)
+        with torch.no_grad():
+            args[1][0].zero_()
+            args[2][0] = 0.0
+            args[1].mul_(logit_q)
+            args[2][1:] *= logit_q
+        y = ultimus(*args, backend=backend)
+        y_ref = ultimus_reference(*[t.detach().double() for t in args])
+        assert torch.isfinite(y).all()
+        assert rel_err(y, y_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_row_offsets_past_2_to_the_31_elements(backend):
+    """Element offsets row * stride past 2^31 must not wrap around: x is a view whose rows lie 2^30 + 1
+    elements apart (8 GiB of address space, of which only the rows read are ever touched). Run in a
+    child process, so that a wrong address fails this test instead of crashing the suite."""
+    device = backend_or_skip(backend)
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 12 << 30:
+        pytest.skip("needs 9 GiB of GPU memory")
+    code = f"""
+        import os, torch
+        if not torch.cuda.is_available(): os.environ.setdefault("TRITON_INTERPRET", "1")
+        from ultimus_kernels import ultimus, ultimus_reference
+        stride = 2**30 + 1  # fits in int32; row 2 starts at element 2^31 + 2
+        storage = torch.empty(2 * stride + 16, dtype=torch.float32, device="{device.type}")
+        x = storage.as_strided((3, 16), (stride, 1))
+        x.copy_(torch.randn(3, 16))
+        x.requires_grad_()
+        params = [torch.randn(*s, device=x.device, requires_grad=True) * 0.3
+                  for s in [(4, 16), (4,), (4, 16), (4,), (4, 16), (4,), (16, 4), (16,)]]
+        y = ultimus(x, *params, backend="{backend}")
+        (gx,) = torch.autograd.grad(y.square().sum(), [x])
+        x64 = x.detach().double().requires_grad_()
+        y64 = ultimus_reference(x64, *[p.detach().double() for p in params])
+        (gx64,) = torch.autograd.grad(y64.square().sum(), [x64])
+        err = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+        assert err(y, y64) < 2e-5 and err(gx, gx64) < 2e-5, (err(y, y64), err(gx, gx64))
+        print("ok")
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("backend", FUSED)

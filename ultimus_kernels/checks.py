@@ -1,4 +1,9 @@
-"""Input validation shared by every backend, so that bad input gets the same clear error everywhere."""
+"""Input validation shared by every backend and every raw op, so that bad input gets the same clear
+error everywhere. The C++ ops carry a mirror of these checks (csrc/ultimus.h) with the same messages.
+
+`check_inputs` is on the hot path of every call: it first asks one cheap question (is everything
+exactly right?) and only when the answer is no walks the arguments again to say what is wrong.
+"""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -11,17 +16,13 @@ from torch import Tensor
 MAX_DIM = 256
 MAX_ATTN_DIM = 32
 
+# The dtypes of the contract. float8 types are floating point too, but no backend computes them
+# correctly (the reference has no float8 matmul; a fused kernel would upcast silently): refused.
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
+_DTYPE_NAMES = ", ".join(str(t).replace("torch.", "") for t in SUPPORTED_DTYPES)
 
-def _floating(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"ultimus: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"ultimus: {name} must be a floating-point tensor, got dtype {t.dtype}")
-
-
-def _shape(name: str, t: Tensor, expected: Sequence[int], meaning: str) -> None:
-    if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"ultimus: {name} must have shape {tuple(expected)} ({meaning}), got {tuple(t.shape)}")
+PARAM_NAMES = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
 
 
 def check_inputs(
@@ -36,36 +37,76 @@ def check_inputs(
     bo: Optional[Tensor],
 ) -> tuple[int, int]:
     """Validate the arguments of `ultimus` and return (D, d). Raises TypeError / ValueError."""
-    _floating("x", x)
+    try:  # the fast path: one pass of cheap comparisons, no message built
+        D, d, device = x.shape[1], wq.shape[0], x.device
+        wshape, bshape = (d, D), (d,)
+        ok = (x.dim() == 2 and x.dtype in _SUPPORTED and D >= 1 and d >= 1
+              and wq.shape == wshape and wk.shape == wshape and wv.shape == wshape and wo.shape == (D, d)
+              and wq.dtype in _SUPPORTED and wk.dtype in _SUPPORTED and wv.dtype in _SUPPORTED
+              and wo.dtype in _SUPPORTED
+              and wq.device == device and wk.device == device and wv.device == device and wo.device == device
+              and (bq is None or (bq.shape == bshape and bq.dtype in _SUPPORTED and bq.device == device))
+              and (bk is None or (bk.shape == bshape and bk.dtype in _SUPPORTED and bk.device == device))
+              and (bv is None or (bv.shape == bshape and bv.dtype in _SUPPORTED and bv.device == device))
+              and (bo is None or (bo.shape == (D,) and bo.dtype in _SUPPORTED and bo.device == device)))
+    except (AttributeError, IndexError, TypeError):
+        ok = False
+    if not ok:
+        _explain(x, dict(zip(PARAM_NAMES, (wq, bq, wk, bk, wv, bv, wo, bo))))
+    return D, d
+
+
+def _dtype(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"ultimus: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _SUPPORTED:
+        kind = "a floating-point tensor" if not t.is_floating_point() else f"one of {_DTYPE_NAMES}"
+        raise TypeError(f"ultimus: {name} must be {kind} (supported: {_DTYPE_NAMES}), got dtype {t.dtype}")
+
+
+def _shape(name: str, t: Tensor, expected: Sequence[int], meaning: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"ultimus: {name} must have shape {tuple(expected)} ({meaning}), got {tuple(t.shape)}")
+
+
+def _explain(x, params: dict) -> None:
+    """The slow path of check_inputs: raise the error that names what is wrong."""
+    _dtype("x", x)
     if x.dim() != 2:
         raise ValueError(f"ultimus: x must be 2-D (B, D), got shape {tuple(x.shape)}")
     D = x.shape[1]
-    _floating("wq", wq)
+    wq = params["wq"]
+    _dtype("wq", wq)
     if wq.dim() != 2:
         raise ValueError(f"ultimus: wq must be 2-D (d, D), got shape {tuple(wq.shape)}")
     d = wq.shape[0]
     if D < 1 or d < 1:
         raise ValueError(f"ultimus: D and d must be at least 1, got D={D}, d={d}")
-    _shape("wq", wq, (d, D), "d, D with D = x.shape[1]")
-    given = dict(bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, wo=wo, bo=bo)
-    for name, t in given.items():
+    for name, t in params.items():
         if t is None:
             if name.startswith("w"):
                 raise TypeError(f"ultimus: {name} is required, got None")
             continue
-        _floating(name, t)
-    _shape("wk", wk, (d, D), "same as wq")
-    _shape("wv", wv, (d, D), "same as wq")
-    _shape("wo", wo, (D, d), "D, d: the output projection")
-    for name, t in (("bq", bq), ("bk", bk), ("bv", bv)):
-        if t is not None:
-            _shape(name, t, (d,), "d")
-    if bo is not None:
-        _shape("bo", bo, (D,), "D")
-    for name, t in dict(wq=wq, **given).items():
+        _dtype(name, t)
+    _shape("wq", wq, (d, D), "d, D with D = x.shape[1]")
+    _shape("wk", params["wk"], (d, D), "same as wq")
+    _shape("wv", params["wv"], (d, D), "same as wq")
+    _shape("wo", params["wo"], (D, d), "D, d: the output projection")
+    for name in ("bq", "bk", "bv"):
+        if params[name] is not None:
+            _shape(name, params[name], (d,), "d")
+    if params["bo"] is not None:
+        _shape("bo", params["bo"], (D,), "D")
+    for name, t in params.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"ultimus: all tensors must be on one device: x is on {x.device}, {name} on {t.device}")
-    return D, d
+    raise AssertionError("ultimus: check_inputs refused arguments that _explain finds valid")  # pragma: no cover
+
+
+def check_residual(residual) -> None:
+    """`residual` is a flag: a bool, not anything truthy (the string 'no' is truthy)."""
+    if not isinstance(residual, bool):
+        raise TypeError(f"ultimus: residual must be a bool, got {type(residual).__name__} {residual!r}")
 
 
 def check_fused_limits(backend: str, D: int, d: int) -> None:
@@ -76,3 +117,21 @@ def check_fused_limits(backend: str, D: int, d: int) -> None:
         raise ValueError(
             f"ultimus: backend '{backend}' supports d <= {MAX_ATTN_DIM}, got d={d}; use backend='reference'"
         )
+
+
+def check_grad_output(gy: Tensor, x: Tensor) -> None:
+    """The bwd ops' incoming gradient: a tensor of x's shape on x's device (any floating dtype)."""
+    _dtype("gy", gy)
+    if gy.shape != x.shape:
+        raise ValueError(f"ultimus: gy must have x's shape {tuple(x.shape)}, got {tuple(gy.shape)}")
+    if gy.device != x.device:
+        raise ValueError(f"ultimus: all tensors must be on one device: x is on {x.device}, gy on {gy.device}")
+
+
+def check_op_inputs(backend: str, x, wq, bq, wk, bk, wv, bv, wo, bo, residual) -> tuple[int, int]:
+    """Everything a raw fused op must check before it touches memory: the public checks, the flag and
+    the size limits. Used by the Triton ops and by the fake (meta) implementations of every op."""
+    D, d = check_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo)
+    check_residual(residual)
+    check_fused_limits(backend, D, d)
+    return D, d

@@ -1,4 +1,9 @@
-"""`ultimus(...)`: validate once, pick a backend, run it. `available_backends`: what runs where."""
+"""`ultimus(...)`: validate, pick a backend, run it. `available_backends`: what runs where.
+
+The fused backends' ops are loaded and registered when the package is imported (`load_backends`),
+so that nothing on the call path imports or probes: the hot path is one cheap check, one dict
+lookup and `UltimusFunction.apply`.
+"""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -6,7 +11,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .checks import MAX_ATTN_DIM, MAX_DIM, check_fused_limits, check_inputs
+from .checks import MAX_ATTN_DIM, MAX_DIM, check_fused_limits, check_inputs, check_residual
+from .ops.autograd import UltimusFunction, UltimusTracedFunction
 from .reference import ultimus_reference
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
@@ -15,6 +21,23 @@ BACKENDS = ("reference", "triton", "cpu", "cuda")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 DeviceLike = Union[str, torch.device, None]
+
+_triton_error: Optional[str] = "not loaded yet"
+
+
+def load_backends() -> None:
+    """Load the compiled extensions and the Triton kernels and register their ops; never raises (a
+    backend that cannot load reports why through `unavailable_reason`). Runs on `import ultimus_kernels`."""
+    global _triton_error
+    from .ops import ultimus_cpp
+
+    ultimus_cpp.load()
+    try:
+        from .ops import ultimus_triton  # noqa: F401  (registers the ultimus_triton ops)
+
+        _triton_error = None
+    except Exception as exc:  # triton missing (it is a dependency on Linux only) or broken
+        _triton_error = f"triton could not be imported: {exc}"
 
 
 def _as_device(device: DeviceLike) -> torch.device:
@@ -29,6 +52,8 @@ def unavailable_reason(backend: str, device: DeviceLike = None) -> Optional[str]
     if backend == "reference":
         return None
     if backend == "triton":
+        if _triton_error is not None:
+            return _triton_error
         from .ops import ultimus_triton
 
         return ultimus_triton.unavailable_reason(device)
@@ -49,8 +74,22 @@ def available_backends(device: DeviceLike = None) -> list[str]:
     return [name for name, why in backend_report(device).items() if why is None]
 
 
+# (backend, device, D, d) -> concrete backend; only successful resolutions are cached (errors are
+# not on the hot path, and are raised afresh every time).
+_resolved: dict[tuple, str] = {}
+
+
 def resolve_backend(backend: str, device: torch.device, D: int, d: int) -> str:
     """Turn "auto" into a concrete backend; check that a named one can run. Raises RuntimeError."""
+    key = (backend, device, D, d)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve(backend, device, D, d)
+        _resolved[key] = name
+    return name
+
+
+def _resolve(backend: str, device: torch.device, D: int, d: int) -> str:
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("reference",)):
             if name != "reference" and (D > MAX_DIM or d > MAX_ATTN_DIM):
@@ -83,21 +122,19 @@ def ultimus(
     """The Ultimus attention block on a batch x of shape (B, D); returns (B, D) in x's dtype.
 
     Weights in nn.Linear layouts: wq, wk, wv (d, D) with biases (d,) or None; wo (D, d), bo (D,) or
-    None. Per sample: q, k, v = projections of x; A[i, j] = softmax_j(q[i] k[j] / sqrt(d));
-    z = V . A; y = Wo z + bo (+ x if residual). Weights may be in another floating dtype than x
-    (fp32 master weights with half activations): fused kernels compute in fp32 (fp64 for fp64 x),
-    the reference casts the weights to x's dtype. `backend`: "auto", "reference", "triton", "cpu",
-    "cuda"; see `available_backends()`.
+    None. The math: README "The block". Weights may be in another floating dtype than x (fp32 master
+    weights with half activations): fused kernels compute in fp32 (fp64 for fp64 x), the reference
+    casts the weights to x's dtype. `backend`: "auto", "reference", "triton", "cpu", "cuda"; see
+    `available_backends()`.
     """
-    D, d = check_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo)
+    check_residual(residual)
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # the fused ops' fake implementations check at trace time
+        D, d = x.shape[1], wq.shape[0]
+    else:
+        D, d = check_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo)
     name = resolve_backend(backend, x.device, D, d)
-    args = (x, wq, bq, wk, bk, wv, bv, wo, bo)
     if name == "reference":
-        return ultimus_reference(*args, residual=residual)
-    if name == "triton":
-        from .ops.ultimus_triton import ultimus_triton
-
-        return ultimus_triton(*args, residual=residual)
-    from .ops.ultimus_cpp import ultimus_cpp
-
-    return ultimus_cpp(*args, residual=residual)
+        return ultimus_reference(x, wq, bq, wk, bk, wv, bv, wo, bo, residual=residual)
+    function = UltimusTracedFunction if compiling else UltimusFunction
+    return function.apply(name, residual, x, wq, bq, wk, bk, wv, bv, wo, bo)

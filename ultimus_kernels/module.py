@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .checks import check_residual
 from .dispatch import BACKENDS, ultimus
 
 
@@ -16,6 +17,7 @@ class UltimusBlock(nn.Module):
     def __init__(self, dim: int = 48, attn_dim: int = 8, residual: bool = True, bias: bool = True,
                  backend: str = "auto"):
         super().__init__()
+        check_residual(residual)
         self.dim, self.attn_dim, self.residual = dim, attn_dim, residual
         self.q = nn.Linear(dim, attn_dim, bias=bias)
         self.k = nn.Linear(dim, attn_dim, bias=bias)

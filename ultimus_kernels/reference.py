@@ -42,3 +42,45 @@ def ultimus_reference(
     z = torch.einsum("bi,bij->bj", v, attn)  # z[b, j] = sum_i v[b, i] A[b, i, j]
     y = F.linear(z, cast(wo), cast(bo))
     return y + x if residual else y
+
+
+def ultimus_reference_jvp(primals, tangents, residual: bool = True) -> Tensor:
+    """Forward-mode derivative of the block: the tangent of y for tangents of (x, wq, bq, ..., bo).
+
+    `primals` and `tangents` are 9-sequences in the order of `ultimus_reference`'s arguments; a None
+    tangent means zero. The forward rule, in the notation above (dot = tangent):
+        q' = Wq x' + Wq' x + bq'   (likewise k', v')
+        S' = s (q'[i] k[j] + q[i] k'[j]);   A' = A * (S' - sum_j A S')   (row-wise softmax rule)
+        z'[j] = sum_i (v'[i] A[i, j] + v[i] A'[i, j]);   y' = Wo z' + Wo' z + bo' (+ x')
+    The fused backends' forward-mode AD uses this (see ops/autograd.py).
+    """
+    x, wq, bq, wk, bk, wv, bv, wo, bo = primals
+    tx, twq, tbq, twk, tbk, twv, tbv, two, tbo = tangents
+    cast = lambda t: None if t is None else t.to(x.dtype)  # noqa: E731
+
+    def project(w, b, tw, tb):
+        value = F.linear(x, cast(w), cast(b))
+        tangent = torch.zeros_like(value)
+        if tx is not None:
+            tangent = tangent + F.linear(tx, cast(w))
+        if tw is not None:
+            tangent = tangent + F.linear(x, cast(tw))
+        if tb is not None:
+            tangent = tangent + cast(tb)
+        return value, tangent
+
+    (q, tq), (k, tk), (v, tv) = project(wq, bq, twq, tbq), project(wk, bk, twk, tbk), project(wv, bv, twv, tbv)
+    scale = 1.0 / math.sqrt(wq.shape[0])
+    attn = torch.softmax(scale * q.unsqueeze(2) * k.unsqueeze(1), dim=2)
+    t_scores = scale * (tq.unsqueeze(2) * k.unsqueeze(1) + q.unsqueeze(2) * tk.unsqueeze(1))
+    t_attn = attn * (t_scores - (attn * t_scores).sum(2, keepdim=True))
+    z = torch.einsum("bi,bij->bj", v, attn)
+    tz = torch.einsum("bi,bij->bj", tv, attn) + torch.einsum("bi,bij->bj", v, t_attn)
+    ty = F.linear(tz, cast(wo))
+    if two is not None:
+        ty = ty + F.linear(z, cast(two))
+    if tbo is not None:
+        ty = ty + cast(tbo)
+    if residual and tx is not None:
+        ty = ty + tx
+    return ty

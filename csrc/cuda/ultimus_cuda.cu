@@ -25,6 +25,9 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <mutex>
+#include <unordered_map>
+
 #include "../ultimus.h"
 
 namespace ultimus {
@@ -78,21 +81,33 @@ __device__ __forceinline__ void project_qkv(const acc_t* sp, const acc_t* xrow, 
   }
 }
 
-// a[j] = A[i, j] = softmax_j(s q_i k[j]), for one row i.
+// The extremes of k over j: row i's largest logit s q_i k_j is at k_max when q_i >= 0, else at k_min.
 template <typename acc_t, int MAXA>
-__device__ __forceinline__ void attention_row(acc_t q_i, const acc_t (&k)[MAXA], int d, acc_t scale,
-                                              acc_t (&a)[MAXA]) {
-  acc_t row_max = -INFINITY;
+__device__ __forceinline__ void k_extremes(const acc_t (&k)[MAXA], int d, acc_t& k_max, acc_t& k_min) {
+  k_max = k_min = k[0];
 #pragma unroll
-  for (int j = 0; j < MAXA; ++j)
+  for (int j = 1; j < MAXA; ++j)
     if (j < d) {
-      const acc_t score = scale * q_i * k[j];
-      row_max = score > row_max ? score : row_max;
+      k_max = k[j] > k_max ? k[j] : k_max;
+      k_min = k[j] < k_min ? k[j] : k_min;
     }
+}
+
+// a[j] = A[i, j] = softmax_j(s q_i k[j]), for one row i. The exponent s q_i k_j - max is computed as
+// s q_i (k_j - k_ext): a rounded difference keeps its sign and is 0 only for equal operands, so every
+// exponent is <= 0 and the largest is exactly 0 however nvcc contracts (a fused `q k - max` leaves the
+// top entry a rounding error from 0, and exp overflows for large finite logits). See ultimus_cpu.cpp.
+template <typename acc_t, int MAXA>
+__device__ __forceinline__ void attention_row(acc_t q_i, const acc_t (&k)[MAXA], acc_t k_max, acc_t k_min, int d,
+                                              acc_t scale, acc_t (&a)[MAXA]) {
+  const acc_t sq = scale * q_i;
+  const acc_t k_ext = sq >= acc_t(0) ? k_max : k_min;
   acc_t total = 0;
 #pragma unroll
   for (int j = 0; j < MAXA; ++j) {
-    a[j] = j < d ? exp(scale * q_i * k[j] - row_max) : acc_t(0);
+    // k_j - k_ext can overflow for |k| near the dtype's limit; with sq = 0 the logit is sq * k_j = 0.
+    const acc_t exponent = sq == acc_t(0) ? sq * k[j] : sq * (k[j] - k_ext);
+    a[j] = j < d ? exp(exponent) : acc_t(0);
     total += a[j];
   }
   const acc_t inv = acc_t(1) / total;
@@ -138,12 +153,14 @@ __global__ void ultimus_fwd_kernel(const scalar_t* __restrict__ x, int64_t sx0, 
     acc_t* xrow = xs + threadIdx.x * ld;
     acc_t q[MAXA], k[MAXA], v[MAXA], z[MAXA], a[MAXA];
     project_qkv<acc_t, MAXA>(sp, xrow, D, d, q, k, v);
+    acc_t k_max, k_min;
+    k_extremes<acc_t, MAXA>(k, d, k_max, k_min);
 #pragma unroll
     for (int j = 0; j < MAXA; ++j) z[j] = 0;
 #pragma unroll
     for (int i = 0; i < MAXA; ++i)
       if (i < d) {
-        attention_row<acc_t, MAXA>(q[i], k, d, p.scale, a);
+        attention_row<acc_t, MAXA>(q[i], k, k_max, k_min, d, p.scale, a);
 #pragma unroll
         for (int j = 0; j < MAXA; ++j) z[j] += v[i] * a[j];
       }
@@ -185,6 +202,8 @@ __global__ void ultimus_bwd_kernel(const scalar_t* __restrict__ gy, int64_t sg0,
     const acc_t* gyrow = gys + threadIdx.x * ld;
     acc_t q[MAXA], k[MAXA], v[MAXA], a[MAXA], gz[MAXA], gq[MAXA], gk[MAXA], gv[MAXA], z[MAXA];
     project_qkv<acc_t, MAXA>(sp, xrow, D, d, q, k, v);
+    acc_t k_max, k_min;
+    k_extremes<acc_t, MAXA>(k, d, k_max, k_min);
 #pragma unroll
     for (int j = 0; j < MAXA; ++j) gz[j] = gk[j] = z[j] = gq[j] = gv[j] = 0;
     for (int n = 0; n < D; ++n) {
@@ -196,7 +215,7 @@ __global__ void ultimus_bwd_kernel(const scalar_t* __restrict__ gy, int64_t sg0,
 #pragma unroll
     for (int i = 0; i < MAXA; ++i)
       if (i < d) {
-        attention_row<acc_t, MAXA>(q[i], k, d, p.scale, a);
+        attention_row<acc_t, MAXA>(q[i], k, k_max, k_min, d, p.scale, a);
         acc_t r = 0;
 #pragma unroll
         for (int j = 0; j < MAXA; ++j) {
@@ -265,13 +284,31 @@ struct LaunchConfig {
   size_t smem;
 };
 
+// Per-device attributes, queried once per device (driver calls are not free on the small-B hot path).
+struct DeviceInfo {
+  int sms = 0, smem_optin = 0;
+};
+const DeviceInfo& device_info() {
+  static std::mutex mutex;
+  static std::unordered_map<int, DeviceInfo> cache;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(dev);
+  if (it == cache.end()) {
+    DeviceInfo info;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    it = cache.emplace(dev, info).first;
+  }
+  return it->second;
+}
+
 // The largest tile (128, 64 or 32 rows) whose shared memory fits the device; `tiles` x-sized tiles.
 LaunchConfig launch_config(int64_t B, int64_t D, int64_t d, size_t acc_size, int tiles, bool backward,
                            int blocks_per_sm) {
-  int dev = 0, sms = 0, smem_optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const DeviceInfo& info = device_info();
+  const int sms = info.sms, smem_optin = info.smem_optin;
   for (int rows : {128, 64, 32}) {
     size_t elems = num_params(D, d) + size_t(tiles) * rows * (D + 1) + (backward ? size_t(rows) * (4 * d + 1) : 0);
     size_t smem = elems * acc_size;
@@ -310,7 +347,7 @@ std::array<at::Tensor, 8> acc_params(const at::Tensor& x, const at::Tensor& wq, 
 at::Tensor ultimus_fwd_cuda(const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq, const at::Tensor& wk,
                             const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
                             const OptTensor& bo, bool residual) {
-  const auto [D, d] = check_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo);
+  const auto [D, d] = check_inputs("cuda", x, wq, bq, wk, bk, wv, bv, wo, bo);
   const int64_t B = x.size(0);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({B, D}, x.options());
@@ -338,9 +375,9 @@ at::Tensor ultimus_fwd_cuda(const at::Tensor& x, const at::Tensor& wq, const Opt
 BackwardResult ultimus_bwd_cuda(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
                  const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv,
                  const at::Tensor& wo, const OptTensor& bo, bool residual, bool need_gx, bool need_gw) {
-  const auto [D, d] = check_inputs(x, wq, bq, wk, bk, wv, bv, wo, bo);
+  const auto [D, d] = check_inputs("cuda", x, wq, bq, wk, bk, wv, bv, wo, bo);
   const int64_t B = x.size(0);
-  TORCH_CHECK_VALUE(gy.sizes() == x.sizes(), "ultimus: gy must have x's shape ", x.sizes(), ", got ", gy.sizes());
+  check_grad_output(gy, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_type(x);
   at::Tensor gx = at::empty(need_gx ? std::vector<int64_t>{B, D} : std::vector<int64_t>{0}, x.options());
@@ -367,20 +404,25 @@ BackwardResult ultimus_bwd_cuda(const at::Tensor& gy, const at::Tensor& x, const
         launch(ultimus_bwd_kernel<scalar_t, acc_t, 32>);
     });
   }
-  return backward_result(gx, partials, D, d, need_gw);
+  return backward_result(gx, partials, need_gw);
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(ultimus_ext, CUDA, m) {
-  m.impl("fwd", &ultimus_fwd_cuda);
-  m.impl("bwd", &ultimus_bwd_cuda);
-}
-
 }  // namespace ultimus
 
-// An empty Python module: importing ultimus_kernels._C_cuda runs the registration above.
+// Importing ultimus_kernels._C_cuda registers the CUDA kernels of the ops that _C defines. Done here
+// rather than by a static TORCH_LIBRARY_IMPL: a stale _C_cuda whose signatures no longer match _C's
+// schemas (a rebuild that failed for CUDA only) must fail its import with the reason, not abort the
+// process while the library loads.
 extern "C" PyObject* PyInit__C_cuda(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
+  try {
+    static torch::Library kernels(torch::Library::IMPL, "ultimus_ext", c10::DispatchKey::CUDA, __FILE__, __LINE__);
+    kernels.impl("fwd", &ultimus::ultimus_fwd_cuda);
+    kernels.impl("bwd", &ultimus::ultimus_bwd_cuda);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ImportError, e.what());
+    return nullptr;
+  }
   return PyModule_Create(&module);
 }

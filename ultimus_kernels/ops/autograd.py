@@ -1,26 +1,161 @@
-"""The autograd contract shared by every fused backend.
+"""The autograd contract shared by every fused backend: `UltimusFunction`, and the same formula on
+the raw ops.
 
 Each fused backend registers two custom ops with the same signatures:
 
     fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual) -> y                     (y in x's dtype)
-    bwd(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need_gx, need_gw)
-        -> (gx, gwq, gbq, gwk, gbk, gwv, gbv, gwo, gbo)
+    bwd(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need_gx, need_gw) -> (gx, gparams)
 
-The forward saves only its inputs: the backward recomputes q, k, v and A, which costs ~1.2 kFLOP per
-sample and is cheaper than storing and re-reading d*d + 3d values per sample. `bwd` returns the weight
-and bias gradients in the accumulation dtype (float64 for float64 x, else float32); they are cast to
-each parameter's dtype here. Unneeded outputs come back as empty tensors. Double backward is not
-supported (the backward op is not itself differentiable).
+`gparams` is every parameter gradient in one flat vector of the accumulation dtype (float64 for
+float64 x, else float32), laid out as [gWq | gWk | gWv | gWo | gbq | gbk | gbv | gbo] (the layout of
+the kernels' partial rows): one reduction kernel for all eight, cut into views here. Unneeded outputs
+come back as empty tensors. The forward saves only its inputs: the backward recomputes q, k, v and A,
+which costs ~1.2 kFLOP per sample and is cheaper than storing and re-reading d*d + 3d values.
+
+Two ways in, one formula (`_backward`):
+- `UltimusFunction` (flash-attention's pattern): the public path. A named autograd.Function over the
+  ops, with the backward, the forward-mode rule (`jvp`, for torch.func.jvp / forward AD) and a vmap
+  rule (through the ops' own, for torch.func.jacrev / vmap). It is the cheapest autograd boundary.
+- `torch.library.register_autograd` on the fwd ops, so that a program exported or traced with the raw
+  ops (torch.export, torch.jit) and loaded in a fresh process still trains.
+
+Double backward (a gradient penalty, a Hessian-vector product): when the backward runs with
+create_graph and anything it sees requires grad, it differentiates the plain PyTorch reference
+instead of calling the fused bwd op, so second derivatives are exact (and unfused). The raw bwd op
+itself is not differentiable: differentiating through it raises.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
+from torch import Tensor
+
+from ..checks import check_op_inputs
+from ..reference import ultimus_reference, ultimus_reference_jvp
 
 PARAM_SLOTS = 8  # wq, bq, wk, bk, wv, bv, wo, bo: inputs 1..8 of fwd
 
+# backend name -> (fwd op, bwd op); filled in by each backend module when its ops are registered.
+FUSED_OPS: dict[str, tuple[Callable, Callable]] = {}
 
-def register_fused_autograd(fwd_op, bwd_op) -> None:
-    """Attach the backward `bwd_op` to the custom op `fwd_op` (a name, OpOverload or CustomOpDef)."""
+
+def param_grads(gparams: Tensor, D: int, d: int) -> tuple[Tensor, ...]:
+    """The eight parameter gradients as views of the flat vector, in (wq, bq, ..., wo, bo) order."""
+    dD = d * D
+    gwq, gwk, gwv, gwo, gbq, gbk, gbv, gbo = gparams.split([dD, dD, dD, dD, d, d, d, D])
+    return gwq.view(d, D), gbq, gwk.view(d, D), gbk, gwv.view(d, D), gbv, gwo.view(D, d), gbo
+
+
+def _backward(bwd_op, gy: Tensor, saved: tuple, residual: bool, need: tuple) -> tuple[Optional[Tensor], ...]:
+    """Gradients for (x, wq, bq, ..., bo) given the saved inputs and `need` (needs_input_grad)."""
+    if torch.is_grad_enabled() and (gy.requires_grad or any(t is not None and t.requires_grad for t in saved)):
+        grads = _differentiable_backward(gy, saved, residual, need)
+        if grads is not None:
+            return grads
+    x, *params = saved
+    need_gx, need_gw = need[0], any(need[1:])
+    gx, gparams = bwd_op(gy, x, *params, residual, need_gx, need_gw)
+    out = [gx if need_gx else None]
+    if need_gw:
+        for g, p, wanted in zip(param_grads(gparams, x.shape[1], params[0].shape[0]), params, need[1:]):
+            out.append((g if g.dtype == p.dtype else g.to(p.dtype)) if wanted else None)
+    else:
+        out += [None] * PARAM_SLOTS
+    return tuple(out)
+
+
+def _differentiable_backward(gy, saved, residual, need):
+    """The backward under create_graph: the reference's autograd, itself differentiable. None when
+    no graph can be built here (torch.func's transforms run every backward with create_graph, on
+    tensors that do not track gradients at this level): then the fused backward is the answer."""
+    with torch.enable_grad():
+        y = ultimus_reference(*saved, residual=residual)
+        if not y.requires_grad:
+            return None
+        wrt = [t for t, wanted in zip(saved, need) if wanted]
+        grads = iter(torch.autograd.grad(y, wrt, gy, create_graph=True, allow_unused=True))
+    out = []
+    for t, wanted in zip(saved, need):
+        g = next(grads) if wanted else None
+        out.append(torch.zeros_like(t) if (wanted and g is None) else g)
+    return tuple(out)
+
+
+class UltimusFunction(torch.autograd.Function):
+    """y = ultimus(x, ...) on a fused backend's ops: `UltimusFunction.apply(backend, residual, x, wq, bq,
+    wk, bk, wv, bv, wo, bo)`. Inputs must already be validated (the ops check them again)."""
+
+    generate_vmap_rule = True  # forward and backward are made of ops that have vmap rules
+
+    @staticmethod
+    def forward(backend: str, residual: bool, x, wq, bq, wk, bk, wv, bv, wo, bo):
+        return FUSED_OPS[backend][0](x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        backend, residual, *tensors = inputs
+        ctx.backend, ctx.residual = backend, residual
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+
+    @staticmethod
+    def backward(ctx, gy):
+        need = ctx.needs_input_grad[2:]
+        return (None, None, *_backward(FUSED_OPS[ctx.backend][1], gy, ctx.saved_tensors, ctx.residual, need))
+
+    @staticmethod
+    def jvp(ctx, _backend_tangent, _residual_tangent, *tangents):
+        return ultimus_reference_jvp(ctx.saved_tensors, tangents, residual=ctx.residual)
+
+
+class UltimusTracedFunction(UltimusFunction):
+    """UltimusFunction as torch.compile traces it: Dynamo refuses a Function with a custom jvp (and
+    AOTAutograd has no forward mode), so under compilation the same forward and backward run without
+    it; forward-mode AD of a compiled graph then fails in PyTorch with its own error."""
+
+    jvp = staticmethod(torch.autograd.Function.jvp)
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration of a backend's ops: autograd and vmap rules on the ops themselves
+# ------------------------------------------------------------------------------------------------
+
+def _fake_backend_name(x: Tensor) -> str:
+    return "cuda" if x.device.type == "cuda" else "cpu"
+
+
+def _vmap_by_loop(op):
+    """A vmap rule that runs `op` once per slice: exact for any op, used where no folding applies."""
+
+    def rule(info, in_dims, *args):
+        outs = [op(*(a.select(dim, i) if dim is not None else a for a, dim in zip(args, in_dims)))
+                for i in range(info.batch_size)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(parts) for parts in zip(*outs)), (0,) * len(outs[0])
+        return torch.stack(outs), 0
+
+    return rule
+
+
+def _fwd_vmap(fwd_op):
+    """vmap of the forward: when only x is batched (per-sample use), the vmapped dimension is just
+    more samples, so it folds into B and the op runs once."""
+    loop = _vmap_by_loop(fwd_op)
+
+    def rule(info, in_dims, x, *rest):
+        if in_dims[0] is not None and all(dim is None for dim in in_dims[1:]):
+            xs = x.movedim(in_dims[0], 0)
+            y = fwd_op(xs.reshape(-1, xs.shape[-1]), *rest)
+            return y.view(xs.shape), 0
+        return loop(info, in_dims, x, *rest)
+
+    return rule
+
+
+def register_fused_ops(backend_names, fwd_op, bwd_op) -> None:
+    """Make `fwd_op`/`bwd_op` (OpOverloads or CustomOpDefs) the ops of `backend_names`: autograd and
+    vmap rules on the ops, and the entries UltimusFunction dispatches through."""
 
     def setup_context(ctx, inputs, output):
         *tensors, residual = inputs
@@ -28,13 +163,26 @@ def register_fused_autograd(fwd_op, bwd_op) -> None:
         ctx.residual = residual
 
     def backward(ctx, gy):
-        x, *params = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_gx, need_gw = bool(need[0]), any(need[1 : 1 + PARAM_SLOTS])
-        grads = bwd_op(gy, x, *params, ctx.residual, need_gx, need_gw)
-        out = [grads[0] if need_gx else None]
-        for slot, (g, p) in enumerate(zip(grads[1:], params), start=1):
-            out.append(g.to(p.dtype) if (p is not None and need[slot]) else None)
-        return (*out, None)
+        return (*_backward(bwd_op, gy, ctx.saved_tensors, ctx.residual, ctx.needs_input_grad[:-1]), None)
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+    torch.library.register_vmap(fwd_op, _fwd_vmap(fwd_op))
+    torch.library.register_vmap(bwd_op, _vmap_by_loop(bwd_op))
+    for name in backend_names:
+        FUSED_OPS[name] = (fwd_op, bwd_op)
+
+
+def fake_fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual):
+    """Shape and dtype of fwd's result, after the same checks as the real op (devices included)."""
+    check_op_inputs(_fake_backend_name(x), x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
+    return x.new_empty(x.shape)
+
+
+def fake_bwd(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need_gx, need_gw):
+    from ..checks import check_grad_output
+
+    D, d = check_op_inputs(_fake_backend_name(x), x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
+    check_grad_output(gy, x)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gx = x.new_empty(x.shape if need_gx else (0,))
+    return gx, x.new_empty((4 * d * D + 3 * d + D) if need_gw else 0, dtype=acc)

@@ -2,7 +2,10 @@
 
 The C++ sources live in csrc/: `ultimus_kernels._C` (CPU kernels; defines the ops
 `torch.ops.ultimus_ext.fwd` / `.bwd`) and `ultimus_kernels._C_cuda` (their CUDA kernels). Both are
-built by `pip install -e .` when possible; see setup.py for the switches.
+built by `pip install -e .` when possible; see setup.py for the switches. `load()` runs when
+`ultimus_kernels` is imported: it imports whichever extensions were built (never failing) and
+registers the ops' fakes, vmap rules and autograd, so that a fresh process can call, compile,
+export or load the raw ops without touching the public API first.
 """
 from __future__ import annotations
 
@@ -12,9 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import Tensor
 
-from .autograd import register_fused_autograd
+from .autograd import fake_bwd, fake_fwd, register_fused_ops
 
 _BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"
 _load_errors: dict[str, Optional[str]] = {}
@@ -28,62 +30,40 @@ def _build_note(short: str) -> str:
     return f"at install time: {note}" if note else "not built (reinstall with `pip install -e .`; see README)"
 
 
-def _load(short: str) -> Optional[str]:
-    """Import ultimus_kernels.<short> once; None on success, else why it is not usable."""
-    if short not in _load_errors:
-        try:
-            import_module(f"ultimus_kernels.{short}")
-            _load_errors[short] = None
-            if short == "_C":
-                _register()
-        except ImportError as exc:
-            missing = "No module named" in str(exc)
-            _load_errors[short] = (_build_note(short) if missing else
-                                   f"the compiled extension failed to load ({exc}); it was probably built against "
-                                   "another torch: reinstall with `pip install -e . --no-build-isolation`")
-    return _load_errors[short]
+def _import(short: str) -> Optional[str]:
+    """Import ultimus_kernels.<short>; None on success, else why it is not usable."""
+    try:
+        import_module(f"ultimus_kernels.{short}")
+        return None
+    except ImportError as exc:
+        if "No module named" in str(exc):
+            return _build_note(short)
+        return (f"the compiled extension failed to load ({exc}); it was probably built against another torch: "
+                "reinstall with `pip install -e . --no-build-isolation`")
+
+
+def load() -> None:
+    """Import the built extensions and register what the ops need from Python; once, never raising."""
+    if _load_errors:
+        return
+    _load_errors["_C"] = _import("_C")
+    _load_errors["_C_cuda"] = _import("_C_cuda") if _load_errors["_C"] is None else "needs ultimus_kernels._C"
+    if _load_errors["_C"] is None:
+        torch.library.register_fake("ultimus_ext::fwd")(fake_fwd)
+        torch.library.register_fake("ultimus_ext::bwd")(fake_bwd)
+        register_fused_ops(("cpu", "cuda"), torch.ops.ultimus_ext.fwd.default, torch.ops.ultimus_ext.bwd.default)
 
 
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    load()
     if backend == "cpu":
         if device.type != "cpu":
             return f"the 'cpu' backend runs on CPU tensors, not {device.type}"
-        return _load("_C")
+        return _load_errors["_C"]
     if backend == "cuda":
         if device.type != "cuda":
             return f"the 'cuda' backend runs on CUDA tensors, not {device.type}"
         if not torch.cuda.is_available():
             return "no CUDA device is available"
-        return _load("_C") or _load("_C_cuda")
+        return _load_errors["_C"] or _load_errors["_C_cuda"]
     raise ValueError(backend)
-
-
-_registered = False
-
-
-def _register() -> None:
-    """Fake implementations (for torch.compile and opcheck) and autograd for the C++ ops; once."""
-    global _registered
-    if _registered:
-        return
-
-    @torch.library.register_fake("ultimus_ext::fwd")
-    def _fwd_fake(x, wq, bq, wk, bk, wv, bv, wo, bo, residual):
-        return x.new_empty(x.shape)
-
-    @torch.library.register_fake("ultimus_ext::bwd")
-    def _bwd_fake(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need_gx, need_gw):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        D, d = x.shape[1], wq.shape[0]
-        gx = x.new_empty(x.shape if need_gx else (0,))
-        shapes = [(d, D), (d,)] * 3 + [(D, d), (D,)]
-        return gx, *(x.new_empty(s if need_gw else (0,), dtype=acc) for s in shapes)
-
-    register_fused_autograd("ultimus_ext::fwd", torch.ops.ultimus_ext.bwd.default)
-    _registered = True
-
-
-def ultimus_cpp(x, wq, bq, wk, bk, wv, bv, wo, bo, residual: bool = True) -> Tensor:
-    """Differentiable fused Ultimus block on the compiled CPU / CUDA kernels (validated inputs)."""
-    _register()
-    return torch.ops.ultimus_ext.fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual)

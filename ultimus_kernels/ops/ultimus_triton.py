@@ -1,35 +1,28 @@
 """Fused Triton kernels for the Ultimus block: one launch for the forward, one for the backward.
 
-Math, per sample x in R^D, attention width d, scale s = 1/sqrt(d) (see ultimus_kernels/reference.py):
-
-    q = Wq x + bq,  k = Wk x + bk,  v = Wv x + bv              (R^d)
-    A[i, j] = softmax_j(s * q[i] * k[j])                       (d x d, row max subtracted)
-    z[j] = sum_i v[i] A[i, j];   y = Wo z + bo (+ x)           (R^D)
-
-Backward, given gy (see ULTIMUS_MATH.md for the derivation):
-
-    gz = Wo^T gy;   r[i] = sum_j A[i, j] gz[j];   gv = r
-    gS[i, j] = A[i, j] v[i] (gz[j] - r[i])
-    gq[i] = s sum_j gS[i, j] k[j];   gk[j] = s sum_i gS[i, j] q[i]
-    gx = Wq^T gq + Wk^T gk + Wv^T gv (+ gy);   gW* = sum_b g* x^T,   gWo = sum_b gy z^T
+Math, per sample (docs and derivation: README "The block", ultimus_kernels/reference.py):
+    q, k, v = W* x + b*;  A[i, j] = softmax_j(s q[i] k[j]);  z = V.A;  y = Wo z + bo (+ x)
+    backward: gz = Wo^T gy; gv[i] = r[i] = sum_j A[i, j] gz[j]; gS = A v (gz - r);
+              gq = s gS k, gk = s gS^T q; gx = Wq^T gq + Wk^T gk + Wv^T gv (+ gy); gW* = sum_b g* x^T
 
 Memory layout. x and y are (B, D) row-major (x may have any strides). Weights are made contiguous in
 nn.Linear layout: Wq, Wk, Wv (d, D), Wo (D, d). One program owns a tile of BLOCK_B rows; D and d are
 padded to powers of two (BLOCK_D, BLOCK_d >= 16, the smallest tl.dot the GPU compiler accepts) with
 masks, so every intermediate (q, k, v: BLOCK_B x BLOCK_d; A: BLOCK_B x BLOCK_d x BLOCK_d) stays in
-registers and only x, gy are read and y, gx written.
+registers and only x, gy are read and y, gx written. Row offsets are 64-bit: B * D passes 2^31 at
+B ~ 45 M for D = 48.
 
 Precision. Everything is computed in float32 (float64 for float64 inputs); half inputs are upcast on
 load and the result is cast back to x's dtype on store. float32 dots use input_precision="ieee" (no
-tf32): the block is memory-bound, so exact float32 costs nothing that shows.
+tf32). The softmax exponents are s q_i (k_j - k_ext), exact by construction (see _attention).
 
 Determinism. The backward runs a persistent grid of NUM_PROGRAMS programs; each sums the weight and
 bias gradients of its tiles in registers and writes one partial row, and the host sums the partial
 rows in a fixed order. No atomics, so the same input gives bit-identical gradients on every run.
 
 torch.compile. The launchers are `torch.library.triton_op`s: Dynamo and Inductor see the Triton
-kernels themselves (not an opaque call), the ops have fake implementations for free, and
-`fullgraph=True` holds.
+kernels themselves (not an opaque call), the ops have fake implementations for free (the checks at
+their top run on fake tensors too), and `fullgraph=True` holds.
 """
 from __future__ import annotations
 
@@ -37,20 +30,13 @@ import os
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
-try:
-    import triton
-    import triton.language as tl
-    from triton.language.extra import libdevice
-
-    _TRITON_IMPORT_ERROR: Optional[str] = None
-except Exception as exc:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    _TRITON_IMPORT_ERROR = f"triton could not be imported: {exc}"
-
-from ..checks import MAX_ATTN_DIM, MAX_DIM
-from .autograd import register_fused_autograd
+from ..checks import check_grad_output, check_op_inputs
+from .autograd import register_fused_ops
 
 
 def interpreter_active() -> bool:
@@ -59,12 +45,8 @@ def interpreter_active() -> bool:
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
     """None when the Triton backend can run on `device`, else why not."""
-    if _TRITON_IMPORT_ERROR is not None:
-        return _TRITON_IMPORT_ERROR
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return "no CUDA device is available"
-        return None
+        return None if torch.cuda.is_available() else "no CUDA device is available"
     if device.type == "cpu":
         if interpreter_active():
             return None
@@ -72,168 +54,187 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return f"device type '{device.type}' is not supported by the Triton backend"
 
 
-if triton is not None:
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
 
-    @triton.jit
-    def _attn_scale(d, ACC: tl.constexpr):
-        # 1/sqrt(d) in the accumulation dtype. Computed here rather than passed in: Triton types a
-        # Python float argument as fp32 (too coarse for float64) and Inductor as fp64 (which would
-        # promote a float32 kernel).
-        return 1.0 / tl.sqrt(d.to(ACC))
+@triton.jit
+def _attn_scale(d, ACC: tl.constexpr):
+    # 1/sqrt(d) in the accumulation dtype. Computed here rather than passed in: Triton types a Python
+    # float argument as fp32 (too coarse for float64) and Inductor as fp64 (which would promote a
+    # float32 kernel).
+    return 1.0 / tl.sqrt(d.to(ACC))
 
-    @triton.jit
-    def _attention(q, k, d, scale, EXACT_EXP: tl.constexpr, BLOCK_d: tl.constexpr):
-        """A = softmax_j(s q[i] k[j]) for every row of the tile: (BLOCK_B, BLOCK_d, BLOCK_d)."""
-        att_valid = tl.arange(0, BLOCK_d) < d
-        scores = scale * q[:, :, None] * k[:, None, :]
-        # Padded columns j >= d take no probability mass; padded rows i >= d have v[i] = 0.
-        scores = tl.where(att_valid[None, None, :], scores, float("-inf"))
-        row_max = tl.max(scores, axis=2)
-        if EXACT_EXP:  # float64 on a GPU: libdevice's exp (float64 is for gradcheck)
-            p = libdevice.exp(scores - row_max[:, :, None])
-        else:  # float32: the fast ex2-based exp, ~1e-7 relative; the interpreter: numpy's exp
-            p = tl.exp(scores - row_max[:, :, None])
-        return p / tl.sum(p, axis=2)[:, :, None]
 
-    @triton.jit
-    def _project(x, w_ptr, b_ptr, D, d, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr):
-        """x @ W^T + b for W in (d, D) nn.Linear layout: (BLOCK_B, BLOCK_d)."""
-        att = tl.arange(0, BLOCK_d)
-        cols = tl.arange(0, BLOCK_D)
-        # Loaded transposed, (BLOCK_D, BLOCK_d): wT[n, i] = W[i, n].
-        w_t = tl.load(w_ptr + att[None, :] * D + cols[:, None],
-                      mask=(att[None, :] < d) & (cols[:, None] < D), other=0.0).to(ACC)
-        out = tl.dot(x, w_t, input_precision="ieee", out_dtype=ACC)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + att, mask=att < d, other=0.0).to(ACC)[None, :]
-        return out
+@triton.jit
+def _attention(q, k, d, scale, EXACT_EXP: tl.constexpr, BLOCK_d: tl.constexpr):
+    """A = softmax_j(s q[i] k[j]) for every row of the tile: (BLOCK_B, BLOCK_d, BLOCK_d).
 
-    # d is never specialised: Triton would turn d == 1 into a Python constant, and _attn_scale needs a tensor.
-    @triton.jit(do_not_specialize=["d"])
-    def ultimus_fwd_kernel(
-        x_ptr, y_ptr,
-        wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr,
-        B, D, d, stride_xb, stride_xd,
-        HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr,
-        RESIDUAL: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr,
-    ):
-        scale = _attn_scale(d, ACC)
-        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        cols = tl.arange(0, BLOCK_D)
-        att = tl.arange(0, BLOCK_d)
+    The exponent s q_i k_j - max_j' s q_i k_j' is computed as s q_i (k_j - k_ext), with k_ext the max
+    of k over j where q_i >= 0, else the min: a rounded difference keeps its sign and is 0 only for
+    equal operands, so every exponent is <= 0 and the largest exactly 0 whatever the compiler fuses
+    (a contracted `q k - max` leaves the top entry a rounding error from 0, and exp overflows for large
+    finite logits). The row maximum also costs O(d) instead of O(d^2)."""
+    valid = tl.arange(0, BLOCK_d) < d
+    k_max = tl.max(tl.where(valid[None, :], k, float("-inf")), axis=1)
+    k_min = tl.min(tl.where(valid[None, :], k, float("inf")), axis=1)
+    sq = scale * q
+    k_ext = tl.where(sq >= 0, k_max[:, None], k_min[:, None])  # (BLOCK_B, BLOCK_d): per row i
+    exponent = sq[:, :, None] * (k[:, None, :] - k_ext[:, :, None])
+    # k_j - k_ext can overflow for |k| near the dtype's limit; with sq = 0 the logit is sq * k_j = 0.
+    exponent = tl.where(sq[:, :, None] == 0, sq[:, :, None] * k[:, None, :], exponent)
+    # Padded columns j >= d take no probability mass; padded rows i >= d have v[i] = 0.
+    exponent = tl.where(valid[None, None, :], exponent, float("-inf"))
+    if EXACT_EXP:  # float64 on a GPU: libdevice's exp (float64 is for gradcheck)
+        p = libdevice.exp(exponent)
+    else:  # float32: the fast ex2-based exp, ~1e-7 relative; the interpreter: numpy's exp
+        p = tl.exp(exponent)
+    return p / tl.sum(p, axis=2)[:, :, None]
+
+
+@triton.jit
+def _project(x, w_ptr, b_ptr, D, d, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+             BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr):
+    """x @ W^T + b for W in (d, D) nn.Linear layout: (BLOCK_B, BLOCK_d)."""
+    att = tl.arange(0, BLOCK_d)
+    cols = tl.arange(0, BLOCK_D)
+    # Loaded transposed, (BLOCK_D, BLOCK_d): wT[n, i] = W[i, n].
+    w_t = tl.load(w_ptr + att[None, :] * D + cols[:, None],
+                  mask=(att[None, :] < d) & (cols[:, None] < D), other=0.0).to(ACC)
+    out = tl.dot(x, w_t, input_precision="ieee", out_dtype=ACC)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + att, mask=att < d, other=0.0).to(ACC)[None, :]
+    return out
+
+
+# d is never specialised: Triton would turn d == 1 into a Python constant, and _attn_scale needs a tensor.
+@triton.jit(do_not_specialize=["d"])
+def ultimus_fwd_kernel(
+    x_ptr, y_ptr,
+    wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr,
+    B, D, d, stride_xb, stride_xd,
+    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr,
+    RESIDUAL: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr,
+):
+    scale = _attn_scale(d, ACC)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
+    cols = tl.arange(0, BLOCK_D)
+    att = tl.arange(0, BLOCK_d)
+    tile_mask = (rows[:, None] < B) & (cols[None, :] < D)
+
+    x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=tile_mask, other=0.0).to(ACC)
+    q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_D, BLOCK_d)
+    k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_D, BLOCK_d)
+    v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_D, BLOCK_d)
+    attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_d)
+    z = tl.sum(v[:, :, None] * attn, axis=1)  # (BLOCK_B, BLOCK_d)
+
+    # Wo loaded transposed, (BLOCK_d, BLOCK_D): woT[j, n] = Wo[n, j].
+    wo_t = tl.load(wo_ptr + cols[None, :] * d + att[:, None],
+                   mask=(att[:, None] < d) & (cols[None, :] < D), other=0.0).to(ACC)
+    y = tl.dot(z, wo_t, input_precision="ieee", out_dtype=ACC)
+    if HAS_BO:
+        y += tl.load(bo_ptr + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
+    if RESIDUAL:
+        y += x
+    tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit(do_not_specialize=["d"])
+def ultimus_bwd_kernel(
+    gy_ptr, x_ptr, gx_ptr, part_ptr,
+    wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr,
+    B, D, d, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles, NUM_PARAMS,
+    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
+    RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
+    EXACT_EXP: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    scale = _attn_scale(d, ACC)
+    cols = tl.arange(0, BLOCK_D)
+    att = tl.arange(0, BLOCK_d)
+    w_mask = (att[:, None] < d) & (cols[None, :] < D)
+    # Natural layouts, (BLOCK_d, BLOCK_D) for Wq, Wk, Wv and (BLOCK_D, BLOCK_d) for Wo: the
+    # backward multiplies by W (not W^T).
+    w_offs = att[:, None] * D + cols[None, :]
+    wo_offs = cols[:, None] * d + att[None, :]
+    wo_mask = (cols[:, None] < D) & (att[None, :] < d)
+    wq = tl.load(wq_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
+    wk = tl.load(wk_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
+    wv = tl.load(wv_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
+    wo = tl.load(wo_ptr + wo_offs, mask=wo_mask, other=0.0).to(ACC)
+
+    # Per-program partial sums of the parameter gradients, kept in registers across tiles.
+    acc_wq = tl.zeros((BLOCK_d, BLOCK_D), ACC)
+    acc_wk = tl.zeros((BLOCK_d, BLOCK_D), ACC)
+    acc_wv = tl.zeros((BLOCK_d, BLOCK_D), ACC)
+    acc_wo = tl.zeros((BLOCK_D, BLOCK_d), ACC)
+    acc_bq = tl.zeros((BLOCK_d,), ACC)
+    acc_bk = tl.zeros((BLOCK_d,), ACC)
+    acc_bv = tl.zeros((BLOCK_d,), ACC)
+    acc_bo = tl.zeros((BLOCK_D,), ACC)
+
+    for tile in range(pid, num_tiles, NUM_PROGRAMS):
+        rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
         tile_mask = (rows[:, None] < B) & (cols[None, :] < D)
+        x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd,
+                    mask=tile_mask, other=0.0).to(ACC)
+        gy = tl.load(gy_ptr + rows[:, None] * stride_gyb + cols[None, :] * stride_gyd,
+                     mask=tile_mask, other=0.0).to(ACC)
 
-        x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=tile_mask, other=0.0).to(ACC)
+        # Recompute the forward up to z (cheaper than saving it).
         q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_D, BLOCK_d)
         k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_D, BLOCK_d)
         v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_D, BLOCK_d)
         attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_d)
-        z = tl.sum(v[:, :, None] * attn, axis=1)  # (BLOCK_B, BLOCK_d)
 
-        # Wo loaded transposed, (BLOCK_d, BLOCK_D): woT[j, n] = Wo[n, j].
-        wo_t = tl.load(wo_ptr + cols[None, :] * d + att[:, None],
-                       mask=(att[:, None] < d) & (cols[None, :] < D), other=0.0).to(ACC)
-        y = tl.dot(z, wo_t, input_precision="ieee", out_dtype=ACC)
-        if HAS_BO:
-            y += tl.load(bo_ptr + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
-        if RESIDUAL:
-            y += x
-        tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_mask)
+        gz = tl.dot(gy, wo, input_precision="ieee", out_dtype=ACC)  # (BLOCK_B, BLOCK_d)
+        gv = tl.sum(attn * gz[:, None, :], axis=2)  # r[i] = sum_j A[i, j] gz[j], and gv = r
+        g_scores = attn * v[:, :, None] * (gz[:, None, :] - gv[:, :, None])
+        gq = scale * tl.sum(g_scores * k[:, None, :], axis=2)
+        gk = scale * tl.sum(g_scores * q[:, :, None], axis=1)
 
-    @triton.jit(do_not_specialize=["d"])
-    def ultimus_bwd_kernel(
-        gy_ptr, x_ptr, gx_ptr,
-        wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr,
-        gwq_part_ptr, gbq_part_ptr, gwk_part_ptr, gbk_part_ptr, gwv_part_ptr, gbv_part_ptr,
-        gwo_part_ptr, gbo_part_ptr,
-        B, D, d, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles,
-        HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr,
-        RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
-        EXACT_EXP: tl.constexpr,
-        NUM_PROGRAMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        scale = _attn_scale(d, ACC)
-        cols = tl.arange(0, BLOCK_D)
-        att = tl.arange(0, BLOCK_d)
-        w_mask = (att[:, None] < d) & (cols[None, :] < D)
-        # Natural layouts, (BLOCK_d, BLOCK_D) for Wq, Wk, Wv and (BLOCK_D, BLOCK_d) for Wo: the
-        # backward multiplies by W (not W^T).
-        w_offs = att[:, None] * D + cols[None, :]
-        wq = tl.load(wq_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
-        wk = tl.load(wk_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
-        wv = tl.load(wv_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
-        wo = tl.load(wo_ptr + cols[:, None] * d + att[None, :],
-                     mask=(cols[:, None] < D) & (att[None, :] < d), other=0.0).to(ACC)
-
-        # Per-program partial sums of the parameter gradients, kept in registers across tiles.
-        acc_wq = tl.zeros((BLOCK_d, BLOCK_D), ACC)
-        acc_wk = tl.zeros((BLOCK_d, BLOCK_D), ACC)
-        acc_wv = tl.zeros((BLOCK_d, BLOCK_D), ACC)
-        acc_wo = tl.zeros((BLOCK_D, BLOCK_d), ACC)
-        acc_bq = tl.zeros((BLOCK_d,), ACC)
-        acc_bk = tl.zeros((BLOCK_d,), ACC)
-        acc_bv = tl.zeros((BLOCK_d,), ACC)
-        acc_bo = tl.zeros((BLOCK_D,), ACC)
-
-        for tile in range(pid, num_tiles, NUM_PROGRAMS):
-            rows = tile * BLOCK_B + tl.arange(0, BLOCK_B)
-            tile_mask = (rows[:, None] < B) & (cols[None, :] < D)
-            x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd,
-                        mask=tile_mask, other=0.0).to(ACC)
-            gy = tl.load(gy_ptr + rows[:, None] * stride_gyb + cols[None, :] * stride_gyd,
-                         mask=tile_mask, other=0.0).to(ACC)
-
-            # Recompute the forward up to z (cheaper than saving it).
-            q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_D, BLOCK_d)
-            k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_D, BLOCK_d)
-            v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_D, BLOCK_d)
-            attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_d)
-
-            gz = tl.dot(gy, wo, input_precision="ieee", out_dtype=ACC)  # (BLOCK_B, BLOCK_d)
-            gv = tl.sum(attn * gz[:, None, :], axis=2)  # r[i] = sum_j A[i, j] gz[j], and gv = r
-            g_scores = attn * v[:, :, None] * (gz[:, None, :] - gv[:, :, None])
-            gq = scale * tl.sum(g_scores * k[:, None, :], axis=2)
-            gk = scale * tl.sum(g_scores * q[:, :, None], axis=1)
-
-            if NEED_GX:
-                gx = tl.dot(gq, wq, input_precision="ieee", out_dtype=ACC)
-                gx += tl.dot(gk, wk, input_precision="ieee", out_dtype=ACC)
-                gx += tl.dot(gv, wv, input_precision="ieee", out_dtype=ACC)
-                if RESIDUAL:
-                    gx += gy
-                tl.store(gx_ptr + rows[:, None] * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty),
-                         mask=tile_mask)
-            if NEED_GW:
-                # Padded rows have gy = 0, hence gq = gk = gv = 0: they add nothing here.
-                z = tl.sum(v[:, :, None] * attn, axis=1)
-                acc_wq += tl.dot(tl.trans(gq), x, input_precision="ieee", out_dtype=ACC)
-                acc_wk += tl.dot(tl.trans(gk), x, input_precision="ieee", out_dtype=ACC)
-                acc_wv += tl.dot(tl.trans(gv), x, input_precision="ieee", out_dtype=ACC)
-                acc_wo += tl.dot(tl.trans(gy), z, input_precision="ieee", out_dtype=ACC)
-                acc_bq += tl.sum(gq, axis=0)
-                acc_bk += tl.sum(gk, axis=0)
-                acc_bv += tl.sum(gv, axis=0)
-                acc_bo += tl.sum(gy, axis=0)
-
+        if NEED_GX:
+            gx = tl.dot(gq, wq, input_precision="ieee", out_dtype=ACC)
+            gx += tl.dot(gk, wk, input_precision="ieee", out_dtype=ACC)
+            gx += tl.dot(gv, wv, input_precision="ieee", out_dtype=ACC)
+            if RESIDUAL:
+                gx += gy
+            tl.store(gx_ptr + rows[:, None] * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=tile_mask)
         if NEED_GW:
-            # One partial row per program: gw*_part (P, d, D), gb*_part (P, d), gwo_part (P, D, d), gbo_part (P, D).
-            tl.store(gwq_part_ptr + pid * d * D + w_offs, acc_wq, mask=w_mask)
-            tl.store(gwk_part_ptr + pid * d * D + w_offs, acc_wk, mask=w_mask)
-            tl.store(gwv_part_ptr + pid * d * D + w_offs, acc_wv, mask=w_mask)
-            tl.store(gbq_part_ptr + pid * d + att, acc_bq, mask=att < d)
-            tl.store(gbk_part_ptr + pid * d + att, acc_bk, mask=att < d)
-            tl.store(gbv_part_ptr + pid * d + att, acc_bv, mask=att < d)
-            tl.store(gwo_part_ptr + pid * D * d + cols[:, None] * d + att[None, :], acc_wo,
-                     mask=(cols[:, None] < D) & (att[None, :] < d))
-            tl.store(gbo_part_ptr + pid * D + cols, acc_bo, mask=cols < D)
+            # Padded rows have gy = 0, hence gq = gk = gv = 0: they add nothing here.
+            z = tl.sum(v[:, :, None] * attn, axis=1)
+            acc_wq += tl.dot(tl.trans(gq), x, input_precision="ieee", out_dtype=ACC)
+            acc_wk += tl.dot(tl.trans(gk), x, input_precision="ieee", out_dtype=ACC)
+            acc_wv += tl.dot(tl.trans(gv), x, input_precision="ieee", out_dtype=ACC)
+            acc_wo += tl.dot(tl.trans(gy), z, input_precision="ieee", out_dtype=ACC)
+            acc_bq += tl.sum(gq, axis=0)
+            acc_bk += tl.sum(gk, axis=0)
+            acc_bv += tl.sum(gv, axis=0)
+            acc_bo += tl.sum(gy, axis=0)
+
+    if NEED_GW:
+        # This program's partial row, [gWq | gWk | gWv | gWo | gbq | gbk | gbv | gbo] (see ops/autograd.py).
+        row = part_ptr + pid * NUM_PARAMS
+        dD = d * D
+        tl.store(row + w_offs, acc_wq, mask=w_mask)
+        tl.store(row + dD + w_offs, acc_wk, mask=w_mask)
+        tl.store(row + 2 * dD + w_offs, acc_wv, mask=w_mask)
+        tl.store(row + 3 * dD + wo_offs, acc_wo, mask=wo_mask)
+        tl.store(row + 4 * dD + att, acc_bq, mask=att < d)
+        tl.store(row + 4 * dD + d + att, acc_bk, mask=att < d)
+        tl.store(row + 4 * dD + 2 * d + att, acc_bv, mask=att < d)
+        tl.store(row + 4 * dD + 3 * d + cols, acc_bo, mask=cols < D)
 
 
 # ------------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------------
+
+_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -244,7 +245,7 @@ def _exact_exp(x: Tensor) -> bool:
     return x.dtype == torch.float64 and not interpreter_active()
 
 
-def _tile_config(B: int, D: int, d: int, device: torch.device) -> tuple[int, int, int, int, int]:
+def _tile_config(B: int, D: int, d: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_B, BLOCK_D, BLOCK_d, num_warps, num_stages) for a problem."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_d = max(16, triton.next_power_of_2(d))
@@ -259,12 +260,17 @@ def _tile_config(B: int, D: int, d: int, device: torch.device) -> tuple[int, int
     return BLOCK_B, BLOCK_D, BLOCK_d, 4, num_stages
 
 
+_SM_COUNT: dict[int, int] = {}
+
+
 def _num_programs(num_tiles: int, device: torch.device) -> int:
     """Persistent-grid size for the backward: enough programs to fill the device, no more."""
     if device.type != "cuda" or interpreter_active():
         return max(1, num_tiles)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(num_tiles, 4 * sms))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:  # cached: the property query is not free on the small-B hot path
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(num_tiles, 4 * _SM_COUNT[index]))
 
 
 def _bias_args(*biases: Optional[Tensor], fallback: Tensor):
@@ -274,70 +280,63 @@ def _bias_args(*biases: Optional[Tensor], fallback: Tensor):
     return ptrs, flags
 
 
-if triton is not None:
-    _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-    @torch.library.triton_op("ultimus_triton::fwd", mutates_args=())
-    def ultimus_triton_fwd(
-        x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
-        wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor], residual: bool,
-    ) -> Tensor:
-        B, D = x.shape
-        d = wq.shape[0]
-        y = torch.empty((B, D), dtype=x.dtype, device=x.device)
-        if B == 0:
-            return y
-        wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
-        (bq, bk, bv, bo), (has_bq, has_bk, has_bv, has_bo) = _bias_args(bq, bk, bv, bo, fallback=wq)
-        BLOCK_B, BLOCK_D, BLOCK_d, num_warps, _ = _tile_config(B, D, d, x.device)
-        grid = (triton.cdiv(B, BLOCK_B),)
-        torch.library.wrap_triton(ultimus_fwd_kernel)[grid](
-            x, y, wq, bq, wk, bk, wv, bv, wo, bo,
-            B, D, d, x.stride(0), x.stride(1),
-            HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo,
-            RESIDUAL=residual, ACC=_TL_ACC[_acc_dtype(x)], EXACT_EXP=_exact_exp(x),
-            BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_d=BLOCK_d, num_warps=num_warps,
-        )
+@torch.library.triton_op("ultimus_triton::fwd", mutates_args=())
+def ultimus_triton_fwd(
+    x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
+    wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor], residual: bool,
+) -> Tensor:
+    B = x.shape[0]
+    D, d = check_op_inputs("triton", x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
+    y = torch.empty((B, D), dtype=x.dtype, device=x.device)
+    if B == 0:
         return y
-
-    @torch.library.triton_op("ultimus_triton::bwd", mutates_args=())
-    def ultimus_triton_bwd(
-        gy: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
-        wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor],
-        residual: bool, need_gx: bool, need_gw: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        B, D = x.shape
-        d = wq.shape[0]
-        acc = _acc_dtype(x)
-        dev = x.device
-        gx = torch.empty((B, D) if need_gx else (0,), dtype=x.dtype, device=dev)
-        BLOCK_B, BLOCK_D, BLOCK_d, num_warps, num_stages = _tile_config(B, D, d, dev)
-        num_tiles = triton.cdiv(B, BLOCK_B)
-        P = _num_programs(num_tiles, dev) if (need_gw or need_gx) and B > 0 else 0
-        # Parameter-gradient partials, one row per program, in wq, bq, wk, bk, wv, bv, wo, bo order.
-        part_rows = P if need_gw else 0
-        part_shapes = [(d, D), (d,)] * 3 + [(D, d), (D,)]
-        parts = [torch.empty((part_rows, *shape), dtype=acc, device=dev) for shape in part_shapes]
-        if P > 0:
-            wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
-            (bq, bk, bv, bo), (has_bq, has_bk, has_bv, has_bo) = _bias_args(bq, bk, bv, bo, fallback=wq)
-            torch.library.wrap_triton(ultimus_bwd_kernel)[(P,)](
-                gy, x, gx, wq, bq, wk, bk, wv, bv, wo, bo,
-                *parts,
-                B, D, d, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
-                HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo,
-                RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc], EXACT_EXP=_exact_exp(x),
-                NUM_PROGRAMS=P, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_d=BLOCK_d, num_warps=num_warps,
-                num_stages=num_stages,
-            )
-        if not need_gw:
-            return gx, *(torch.empty((0,), dtype=acc, device=dev) for _ in part_shapes)
-        # Fixed-order reduction of the per-program partials: deterministic.
-        return gx, *(part.sum(0) for part in parts)
-
-    register_fused_autograd(ultimus_triton_fwd, ultimus_triton_bwd)
+    wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
+    (bq, bk, bv, bo), (has_bq, has_bk, has_bv, has_bo) = _bias_args(bq, bk, bv, bo, fallback=wq)
+    BLOCK_B, BLOCK_D, BLOCK_d, num_warps, _ = _tile_config(B, D, d)
+    grid = (triton.cdiv(B, BLOCK_B),)
+    torch.library.wrap_triton(ultimus_fwd_kernel)[grid](
+        x, y, wq, bq, wk, bk, wv, bv, wo, bo,
+        B, D, d, x.stride(0), x.stride(1),
+        HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo,
+        RESIDUAL=residual, ACC=_TL_ACC[_acc_dtype(x)], EXACT_EXP=_exact_exp(x),
+        BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_d=BLOCK_d, num_warps=num_warps,
+    )
+    return y
 
 
-def ultimus_triton(x, wq, bq, wk, bk, wv, bv, wo, bo, residual: bool = True) -> Tensor:
-    """Differentiable fused Ultimus block on Triton; inputs already validated by the dispatcher."""
-    return ultimus_triton_fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
+@torch.library.triton_op("ultimus_triton::bwd", mutates_args=())
+def ultimus_triton_bwd(
+    gy: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
+    wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor],
+    residual: bool, need_gx: bool, need_gw: bool,
+) -> tuple[Tensor, Tensor]:
+    B = x.shape[0]
+    D, d = check_op_inputs("triton", x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
+    check_grad_output(gy, x)
+    acc = _acc_dtype(x)
+    dev = x.device
+    num_params = 4 * d * D + 3 * d + D
+    gx = torch.empty((B, D) if need_gx else (0,), dtype=x.dtype, device=dev)
+    BLOCK_B, BLOCK_D, BLOCK_d, num_warps, num_stages = _tile_config(B, D, d)
+    num_tiles = triton.cdiv(B, BLOCK_B)
+    P = _num_programs(num_tiles, dev) if (need_gw or need_gx) and B > 0 else 0
+    # Parameter-gradient partials, one row per program (see ops/autograd.py for the layout).
+    partials = torch.empty((P if need_gw else 0, num_params), dtype=acc, device=dev)
+    if P > 0:
+        wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
+        (bq, bk, bv), (has_bq, has_bk, has_bv) = _bias_args(bq, bk, bv, fallback=wq)
+        torch.library.wrap_triton(ultimus_bwd_kernel)[(P,)](
+            gy, x, gx, partials, wq, bq, wk, bk, wv, bv, wo,
+            B, D, d, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles, num_params,
+            HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv,
+            RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc], EXACT_EXP=_exact_exp(x),
+            NUM_PROGRAMS=P, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_d=BLOCK_d, num_warps=num_warps,
+            num_stages=num_stages,
+        )
+    if not need_gw:
+        return gx, torch.empty((0,), dtype=acc, device=dev)
+    # Fixed-order reduction of the per-program partials: deterministic; one kernel for all eight.
+    return gx, partials.sum(0)
+
+
+register_fused_ops(("triton",), ultimus_triton_fwd, ultimus_triton_bwd)
