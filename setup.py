@@ -1,6 +1,6 @@
 """Build of ultimus-kernels: pure Python, plus two optional compiled extensions.
 
-    ultimus_kernels._C       C++ CPU kernels, and the op schemas (always attempted)
+    ultimus_kernels._C       the op schemas and their C++ autograd, and the CPU kernels (always attempted)
     ultimus_kernels._C_cuda  CUDA kernels (attempted when nvcc is found; no GPU needed to build)
 
 A failed or skipped extension never fails the install: the reference and Triton backends need
@@ -82,7 +82,7 @@ def extensions():
     arch = os.environ.get("ULTIMUS_CPU_ARCH", "native").strip()
     if arch and arch != "none" and platform.machine().lower() in ("x86_64", "amd64"):
         cpu_cxx.append(f"-march={arch}")
-    ext_modules = [CppExtension("ultimus_kernels._C", ["csrc/ultimus_cpu.cpp"],
+    ext_modules = [CppExtension("ultimus_kernels._C", ["csrc/ultimus_ops.cpp", "csrc/ultimus_cpu.cpp"],
                                 extra_compile_args={"cxx": cpu_cxx}, extra_link_args=["-fopenmp"])]
     force_cuda = flag("ULTIMUS_FORCE_CUDA")
     if flag("ULTIMUS_SKIP_CUDA"):

@@ -14,7 +14,7 @@
 // then each task writes one row of partials (its lanes summed in order) and the rows are summed in
 // a fixed order: the gradients depend neither on the thread count nor on the schedule.
 //
-// This file also defines the ops (TORCH_LIBRARY) that the CUDA file implements for CUDA tensors.
+// The ops' schemas and autograd are in ultimus_ops.cpp.
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -366,15 +366,6 @@ BackwardResult ultimus_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const 
 }
 
 }  // namespace
-
-TORCH_LIBRARY(ultimus_ext, m) {
-  m.def(
-      "fwd(Tensor x, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, Tensor wv, Tensor? bv, Tensor wo, Tensor? bo, "
-      "bool residual) -> Tensor");
-  m.def(
-      "bwd(Tensor gy, Tensor x, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, Tensor wv, Tensor? bv, Tensor wo, "
-      "Tensor? bo, bool residual, bool need_gx, bool need_gw) -> (Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(ultimus_ext, CPU, m) {
   m.impl("fwd", &ultimus_fwd_cpu);

@@ -223,3 +223,29 @@ def test_import_never_fails_and_reports_missing_extensions():
     assert report["reference"] is None
     assert all(isinstance(why, str) and why for name, why in report.items() if why is not None)
     assert re.search(r"python -m ultimus_kernels|\w", report["cuda"])
+
+
+@pytest.mark.parametrize("backend,fwd,bwd", FAMILIES, ids=FAMILY_IDS)
+def test_raw_ops_refuse_forward_mode_tangents_instead_of_dropping_them(backend, fwd, bwd):
+    import torch.autograd.forward_ad as fwAD
+
+    a = good(backend)
+    with fwAD.dual_level():
+        dual_x = fwAD.make_dual(a["x"], torch.randn_like(a["x"]))
+        args = [dual_x if n == "x" else a[n] for n in NAMES]
+        with pytest.raises(RuntimeError, match="jvp is not implemented|no forward-mode AD rule"):
+            fwd(*args, True)
+        with pytest.raises(RuntimeError, match="jvp is not implemented|no forward-mode AD rule"):
+            bwd(torch.ones_like(a["x"]), *args, True, True, True)
+        # ... while the public path has the rule.
+        out = fwAD.unpack_dual(ultimus(*args, backend=backend))
+        assert out.tangent is not None and torch.isfinite(out.tangent).all()
+
+
+@pytest.mark.parametrize("backend,fwd,bwd", FAMILIES, ids=FAMILY_IDS)
+def test_raw_bwd_op_is_not_differentiable_and_says_so(backend, fwd, bwd):
+    a = good(backend)
+    x = a["x"].clone().requires_grad_()
+    gx, _ = bwd(torch.ones_like(x), x, *(a[n] for n in NAMES[1:]), True, True, True)
+    with pytest.raises(RuntimeError, match="not differentiable|no autograd formula"):
+        gx.sum().backward()

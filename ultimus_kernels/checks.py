@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 # Largest sizes the fused kernels (Triton, C++, CUDA) accept: the per-sample state (q, k, v and one
@@ -126,6 +127,15 @@ def check_grad_output(gy: Tensor, x: Tensor) -> None:
         raise ValueError(f"ultimus: gy must have x's shape {tuple(x.shape)}, got {tuple(gy.shape)}")
     if gy.device != x.device:
         raise ValueError(f"ultimus: all tensors must be on one device: x is on {x.device}, gy on {gy.device}")
+
+
+def refuse_forward_ad(op: str, tensors) -> None:
+    """A raw op reached with forward-mode tangents would drop them silently: refuse instead. (The public
+    `ultimus` routes forward-mode AD through UltimusFunction, which has the rule.)"""
+    if forward_ad._current_level >= 0 and any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(f"ultimus: {op} has no forward-mode AD rule; call ultimus_kernels.ultimus (or "
+                           "UltimusBlock), whose UltimusFunction implements it")
 
 
 def check_op_inputs(backend: str, x, wq, bq, wk, bk, wv, bv, wo, bo, residual) -> tuple[int, int]:

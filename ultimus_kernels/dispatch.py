@@ -2,17 +2,18 @@
 
 The fused backends' ops are loaded and registered when the package is imported (`load_backends`),
 so that nothing on the call path imports or probes: the hot path is one cheap check, one dict
-lookup and `UltimusFunction.apply`.
+lookup and the op (or `UltimusFunction.apply`).
 """
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from .checks import MAX_ATTN_DIM, MAX_DIM, check_fused_limits, check_inputs, check_residual
-from .ops.autograd import UltimusFunction, UltimusTracedFunction
+from .ops.autograd import FUSED_OPS, UltimusFunction, UltimusTransformFunction
 from .reference import ultimus_reference
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
@@ -136,5 +137,12 @@ def ultimus(
     name = resolve_backend(backend, x.device, D, d)
     if name == "reference":
         return ultimus_reference(x, wq, bq, wk, bk, wv, bv, wo, bo, residual=residual)
-    function = UltimusTracedFunction if compiling else UltimusFunction
-    return function.apply(name, residual, x, wq, bq, wk, bk, wv, bv, wo, bo)
+    # The cheapest autograd boundary that supports what is being asked (see ops/autograd.py).
+    ops = FUSED_OPS[name]
+    if compiling:  # torch.compile traces the op and its registered autograd
+        return ops.fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
+    if torch._C._are_functorch_transforms_active():
+        return UltimusTransformFunction.apply(name, residual, x, wq, bq, wk, bk, wv, bv, wo, bo)
+    if ops.native_autograd and forward_ad._current_level < 0:  # no forward-mode AD in progress
+        return ops.fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
+    return UltimusFunction.apply(name, residual, x, wq, bq, wk, bk, wv, bv, wo, bo)

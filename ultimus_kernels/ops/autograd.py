@@ -12,21 +12,27 @@ the kernels' partial rows): one reduction kernel for all eight, cut into views h
 come back as empty tensors. The forward saves only its inputs: the backward recomputes q, k, v and A,
 which costs ~1.2 kFLOP per sample and is cheaper than storing and re-reading d*d + 3d values.
 
-Two ways in, one formula (`_backward`):
-- `UltimusFunction` (flash-attention's pattern): the public path. A named autograd.Function over the
-  ops, with the backward, the forward-mode rule (`jvp`, for torch.func.jvp / forward AD) and a vmap
-  rule (through the ops' own, for torch.func.jacrev / vmap). It is the cheapest autograd boundary.
-- `torch.library.register_autograd` on the fwd ops, so that a program exported or traced with the raw
-  ops (torch.export, torch.jit) and loaded in a fresh process still trains.
+The autograd boundaries, cheapest first (measured: README, "The op path"):
+- The C++ ops (`ultimus_ext`, backends cpu and cuda) carry their autograd as a C++ kernel
+  (csrc/ultimus_ops.cpp): the public path calls the op itself and no Python runs in between.
+- `UltimusFunction`, a named torch.autograd.Function over a backend's ops (flash-attention's
+  pattern): the eager path of the Triton backend, and of every backend under forward-mode AD (it has
+  the `jvp` rule). `UltimusTransformFunction` is the same Function in the form torch.func's
+  transforms (grad, jacrev, jvp, vmap) require; that form costs ~35 us per call in signature binding,
+  so it is used only under those transforms.
+- `torch.library.register_autograd` on the Triton fwd op, so that torch.compile traces it and a
+  program exported with the raw ops (torch.export) and loaded in a fresh process still trains.
+All of them run `_backward` (or, in C++, its mirror).
 
 Double backward (a gradient penalty, a Hessian-vector product): when the backward runs with
 create_graph and anything it sees requires grad, it differentiates the plain PyTorch reference
-instead of calling the fused bwd op, so second derivatives are exact (and unfused). The raw bwd op
-itself is not differentiable: differentiating through it raises.
+instead of calling the fused bwd op, so second derivatives are exact (and unfused). For the C++ ops
+that is the op `ultimus_ext::bwd_differentiable`, implemented here. The bwd ops themselves are not
+differentiable.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -36,8 +42,8 @@ from ..reference import ultimus_reference, ultimus_reference_jvp
 
 PARAM_SLOTS = 8  # wq, bq, wk, bk, wv, bv, wo, bo: inputs 1..8 of fwd
 
-# backend name -> (fwd op, bwd op); filled in by each backend module when its ops are registered.
-FUSED_OPS: dict[str, tuple[Callable, Callable]] = {}
+# backend name -> its ops; filled in by each backend module when its ops are registered.
+FUSED_OPS: dict[str, "FusedOps"] = {}
 
 
 def param_grads(gparams: Tensor, D: int, d: int) -> tuple[Tensor, ...]:
@@ -82,39 +88,64 @@ def _differentiable_backward(gy, saved, residual, need):
     return tuple(out)
 
 
+class FusedOps(NamedTuple):
+    fwd: Callable
+    bwd: Callable
+    native_autograd: bool  # the fwd op has its own (C++) autograd kernel: call it directly
+
+
+def _save_inputs(ctx, backend: str, residual: bool, tensors: tuple) -> None:
+    ctx.backend, ctx.residual = backend, residual
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+
+
+def _run_fwd(backend: str, residual: bool, tensors: tuple) -> Tensor:
+    # Below autograd: the op's own autograd kernel (which would only redispatch here) is skipped.
+    with torch._C._AutoDispatchBelowAutograd():
+        return FUSED_OPS[backend].fwd(*tensors, residual)
+
+
+def _function_backward(ctx, gy):
+    need = ctx.needs_input_grad[2:]
+    return (None, None, *_backward(FUSED_OPS[ctx.backend].bwd, gy, ctx.saved_tensors, ctx.residual, need))
+
+
+def _function_jvp(ctx, _backend_tangent, _residual_tangent, *tangents):
+    return ultimus_reference_jvp(ctx.saved_tensors, tangents, residual=ctx.residual)
+
+
 class UltimusFunction(torch.autograd.Function):
     """y = ultimus(x, ...) on a fused backend's ops: `UltimusFunction.apply(backend, residual, x, wq, bq,
-    wk, bk, wv, bv, wo, bo)`. Inputs must already be validated (the ops check them again)."""
-
-    generate_vmap_rule = True  # forward and backward are made of ops that have vmap rules
+    wk, bk, wv, bv, wo, bo)`. Inputs must already be validated (the ops check them again). Backward:
+    the backend's bwd op; forward-mode AD: the reference's forward rule (reference.py)."""
 
     @staticmethod
-    def forward(backend: str, residual: bool, x, wq, bq, wk, bk, wv, bv, wo, bo):
-        return FUSED_OPS[backend][0](x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
+    def forward(ctx, backend: str, residual: bool, *tensors):
+        _save_inputs(ctx, backend, residual, tensors)
+        return _run_fwd(backend, residual, tensors)
+
+    backward = staticmethod(_function_backward)
+    jvp = staticmethod(_function_jvp)
+
+
+class UltimusTransformFunction(torch.autograd.Function):
+    """UltimusFunction in the form torch.func's transforms need (forward without ctx, setup_context,
+    a vmap rule generated from the ops' own)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(backend: str, residual: bool, *tensors):
+        return _run_fwd(backend, residual, tensors)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         backend, residual, *tensors = inputs
-        ctx.backend, ctx.residual = backend, residual
-        ctx.save_for_backward(*tensors)
-        ctx.save_for_forward(*tensors)
+        _save_inputs(ctx, backend, residual, tuple(tensors))
 
-    @staticmethod
-    def backward(ctx, gy):
-        need = ctx.needs_input_grad[2:]
-        return (None, None, *_backward(FUSED_OPS[ctx.backend][1], gy, ctx.saved_tensors, ctx.residual, need))
-
-    @staticmethod
-    def jvp(ctx, _backend_tangent, _residual_tangent, *tangents):
-        return ultimus_reference_jvp(ctx.saved_tensors, tangents, residual=ctx.residual)
-
-
-class UltimusTracedFunction(UltimusFunction):
-    """UltimusFunction as torch.compile traces it: Dynamo refuses a Function with a custom jvp (and
-    AOTAutograd has no forward mode), so under compilation the same forward and backward run without
-    it; forward-mode AD of a compiled graph then fails in PyTorch with its own error."""
-
-    jvp = staticmethod(torch.autograd.Function.jvp)
+    backward = staticmethod(_function_backward)
+    jvp = staticmethod(_function_jvp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,9 +184,10 @@ def _fwd_vmap(fwd_op):
     return rule
 
 
-def register_fused_ops(backend_names, fwd_op, bwd_op) -> None:
-    """Make `fwd_op`/`bwd_op` (OpOverloads or CustomOpDefs) the ops of `backend_names`: autograd and
-    vmap rules on the ops, and the entries UltimusFunction dispatches through."""
+def register_fused_ops(backend_names, fwd_op, bwd_op, native_autograd: bool = False) -> None:
+    """Make `fwd_op`/`bwd_op` (OpOverloads or CustomOpDefs) the ops of `backend_names`: vmap rules on
+    the ops, autograd on the fwd op (unless it has its own C++ kernel), and the entries the public
+    path dispatches through."""
 
     def setup_context(ctx, inputs, output):
         *tensors, residual = inputs
@@ -165,11 +197,30 @@ def register_fused_ops(backend_names, fwd_op, bwd_op) -> None:
     def backward(ctx, gy):
         return (*_backward(bwd_op, gy, ctx.saved_tensors, ctx.residual, ctx.needs_input_grad[:-1]), None)
 
-    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+    if not native_autograd:
+        torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
     torch.library.register_vmap(fwd_op, _fwd_vmap(fwd_op))
     torch.library.register_vmap(bwd_op, _vmap_by_loop(bwd_op))
     for name in backend_names:
-        FUSED_OPS[name] = (fwd_op, bwd_op)
+        FUSED_OPS[name] = FusedOps(fwd_op, bwd_op, native_autograd)
+
+
+_libraries = []  # keeps the torch.library.Library objects (and so their registrations) alive
+
+
+def register_differentiable_backward(qualname: str, bwd_op) -> None:
+    """Implement `qualname` (the schema of ultimus_ext::bwd_differentiable): the backward that the C++
+    autograd kernel runs under create_graph. Composite, so autograd records what it does."""
+    namespace, name = qualname.split("::")
+    lib = torch.library.Library(namespace, "IMPL")
+
+    def bwd_differentiable(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need):
+        saved = (x, wq, bq, wk, bk, wv, bv, wo, bo)
+        grads = _backward(bwd_op, gy, saved, residual, tuple(need))
+        return [g if g is not None else x.new_empty(0) for g in grads]
+
+    lib.impl(name, bwd_differentiable, "CompositeImplicitAutograd")
+    _libraries.append(lib)
 
 
 def fake_fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual):

@@ -4,7 +4,7 @@ The C++ sources live in csrc/: `ultimus_kernels._C` (CPU kernels; defines the op
 `torch.ops.ultimus_ext.fwd` / `.bwd`) and `ultimus_kernels._C_cuda` (their CUDA kernels). Both are
 built by `pip install -e .` when possible; see setup.py for the switches. `load()` runs when
 `ultimus_kernels` is imported: it imports whichever extensions were built (never failing) and
-registers the ops' fakes, vmap rules and autograd, so that a fresh process can call, compile,
+registers the ops' fakes, vmap rules and double backward (their autograd is C++), so that a fresh process can call, compile,
 export or load the raw ops without touching the public API first.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .autograd import fake_bwd, fake_fwd, register_fused_ops
+from .autograd import fake_bwd, fake_fwd, register_differentiable_backward, register_fused_ops
 
 _BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"
 _load_errors: dict[str, Optional[str]] = {}
@@ -51,7 +51,9 @@ def load() -> None:
     if _load_errors["_C"] is None:
         torch.library.register_fake("ultimus_ext::fwd")(fake_fwd)
         torch.library.register_fake("ultimus_ext::bwd")(fake_bwd)
-        register_fused_ops(("cpu", "cuda"), torch.ops.ultimus_ext.fwd.default, torch.ops.ultimus_ext.bwd.default)
+        fwd, bwd = torch.ops.ultimus_ext.fwd.default, torch.ops.ultimus_ext.bwd.default
+        register_fused_ops(("cpu", "cuda"), fwd, bwd, native_autograd=True)  # autograd: csrc/ultimus_ops.cpp
+        register_differentiable_backward("ultimus_ext::bwd_differentiable", bwd)
 
 
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:

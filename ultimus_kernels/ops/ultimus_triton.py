@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from ..checks import check_grad_output, check_op_inputs
+from ..checks import check_grad_output, check_op_inputs, refuse_forward_ad
 from .autograd import register_fused_ops
 
 
@@ -287,6 +287,7 @@ def ultimus_triton_fwd(
 ) -> Tensor:
     B = x.shape[0]
     D, d = check_op_inputs("triton", x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
+    refuse_forward_ad("ultimus_triton::fwd", (x, wq, bq, wk, bk, wv, bv, wo, bo))
     y = torch.empty((B, D), dtype=x.dtype, device=x.device)
     if B == 0:
         return y
@@ -313,6 +314,7 @@ def ultimus_triton_bwd(
     B = x.shape[0]
     D, d = check_op_inputs("triton", x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
     check_grad_output(gy, x)
+    refuse_forward_ad("ultimus_triton::bwd", (gy, x, wq, bq, wk, bk, wv, bv, wo, bo))
     acc = _acc_dtype(x)
     dev = x.device
     num_params = 4 * d * D + 3 * d + D

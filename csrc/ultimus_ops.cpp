@@ -1,0 +1,173 @@
+// The ultimus_ext ops: their schemas, and their autograd as a C++ kernel.
+//
+//   fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual) -> y
+//   bwd(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need_gx, need_gw) -> (gx, gparams)
+//   bwd_differentiable(gy, x, ..., residual, need[9]) -> [gx, gwq, gbq, ..., gbo]
+//
+// The CPU kernels are in ultimus_cpu.cpp, the CUDA kernels in cuda/ultimus_cuda.cu, the math in
+// docs/ and ultimus_kernels/reference.py. `gparams` is every parameter gradient in one flat vector,
+// [gWq | gWk | gWv | gWo | gbq | gbk | gbv | gbo] (ultimus.h). `bwd_differentiable` is the backward
+// under create_graph (double backward); its implementation is Python's (ultimus_kernels/ops/autograd.py:
+// the reference differentiated by autograd), registered when ultimus_kernels is imported.
+//
+// Autograd. A C++ autograd kernel (a torch::autograd::Function) is the cheapest autograd boundary
+// measured for these ops: no Python runs between the user's call and the kernel, forward or backward
+// (see README, "The op path"). It saves only the inputs; the backward recomputes q, k, v and A.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+
+#include "ultimus.h"
+
+namespace ultimus {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_fwd(const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq, const at::Tensor& wk,
+                    const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
+                    const OptTensor& bo, bool residual) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("ultimus_ext::fwd", "").typed<decltype(call_fwd)>();
+  return op.call(x, wq, bq, wk, bk, wv, bv, wo, bo, residual);
+}
+
+BackwardResult call_bwd(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
+                        const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv,
+                        const at::Tensor& wo, const OptTensor& bo, bool residual, bool need_gx, bool need_gw) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("ultimus_ext::bwd", "").typed<decltype(call_bwd)>();
+  return op.call(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need_gx, need_gw);
+}
+
+std::vector<at::Tensor> call_bwd_differentiable(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq,
+                                                const OptTensor& bq, const at::Tensor& wk, const OptTensor& bk,
+                                                const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
+                                                const OptTensor& bo, bool residual, std::array<bool, 9> need) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("ultimus_ext::bwd_differentiable", "")
+                       .typed<decltype(call_bwd_differentiable)>();
+  return op.call(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need);
+}
+
+class UltimusAutograd : public torch::autograd::Function<UltimusAutograd> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
+                            const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv,
+                            const at::Tensor& wo, const OptTensor& bo, bool residual) {
+    auto or_undefined = [](const OptTensor& t) { return t ? *t : at::Tensor(); };
+    ctx->save_for_backward({x, wq, or_undefined(bq), wk, or_undefined(bk), wv, or_undefined(bv), wo, or_undefined(bo)});
+    ctx->saved_data["residual"] = residual;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();  // x, wq, bq, wk, bk, wv, bv, wo, bo
+    const at::Tensor& gy = grad_outputs[0];
+    const bool residual = ctx->saved_data["residual"].toBool();
+    auto opt = [&](int i) { return saved[i].defined() ? OptTensor(saved[i]) : OptTensor(); };
+    std::array<bool, 9> need{};
+    bool need_gw = false, tracked = gy.requires_grad();
+    for (int i = 0, edge = 0; i < 9; ++i) {
+      if (!saved[i].defined()) continue;  // an absent bias: not an input edge of this node
+      need[i] = ctx->needs_input_grad(edge++);
+      need_gw |= i > 0 && need[i];
+      tracked |= saved[i].requires_grad();
+    }
+    variable_list out(10);  // one per forward argument; residual's stays undefined
+    if (at::GradMode::is_enabled() && tracked) {  // create_graph: differentiable gradients (double backward)
+      const auto grads = call_bwd_differentiable(gy, saved[0], saved[1], opt(2), saved[3], opt(4), saved[5], opt(6),
+                                                 saved[7], opt(8), residual, need);
+      for (int i = 0; i < 9; ++i)
+        if (need[i]) out[i] = grads[i];
+      return out;
+    }
+    at::Tensor gx, gparams;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // the bwd op's own autograd kernel only refuses
+      std::tie(gx, gparams) = call_bwd(gy, saved[0], saved[1], opt(2), saved[3], opt(4), saved[5], opt(6), saved[7],
+                                       opt(8), residual, need[0], need_gw);
+    }
+    if (need[0]) out[0] = gx;
+    if (need_gw) {
+      // Plain slices of one vector, without autograd's view tracking (this is the backward: nothing here
+      // is differentiated), which costs more than the slicing itself on the small-batch hot path.
+      at::AutoDispatchBelowADInplaceOrView below_view_tracking;
+      const int64_t D = saved[0].size(1), d = saved[1].size(0), dD = d * D;
+      // Slot i of the forward's arguments -> (offset, shape) in the flat vector (ultimus.h's layout).
+      const std::array<std::pair<int64_t, std::vector<int64_t>>, 9> where = {{{0, {}},
+                                                                              {0, {d, D}},
+                                                                              {4 * dD, {d}},
+                                                                              {dD, {d, D}},
+                                                                              {4 * dD + d, {d}},
+                                                                              {2 * dD, {d, D}},
+                                                                              {4 * dD + 2 * d, {d}},
+                                                                              {3 * dD, {D, d}},
+                                                                              {4 * dD + 3 * d, {D}}}};
+      for (int i = 1; i < 9; ++i) {
+        if (!need[i]) continue;
+        int64_t n = 1;
+        for (int64_t e : where[i].second) n *= e;
+        at::Tensor g = gparams.narrow(0, where[i].first, n).view(where[i].second);
+        out[i] = g.scalar_type() == saved[i].scalar_type() ? g : g.to(saved[i].scalar_type());
+      }
+    }
+    return out;
+  }
+};
+
+// The bwd op is not differentiable (the fwd op's backward under create_graph is, through
+// bwd_differentiable). Its autograd kernel says so instead of returning gradients that silently miss
+// the dependence on the op's inputs, and refuses forward-mode tangents likewise (the C++ Function API
+// has no jvp, so PyTorch raises for them).
+class UltimusBwdAutograd : public torch::autograd::Function<UltimusBwdAutograd> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq,
+                               const OptTensor& bq, const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv,
+                               const OptTensor& bv, const at::Tensor& wo, const OptTensor& bo, bool residual,
+                               bool need_gx, bool need_gw) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gx, gparams] = call_bwd(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need_gx, need_gw);
+    return {gx, gparams};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "ultimus: ultimus_ext::bwd is not differentiable; for second derivatives differentiate "
+                "ultimus_ext::fwd (or ultimus_kernels.ultimus) with create_graph=True, whose backward is");
+  }
+};
+
+BackwardResult bwd_autograd(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
+                            const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv,
+                            const at::Tensor& wo, const OptTensor& bo, bool residual, bool need_gx, bool need_gw) {
+  auto out = UltimusBwdAutograd::apply(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need_gx, need_gw);
+  return {out[0], out[1]};
+}
+
+at::Tensor fwd_autograd(const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq, const at::Tensor& wk,
+                        const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
+                        const OptTensor& bo, bool residual) {
+  return UltimusAutograd::apply(x, wq, bq, wk, bk, wv, bv, wo, bo, residual);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ultimus_ext, m) {
+  m.def(
+      "fwd(Tensor x, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, Tensor wv, Tensor? bv, Tensor wo, Tensor? bo, "
+      "bool residual) -> Tensor");
+  m.def(
+      "bwd(Tensor gy, Tensor x, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, Tensor wv, Tensor? bv, Tensor wo, "
+      "Tensor? bo, bool residual, bool need_gx, bool need_gw) -> (Tensor, Tensor)");
+  m.def(
+      "bwd_differentiable(Tensor gy, Tensor x, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, Tensor wv, Tensor? bv, "
+      "Tensor wo, Tensor? bo, bool residual, bool[9] need) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(ultimus_ext, Autograd, m) {
+  m.impl("fwd", &fwd_autograd);
+  m.impl("bwd", &bwd_autograd);
+}
+
+}  // namespace ultimus
