@@ -4,6 +4,7 @@
     python bench/attn.py --quick              # a run under a minute on CPU
     python bench/attn.py --device cuda --json bench/results/h100.json --plot bench/results/h100.png
     python bench/attn.py --model              # a full UltimusNet training step per backend
+    python bench/attn.py --overhead --threads 1   # the host path: us per call at B = 1 and 128
 
 Providers: `reference` (eager PyTorch, the baseline), `compile` (torch.compile of the reference),
 `compile-max-autotune` (GPU, with --max-autotune), and every fused backend that runs on the device
@@ -24,13 +25,14 @@ import json
 import math
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
-from ultimus_kernels import ultimus, ultimus_reference  # noqa: E402
+from ultimus_kernels import MAX_ATTN_DIM, MAX_DIM, ultimus, ultimus_reference  # noqa: E402
 from ultimus_kernels.dispatch import unavailable_reason  # noqa: E402
 
 FUSED = ("triton", "cpu", "cuda")
@@ -137,13 +139,13 @@ def providers_for(args, device) -> tuple[list[str], dict[str, str]]:
     for name in wanted:
         if name in FUSED:
             why = unavailable_reason(name, device)
+            if why is None and (args.dim > MAX_DIM or args.attn_dim > MAX_ATTN_DIM):
+                why = f"the fused kernels need D <= {MAX_DIM} and d <= {MAX_ATTN_DIM}"
             if name == "triton" and device.type == "cpu" and why is None:
                 why = "the Triton interpreter is a correctness tool, not a timing target"
             if why:
                 skipped[name] = why
                 continue
-        elif name not in ("reference", "compile", "compile-max-autotune"):
-            raise SystemExit(f"unknown provider {name!r}")
         if name == "compile-max-autotune" and device.type != "cuda":
             skipped[name] = "max-autotune is for GPUs"
             continue
@@ -244,6 +246,111 @@ def model_sweep(args, device) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Host overhead: microseconds per call at small B, where the kernels do little work
+# ------------------------------------------------------------------------------------------------
+
+def time_wall_us(run: Callable, device, min_run_time: float) -> tuple[float, float, float]:
+    """(median, p20, p80) wall-clock microseconds per call: what a caller waits for, host path included
+    (on a GPU the calls are queued back to back and the device synchronised once per block of calls)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        run()
+    sync()
+    n, t = 1, 0.0
+    while t < min_run_time / 20:  # calls per sample: enough to time, ~20 samples in min_run_time
+        n *= 2
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run()
+        sync()
+        t = time.perf_counter() - t0
+    samples = []
+    deadline = time.perf_counter() + min_run_time
+    while len(samples) < 7 or (time.perf_counter() < deadline and len(samples) < 200):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run()
+        sync()
+        samples.append((time.perf_counter() - t0) / n * 1e6)
+    samples.sort()
+    q = lambda f: samples[min(len(samples) - 1, int(f * len(samples)))]  # noqa: E731
+    return q(0.5), q(0.2), q(0.8)
+
+
+def overhead_sweep(args, device) -> list[dict]:
+    """Per call, fwd and fwd+bwd: each fused backend's raw ops (no autograd), its ops under
+    UltimusFunction, the public path (UltimusBlock), eager PyTorch and torch.compile of the reference."""
+    from ultimus_kernels import UltimusBlock, UltimusFunction
+    from ultimus_kernels.ops.autograd import FUSED_OPS
+
+    providers, skipped = providers_for(args, device)
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", file=sys.stderr)
+    rows = []
+    for B in args.overhead_batch_sizes:
+        torch.manual_seed(0)
+        x = torch.randn(B, args.dim, device=device, requires_grad=True)
+        gy = torch.randn(B, args.dim, device=device)
+        block = UltimusBlock(args.dim, args.attn_dim, backend="reference").to(device)
+        params = [p for _, p in sorted(block.named_parameters(), key=lambda kv: PARAM_ORDER.index(kv[0]))]
+        plain = [x.detach(), *(p.detach() for p in params)]
+        timed: dict[str, Callable] = {}
+        for prov in providers:
+            if prov in FUSED:
+                fwd, bwd = FUSED_OPS[prov].fwd, FUSED_OPS[prov].bwd
+                timed[f"{prov} raw ops"] = (lambda f=fwd: f(*plain, True),
+                                            lambda f=fwd, b=bwd: (f(*plain, True), b(gy, *plain, True, True, True)))
+                timed[f"{prov} UltimusFunction"] = (
+                    lambda n=prov: UltimusFunction.apply(n, True, x, *params),
+                    lambda n=prov: torch.autograd.grad(UltimusFunction.apply(n, True, x, *params), [x, *params], gy))
+            fn, own = block_provider(prov, args)
+            timed[prov if prov.startswith(("reference", "compile")) else f"{prov} UltimusBlock"] = (
+                lambda fn=fn: fn(x), lambda fn=fn, own=own: torch.autograd.grad(fn(x), [x, *own], gy))
+        for label, (fwd_run, both_run) in timed.items():
+            for mode, run in (("fwd", fwd_run), ("fwd+bwd", both_run)):
+                med, p20, p80 = time_wall_us(run, device, args.min_run_time)
+                rows.append(dict(provider=label, mode=mode, B=B, D=args.dim, d=args.attn_dim, dtype="float32",
+                                 median_us=med, p20_us=p20, p80_us=p80))
+    base = {(r["mode"], r["B"], r["provider"]): r["median_us"] for r in rows}
+    for r in rows:
+        key = (r["mode"], r["B"])
+        r["speedup_vs_eager"] = base.get((*key, "reference"), float("nan")) / r["median_us"]
+        raw = r["provider"].split(" ")[0] + " raw ops"
+        r["vs_raw_ops"] = r["median_us"] / base[(*key, raw)] if (*key, raw) in base else float("nan")
+    return rows
+
+
+PARAM_ORDER = ["q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias", "out.weight", "out.bias"]
+
+
+def block_provider(prov: str, args) -> tuple[Callable, list]:
+    """(a fresh UltimusBlock for `prov`, or its torch.compile; its parameters in ultimus's order)."""
+    from ultimus_kernels import UltimusBlock
+
+    torch.manual_seed(0)
+    block = UltimusBlock(args.dim, args.attn_dim, backend="reference" if prov.startswith("compile") else prov)
+    block = block.to(args.device)
+    params = [dict(block.named_parameters())[name] for name in PARAM_ORDER]
+    if prov.startswith("compile"):
+        torch._dynamo.reset()
+        mode = "max-autotune-no-cudagraphs" if prov.endswith("max-autotune") else None
+        return torch.compile(block, mode=mode), params
+    return block, params
+
+
+def overhead_table(rows: list[dict]) -> str:
+    def fmt(v, spec):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    head = f"{'provider':<26}{'mode':<9}{'B':>6}{'median us':>11}{'p20-p80 us':>17}{'vs eager':>10}{'vs raw ops':>12}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['provider']:<26}{r['mode']:<9}{r['B']:>6}{r['median_us']:>11.1f}"
+                     f"{fmt(r['p20_us'], '.1f') + '-' + fmt(r['p80_us'], '.1f'):>17}"
+                     f"{fmt(r['speedup_vs_eager'], '.2f') + 'x':>10}{fmt(r['vs_raw_ops'], '.2f') + 'x':>12}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
 # Report
 # ------------------------------------------------------------------------------------------------
 
@@ -304,41 +411,101 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",")]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+PROVIDERS = ("reference", "compile", "compile-max-autotune", *FUSED)
+
+
+def _check_writable(parser, flag: str, path: Optional[str]) -> None:
+    """Fail now, not after the sweep, when an output path cannot be written."""
+    if path is None:
+        return
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        existed = target.exists()
+        with open(target, "a"):
+            pass
+        if not existed:
+            target.unlink()
+    except OSError as exc:
+        parser.error(f"{flag} {path}: cannot write there ({exc.strerror or exc})")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="device to benchmark (default: cuda when available, else cpu)")
     p.add_argument("--backends", default=None,
-                   help="comma-separated providers: reference, compile, compile-max-autotune, triton, cpu, cuda "
-                        "(default: all that run on the device)")
+                   help=f"comma-separated providers: {', '.join(PROVIDERS)} (default: all that run on the device)")
     p.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma-separated modes: fwd, bwd, fwd+bwd")
-    p.add_argument("--batch-sizes", default=None,
-                   help="comma-separated B values (default: powers of 4 from 128 to 2^22 on GPU, to 2^16 on CPU)")
+    p.add_argument("--batch-sizes", type=_int_list, default=None,
+                   help="comma-separated B values >= 1 (default: powers of 4 from 128 to 2^22 on GPU, to 2^16 on CPU)")
     p.add_argument("--dtype", default=None,
                    help="comma-separated dtypes: float32, float16, bfloat16 (default: float32 on CPU; all on GPU)")
-    p.add_argument("--dim", type=int, default=48, help="D, the block width (default 48)")
-    p.add_argument("--attn-dim", type=int, default=8, help="d, the attention width (default 8)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
-    p.add_argument("--min-run-time", type=float, default=0.5, help="CPU seconds of timing per point (default 0.5)")
+    p.add_argument("--dim", type=_positive_int, default=48,
+                   help=f"D, the block width, >= 1 (default 48; fused providers need D <= {MAX_DIM})")
+    p.add_argument("--attn-dim", type=_positive_int, default=8,
+                   help=f"d, the attention width, >= 1 (default 8; fused providers need d <= {MAX_ATTN_DIM})")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads, >= 1 (default: torch's default)")
+    p.add_argument("--min-run-time", type=_positive_float, default=0.5,
+                   help="seconds of timing per point, > 0 (default 0.5)")
     p.add_argument("--max-autotune", action="store_true", help="also time torch.compile(mode='max-autotune') on GPU")
     p.add_argument("--quick", action="store_true",
                    help="a small sweep (B = 128 and 4096, float32, short timing): under a minute on CPU")
     p.add_argument("--model", action="store_true", help="time one full UltimusNet training step per backend instead")
-    p.add_argument("--model-batch-sizes", default="128,512", help="batch sizes for --model (default 128,512)")
+    p.add_argument("--model-batch-sizes", type=_int_list, default=[128, 512],
+                   help="batch sizes for --model (default 128,512)")
+    p.add_argument("--overhead", action="store_true",
+                   help="time the host path instead: microseconds per call (fwd, fwd+bwd) of each backend's raw ops, "
+                        "its ops under UltimusFunction, the public UltimusBlock, eager and torch.compile, at small B")
+    p.add_argument("--overhead-batch-sizes", type=_int_list, default=[1, 128],
+                   help="batch sizes for --overhead (default 1,128)")
     p.add_argument("--json", default=None, metavar="PATH", help="write one JSON row per measurement here")
-    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of throughput vs B here")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of throughput vs B here (sweeps only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    if args.model and args.overhead:
+        p.error("--model and --overhead are separate runs: give one")
+    if args.plot and (args.model or args.overhead):
+        p.error("--plot draws the batch-size sweep; --model and --overhead have no plot (use --json)")
+    _check_writable(p, "--json", args.json)
+    _check_writable(p, "--plot", args.plot)
+    if args.backends:
+        for name in args.backends.split(","):
+            if name not in PROVIDERS:
+                p.error(f"--backends: unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
     gpu = args.device.type == "cuda"
     if args.quick:
-        args.batch_sizes = args.batch_sizes or "128,4096"
+        args.batch_sizes = args.batch_sizes or [128, 4096]
         args.min_run_time = min(args.min_run_time, 0.1)
     top = 22 if gpu else 16
-    args.batch_sizes = ([int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes
-                        else [128] + [4**k for k in range(4, top // 2 + 1)])
+    args.batch_sizes = args.batch_sizes or [128] + [4**k for k in range(4, top // 2 + 1)]
     args.modes = args.modes.split(",")
     for m in args.modes:
         if m not in MODES:
@@ -347,7 +514,6 @@ def parse_args(argv=None):
     for t in args.dtype.split(","):
         if t not in DTYPES:
             p.error(f"unknown dtype {t!r}; choose from {', '.join(DTYPES)}")
-    args.model_batch_sizes = [int(b) for b in args.model_batch_sizes.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
@@ -363,21 +529,27 @@ def main(argv=None) -> None:
     meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
                 date=dt.datetime.now().isoformat(timespec="seconds"), threads=args.threads,
                 command="python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if argv is None else None)
+    bandwidth, skipped = None, {}
     if args.model:
-        rows, skipped, bandwidth = model_sweep(args, device), {}, None
+        rows = model_sweep(args, device)
+    elif args.overhead:
+        rows = overhead_sweep(args, device)
     else:
         rows, skipped, bandwidth = sweep(args, device)
+    if not rows:
+        raise SystemExit("error: nothing was timed: no provider runs here with these arguments "
+                         f"({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'see the messages above'})")
     for r in rows:
         r.update(meta)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(meta=dict(meta, copy_bandwidth_gbs=bandwidth, skipped=skipped),
-                                                   rows=rows), indent=1) + "\n")
-    if args.plot and not args.model:
-        plot(rows, args.plot, f"Ultimus block (D={args.dim}, d={args.attn_dim}) on {name}")
+    # The table first: a failure to write a file below must not lose what was measured.
     print(f"\n{name}  torch {torch.__version__}  triton {triton.__version__}"
           + (f"  copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""))
-    print(table(rows))
+    print(overhead_table(rows) if args.overhead else table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(meta=dict(meta, copy_bandwidth_gbs=bandwidth, skipped=skipped),
+                                                   rows=rows), indent=1) + "\n")
+    if args.plot:
+        plot(rows, args.plot, f"Ultimus block (D={args.dim}, d={args.attn_dim}) on {name}")
 
 
 if __name__ == "__main__":

@@ -52,3 +52,48 @@ def test_help_lists_the_flags():
     for flag in ("--device", "--backends", "--modes", "--batch-sizes", "--dtype", "--threads", "--quick",
                  "--json", "--plot", "--model", "--max-autotune"):
         assert flag in out
+
+
+def test_overhead_mode_times_every_path_per_call(tmp_path):
+    if "cpu" not in available_backends("cpu"):
+        pytest.skip("cpu backend not built")
+    stdout, doc = bench(tmp_path, "--overhead", "--backends", "reference,cpu", "--overhead-batch-sizes", "1",
+                        "--threads", "1")
+    providers = {r["provider"] for r in doc["rows"]}
+    assert providers == {"reference", "cpu raw ops", "cpu UltimusFunction", "cpu UltimusBlock"}
+    assert {r["mode"] for r in doc["rows"]} == {"fwd", "fwd+bwd"}
+    for r in doc["rows"]:
+        assert math.isfinite(r["median_us"]) and r["median_us"] > 0 and r["B"] == 1
+    assert "median us" in stdout and "vs raw ops" in stdout
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--dim", "0"], "--dim: must be at least 1"),
+    (["--attn-dim", "-3"], "--attn-dim: must be at least 1"),
+    (["--batch-sizes", "128,0"], "--batch-sizes: must be at least 1"),
+    (["--batch-sizes", "12x"], "--batch-sizes: expected an integer"),
+    (["--threads", "0"], "--threads: must be at least 1"),
+    (["--min-run-time", "0"], "--min-run-time: must be a positive number"),
+    (["--backends", "reference,fast"], "unknown provider 'fast'"),
+    (["--model", "--plot", "x.png"], "--plot draws the batch-size sweep"),
+])
+def test_bad_arguments_are_argparse_errors(extra, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "attn.py"), "--device", "cpu", *extra],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_unwritable_output_fails_before_timing(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for flag in ("--json", "--plot"):
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "attn.py"), "--device", "cpu", "--quick",
+                               flag, str(blocker / "out.x")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and f"{flag} {blocker / 'out.x'}: cannot write there" in proc.stderr
+        assert "median" not in proc.stdout  # nothing was timed
+
+
+def test_nothing_to_time_exits_non_zero(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "attn.py"), "--device", "cpu", "--backends", "cuda",
+                           "--quick", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "nothing was timed" in proc.stderr and "cuda" in proc.stderr
