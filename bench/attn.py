@@ -278,10 +278,10 @@ def time_wall_us(run: Callable, device, min_run_time: float) -> tuple[float, flo
 
 
 def overhead_sweep(args, device) -> list[dict]:
-    """Per call, fwd and fwd+bwd: each fused backend's raw ops (no autograd), its ops under
-    UltimusFunction, the public path (UltimusBlock), eager PyTorch and torch.compile of the reference."""
+    """Per call, fwd and fwd+bwd: each fused backend's raw ops (no autograd), its ops under each autograd
+    boundary, the public path (UltimusBlock), eager PyTorch and torch.compile of the reference."""
     from ultimus_kernels import UltimusBlock, UltimusFunction
-    from ultimus_kernels.ops.autograd import FUSED_OPS
+    from ultimus_kernels.ops.autograd import FUSED_OPS, UltimusTransformFunction
 
     providers, skipped = providers_for(args, device)
     for name, why in skipped.items():
@@ -300,9 +300,15 @@ def overhead_sweep(args, device) -> list[dict]:
                 fwd, bwd = FUSED_OPS[prov].fwd, FUSED_OPS[prov].bwd
                 timed[f"{prov} raw ops"] = (lambda f=fwd: f(*plain, True),
                                             lambda f=fwd, b=bwd: (f(*plain, True), b(gy, *plain, True, True, True)))
-                timed[f"{prov} UltimusFunction"] = (
-                    lambda n=prov: UltimusFunction.apply(n, True, x, *params),
-                    lambda n=prov: torch.autograd.grad(UltimusFunction.apply(n, True, x, *params), [x, *params], gy))
+                # The autograd boundaries, each over the same kernels: the op's own registered autograd
+                # (C++ for cpu/cuda, torch.library.register_autograd for triton), UltimusFunction, and the
+                # setup_context form torch.func needs (UltimusTransformFunction).
+                for label, call in ((f"{prov} op + its autograd", lambda f=fwd: f(x, *params, True)),
+                                    (f"{prov} UltimusFunction",
+                                     lambda n=prov: UltimusFunction.apply(n, True, x, *params)),
+                                    (f"{prov} TransformFunction",
+                                     lambda n=prov: UltimusTransformFunction.apply(n, True, x, *params))):
+                    timed[label] = (call, lambda call=call: torch.autograd.grad(call(), [x, *params], gy))
             fn, own = block_provider(prov, args)
             timed[prov if prov.startswith(("reference", "compile")) else f"{prov} UltimusBlock"] = (
                 lambda fn=fn: fn(x), lambda fn=fn, own=own: torch.autograd.grad(fn(x), [x, *own], gy))
@@ -341,10 +347,10 @@ def block_provider(prov: str, args) -> tuple[Callable, list]:
 def overhead_table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-    head = f"{'provider':<26}{'mode':<9}{'B':>6}{'median us':>11}{'p20-p80 us':>17}{'vs eager':>10}{'vs raw ops':>12}"
+    head = f"{'provider':<30}{'mode':<9}{'B':>6}{'median us':>11}{'p20-p80 us':>17}{'vs eager':>10}{'vs raw ops':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['provider']:<26}{r['mode']:<9}{r['B']:>6}{r['median_us']:>11.1f}"
+        lines.append(f"{r['provider']:<30}{r['mode']:<9}{r['B']:>6}{r['median_us']:>11.1f}"
                      f"{fmt(r['p20_us'], '.1f') + '-' + fmt(r['p80_us'], '.1f'):>17}"
                      f"{fmt(r['speedup_vs_eager'], '.2f') + 'x':>10}{fmt(r['vs_raw_ops'], '.2f') + 'x':>12}")
     return "\n".join(lines)
