@@ -1,11 +1,7 @@
 // The Ultimus block on the CPU: forward and backward, parallel over the batch, fp32 accumulation.
 //
-// Math, per sample x in R^D, attention width d, scale s = 1/sqrt(d):
-//   q = Wq x + bq, k = Wk x + bk, v = Wv x + bv             (R^d; W* are (d, D), nn.Linear layout)
-//   A[i, j] = softmax_j(s q[i] k[j]);  z[j] = sum_i v[i] A[i, j];  y = Wo z + bo (+ x)   (Wo is (D, d))
-// Backward, given gy:
-//   gz = Wo^T gy; r[i] = sum_j A[i, j] gz[j]; gv = r; gS[i, j] = A[i, j] v[i] (gz[j] - r[i])
-//   gq[i] = s sum_j gS[i, j] k[j]; gk[j] = s sum_i gS[i, j] q[i]; gx = Wq^T gq + Wk^T gk + Wv^T gv (+ gy)
+// Math (docs/ULTIMUS_MATH.md): q, k, v = W* x + b*; A = softmax_j(s q_i k_j); z = V.A; y = Wo z + bo (+ x).
+// The backward recomputes q, k, v and A from x; the softmax exponent is s q_i (k_j - k_ext), exact.
 //
 // Layout. Rows are processed in chunks of kChunk samples (one SIMD register of floats) stored
 // transposed: x[n] is a Vec holding feature n of every sample of the chunk, so each step of the math

@@ -60,7 +60,8 @@ def test_overhead_mode_times_every_path_per_call(tmp_path):
     stdout, doc = bench(tmp_path, "--overhead", "--backends", "reference,cpu", "--overhead-batch-sizes", "1",
                         "--threads", "1")
     providers = {r["provider"] for r in doc["rows"]}
-    assert providers == {"reference", "cpu raw ops", "cpu UltimusFunction", "cpu UltimusBlock"}
+    assert providers == {"reference", "cpu raw ops", "cpu op + its autograd", "cpu UltimusFunction",
+                         "cpu TransformFunction", "cpu UltimusBlock"}
     assert {r["mode"] for r in doc["rows"]} == {"fwd", "fwd+bwd"}
     for r in doc["rows"]:
         assert math.isfinite(r["median_us"]) and r["median_us"] > 0 and r["B"] == 1

@@ -1,11 +1,6 @@
-"""The Ultimus block, written once in plain PyTorch: the definition every kernel is checked against.
-
-Per sample x in R^D, with attention width d and scale s = 1/sqrt(d):
-
-    q = Wq x + bq,  k = Wk x + bk,  v = Wv x + bv        (each in R^d)
-    A[i, j] = softmax_j(s * q[i] * k[j])                 (d x d: the outer product Q^T K)
-    z[j] = sum_i v[i] * A[i, j]                          (Z = V . A)
-    y = Wo z + bo  (+ x when residual)                   (R^D)
+"""The Ultimus block in plain PyTorch: the executable form of docs/ULTIMUS_MATH.md, the definition every
+kernel is checked against. Per sample x in R^D, attention width d, s = 1/sqrt(d):
+q, k, v = W* x + b*;  A[i, j] = softmax_j(s q[i] k[j]);  z = V.A;  y = Wo z + bo (+ x when residual).
 
 Weights use nn.Linear layouts: Wq, Wk, Wv are (d, D), Wo is (D, d). Autograd comes from PyTorch.
 """
@@ -45,15 +40,10 @@ def ultimus_reference(
 
 
 def ultimus_reference_jvp(primals, tangents, residual: bool = True) -> Tensor:
-    """Forward-mode derivative of the block: the tangent of y for tangents of (x, wq, bq, ..., bo).
-
-    `primals` and `tangents` are 9-sequences in the order of `ultimus_reference`'s arguments; a None
-    tangent means zero. The forward rule, in the notation above (dot = tangent):
-        q' = Wq x' + Wq' x + bq'   (likewise k', v')
-        S' = s (q'[i] k[j] + q[i] k'[j]);   A' = A * (S' - sum_j A S')   (row-wise softmax rule)
-        z'[j] = sum_i (v'[i] A[i, j] + v[i] A'[i, j]);   y' = Wo z' + Wo' z + bo' (+ x')
-    The fused backends' forward-mode AD uses this (see ops/autograd.py).
-    """
+    """Forward-mode derivative of the block (docs/ULTIMUS_MATH.md, "Forward mode"): the tangent of y for
+    tangents of (x, wq, bq, ..., bo). `primals` and `tangents` are 9-sequences in the order of
+    `ultimus_reference`'s arguments; a None tangent means zero. The fused backends' forward-mode AD
+    uses this (see ops/autograd.py)."""
     x, wq, bq, wk, bk, wv, bv, wo, bo = primals
     tx, twq, tbq, twk, tbk, twv, tbv, two, tbo = tangents
     cast = lambda t: None if t is None else t.to(x.dtype)  # noqa: E731

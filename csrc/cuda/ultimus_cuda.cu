@@ -1,7 +1,7 @@
 // The Ultimus block on CUDA: one fused kernel for the forward, one for the backward.
 //
-// Math: as in ../ultimus_cpu.cpp (q, k, v projections; A = softmax_j(s q[i] k[j]); z = V.A;
-// y = Wo z + bo (+ x); the backward recomputes q, k, v and A from x rather than storing them).
+// Math (docs/ULTIMUS_MATH.md): q, k, v = W* x + b*; A = softmax_j(s q_i k_j); z = V.A; y = Wo z + bo (+ x).
+// The backward recomputes q, k, v and A from x; the softmax exponent is s q_i (k_j - k_ext), exact.
 //
 // Layout. One thread owns one sample (row); a thread block owns a tile of `rows` = blockDim.x rows
 // and walks the batch with a grid stride. Shared memory holds, in this order:

@@ -1,9 +1,7 @@
 """Fused Triton kernels for the Ultimus block: one launch for the forward, one for the backward.
 
-Math, per sample (docs and derivation: README "The block", ultimus_kernels/reference.py):
-    q, k, v = W* x + b*;  A[i, j] = softmax_j(s q[i] k[j]);  z = V.A;  y = Wo z + bo (+ x)
-    backward: gz = Wo^T gy; gv[i] = r[i] = sum_j A[i, j] gz[j]; gS = A v (gz - r);
-              gq = s gS k, gk = s gS^T q; gx = Wq^T gq + Wk^T gk + Wv^T gv (+ gy); gW* = sum_b g* x^T
+Math (docs/ULTIMUS_MATH.md): q, k, v = W* x + b*; A = softmax_j(s q_i k_j); z = V.A; y = Wo z + bo (+ x).
+The backward recomputes q, k, v and A from x; the softmax exponent is s q_i (k_j - k_ext), exact.
 
 Memory layout. x and y are (B, D) row-major (x may have any strides). Weights are made contiguous in
 nn.Linear layout: Wq, Wk, Wv (d, D), Wo (D, d). One program owns a tile of BLOCK_B rows; D and d are
