@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backend", choices=["auto", "reference", "triton", "cpu", "cuda"], default="auto",
                    help="Ultimus block implementation (default auto: the fastest that runs on --device)")
     m.add_argument("--batchnorm", action="store_true", help="BatchNorm after each convolution")
-    m.add_argument("--dropout", type=PROBABILITY, default=0.0, help="dropout on the pooled features, in [0, 1) (default 0)")
+    m.add_argument("--dropout", type=PROBABILITY, default=0.0,
+                   help="dropout on the pooled features, in [0, 1) (default 0)")
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=POSITIVE_INT, default=24, help="epochs (default 24)")

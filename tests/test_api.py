@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _util import make_inputs
 
 import ultimus_kernels
 from ultimus_kernels import BACKENDS, MAX_ATTN_DIM, MAX_DIM, UltimusBlock, available_backends, ultimus
 from ultimus_kernels.dispatch import resolve_backend
-from _util import make_inputs
 
 GOOD = dict(B=4, D=12, d=3)
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.func as tf
+from _util import FUSED, backend_or_skip, make_inputs, rel_err
 
 from ultimus_kernels import UltimusFunction, ultimus, ultimus_reference
-from _util import FUSED, backend_or_skip, make_inputs, rel_err
 
 BACKENDS = ("reference", *FUSED)
 NAMES = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")

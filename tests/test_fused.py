@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 import torch
+from _util import FUSED, backend_or_skip, gpu_backend_or_skip, make_inputs, rel_err
 
 from ultimus_kernels import UltimusBlock, ultimus, ultimus_reference
-from _util import FUSED, backend_or_skip, gpu_backend_or_skip, make_inputs, rel_err
 
 SHAPES = [(1, 48, 8), (7, 48, 8), (33, 20, 3), (130, 7, 1), (5, 17, 32), (3, 256, 5)]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}

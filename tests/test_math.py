@@ -5,11 +5,11 @@ import math
 
 import torch
 import torch.func as tf
+from _util import make_inputs, rel_err
 
 from ultimus_kernels import ultimus_reference
 from ultimus_kernels.ops.autograd import param_grads
 from ultimus_kernels.reference import ultimus_reference_jvp
-from _util import make_inputs, rel_err
 
 
 def forward_parts(x, wq, bq, wk, bk, wv, bv, wo, bo):

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 import torch
+from _util import backend_or_skip, rel_err
 
 from model import UltimusNet, summary
-from _util import backend_or_skip, rel_err
 
 
 def test_parameter_count_is_the_assignments():

@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 import torch
+from _util import backend_or_skip, make_inputs, rel_err
 
 import ultimus_kernels
 from ultimus_kernels import available_backends, ultimus, ultimus_reference
-from _util import backend_or_skip, make_inputs, rel_err
 
 NAMES = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
 
@@ -48,7 +48,8 @@ BAD = {
     "short wq": ("wq", lambda a: a["wq"][:, :5], ValueError, r"ultimus: wq must have shape \(3, 12\)"),
     "wide wk": ("wk", lambda a: torch.randn(3, 13, device=a["x"].device), ValueError, "ultimus: wk must have shape"),
     "transposed wo": ("wo", lambda a: a["wo"].T, ValueError, r"ultimus: wo must have shape \(12, 3\)"),
-    "long bq": ("bq", lambda a: torch.randn(4, device=a["x"].device), ValueError, r"ultimus: bq must have shape \(3,\)"),
+    "long bq": ("bq", lambda a: torch.randn(4, device=a["x"].device), ValueError,
+                r"ultimus: bq must have shape \(3,\)"),
     "short bo": ("bo", lambda a: a["bo"][:5], ValueError, r"ultimus: bo must have shape \(12,\)"),
     "meta bq": ("bq", lambda a: a["bq"].to("meta"), ValueError, "ultimus: all tensors must be on one device"),
     "meta wo": ("wo", lambda a: a["wo"].to("meta"), ValueError, "ultimus: all tensors must be on one device"),

@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from _util import make_inputs, rel_err
 
 from ultimus_kernels import ultimus, ultimus_reference
-from _util import make_inputs, rel_err
 
 
 def naive_block(x, wq, bq, wk, bk, wv, bv, wo, bo, residual):
@@ -22,7 +22,7 @@ def naive_block(x, wq, bq, wk, bk, wv, bv, wo, bo, residual):
         for i in range(d):
             logits = [q[i] * k[j] / math.sqrt(d) for j in range(d)]
             top = max(logits)
-            e = [math.exp(l - top) for l in logits]
+            e = [math.exp(logit - top) for logit in logits]
             total = sum(e)
             for j in range(d):
                 z[j] += v[i] * e[j] / total

@@ -4,8 +4,8 @@ The C++ sources live in csrc/: `ultimus_kernels._C` (CPU kernels; defines the op
 `torch.ops.ultimus_ext.fwd` / `.bwd`) and `ultimus_kernels._C_cuda` (their CUDA kernels). Both are
 built by `pip install -e .` when possible; see setup.py for the switches. `load()` runs when
 `ultimus_kernels` is imported: it imports whichever extensions were built (never failing) and
-registers the ops' fakes, vmap rules and double backward (their autograd is C++), so that a fresh process can call, compile,
-export or load the raw ops without touching the public API first.
+registers the ops' fakes, vmap rules and double backward (their autograd is C++), so that a fresh
+process can call, compile, export or load the raw ops without touching the public API first.
 """
 from __future__ import annotations
 
