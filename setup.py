@@ -142,7 +142,9 @@ setup(
     description="The Ultimus attention block fused into one GPU kernel (Triton, C++/CUDA), with exact gradients",
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["ultimus_kernels", "ultimus_kernels.*", "model", "model.*"]),
+    # Only the library is installed: model/ and training/ are parts of the checkout that train.py, bench/
+    # and the tests use (generic top-level names that must not land in a user's site-packages).
+    packages=find_packages(include=["ultimus_kernels", "ultimus_kernels.*"]),
     package_data={"ultimus_kernels": ["_build_info.json"]},
     python_requires=">=3.9",
     install_requires=[

@@ -32,10 +32,10 @@ from typing import Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
-from ultimus_kernels import MAX_ATTN_DIM, MAX_DIM, ultimus, ultimus_reference  # noqa: E402
+from ultimus_kernels import FUSED_BACKENDS, MAX_ATTN_DIM, MAX_DIM, ultimus, ultimus_reference  # noqa: E402
 from ultimus_kernels.dispatch import unavailable_reason  # noqa: E402
 
-FUSED = ("triton", "cpu", "cuda")
+FUSED = FUSED_BACKENDS
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CACHE_BYTES = 64 << 20  # rotate inputs so that the sets together exceed this (L2 of an H100: 50 MB)

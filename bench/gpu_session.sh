@@ -3,6 +3,7 @@
 #   test   the test suite on the GPU (PYTEST_ARGS narrows it, e.g. PYTEST_ARGS='-k triton')
 #   bench  bench/attn.py (extra arguments in BENCH_ARGS)
 #   model  bench/attn.py --model: one UltimusNet training step per backend
+#   overhead  bench/attn.py --overhead: us per call of each autograd boundary at B = 1 and 128
 #   train  train.py epochs on --dataset synthetic at CIFAR-10's sizes, per backend
 # Results go to $OUT (default bench/results/latest/).   Example:
 #   BENCH_ARGS="--batch-sizes 128,4096,1048576" bash bench/gpu_session.sh test bench model train
@@ -35,6 +36,8 @@ for what in "$@"; do
         --plot "$out/attn.png" "${BENCH_ARGS:-}" 2>&1 | tee "$out/attn.txt" ;;
     model)
       timeout 120 $py bench/attn.py --model --no-progress --json "$out/model.json" 2>&1 | tee "$out/model.txt" ;;
+    overhead)
+      timeout 300 $py bench/attn.py --overhead --no-progress --json "$out/overhead.json" 2>&1 | tee "$out/overhead.txt" ;;
     train)
       for cfg in "reference" "triton" "cuda" "cuda --amp bf16"; do
         echo "== train.py --backend $cfg"

@@ -4,10 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ultimus_kernels import BACKEND_DEVICE, FUSED_BACKENDS
 from ultimus_kernels.dispatch import unavailable_reason
 
-FUSED = ("triton", "cpu", "cuda")
-DEVICE_OF = {"triton": "cuda" if torch.cuda.is_available() else "cpu", "cpu": "cpu", "cuda": "cuda"}
+FUSED = FUSED_BACKENDS
+# Where each fused backend is tested here: Triton runs through its interpreter when there is no GPU.
+DEVICE_OF = {name: BACKEND_DEVICE[name] for name in FUSED}
+if not torch.cuda.is_available():
+    DEVICE_OF["triton"] = "cpu"
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

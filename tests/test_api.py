@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _util import make_inputs
 
 import ultimus_kernels
+from _util import make_inputs
 from ultimus_kernels import BACKENDS, MAX_ATTN_DIM, MAX_DIM, UltimusBlock, available_backends, ultimus
 from ultimus_kernels.dispatch import resolve_backend
 

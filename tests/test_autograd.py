@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.func as tf
-from _util import FUSED, backend_or_skip, make_inputs, rel_err
 
+from _util import FUSED, backend_or_skip, make_inputs, rel_err
 from ultimus_kernels import UltimusFunction, ultimus, ultimus_reference
 
 BACKENDS = ("reference", *FUSED)

@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 import torch
-from _util import FUSED, backend_or_skip, gpu_backend_or_skip, make_inputs, rel_err
 
+from _util import FUSED, backend_or_skip, gpu_backend_or_skip, make_inputs, rel_err
 from ultimus_kernels import UltimusBlock, ultimus, ultimus_reference
 
 SHAPES = [(1, 48, 8), (7, 48, 8), (33, 20, 3), (130, 7, 1), (5, 17, 32), (3, 256, 5)]

@@ -5,8 +5,8 @@ import math
 
 import torch
 import torch.func as tf
-from _util import make_inputs, rel_err
 
+from _util import make_inputs, rel_err
 from ultimus_kernels import ultimus_reference
 from ultimus_kernels.ops.autograd import param_grads
 from ultimus_kernels.reference import ultimus_reference_jvp

@@ -1,12 +1,15 @@
 """UltimusNet: parameter count, structure, summary, backends."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from _util import backend_or_skip, rel_err
 
+from _util import backend_or_skip, rel_err
 from model import UltimusNet, summary
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_parameter_count_is_the_assignments():
@@ -47,7 +50,7 @@ def test_summary_lists_layers_and_total():
 
 
 def test_python_m_model_prints_summary():
-    out = subprocess.run([sys.executable, "-m", "model"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "model"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert "total params: 25,882" in out
 
 

@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 import torch
-from _util import backend_or_skip, make_inputs, rel_err
 
 import ultimus_kernels
+from _util import backend_or_skip, make_inputs, rel_err
 from ultimus_kernels import available_backends, ultimus, ultimus_reference
 
 NAMES = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")

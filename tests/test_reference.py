@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-from _util import make_inputs, rel_err
 
+from _util import make_inputs, rel_err
 from ultimus_kernels import ultimus, ultimus_reference
 
 

@@ -17,6 +17,7 @@ import torchvision
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
+from training import checkpoints, loop  # noqa: E402
 
 HISTORY_KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"}
 SMALL = ["--dataset", "synthetic", "--train-size", "512", "--test-size", "256", "--batch-size", "64",
@@ -188,7 +189,7 @@ def test_resume_with_another_process_count_is_refused(tmp_path):
     out, _ = run(tmp_path, "--epochs", "2", "--stop-after-epoch", "1")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     ckpt["world_size"] = 2  # as if started under torchrun --nproc_per_node=2
-    train.atomic_save(ckpt, out / "checkpoint.pt")
+    checkpoints.atomic_save(ckpt, out / "checkpoint.pt")
     with pytest.raises(SystemExit, match=r"started with 2 process\(es\) and is resumed with 1.*--nproc_per_node=2"):
         train.main(["--resume", str(out), "--no-progress", "--workers", "0"])
 
@@ -197,7 +198,7 @@ def test_resume_with_another_process_count_is_refused(tmp_path):
 def test_damaged_checkpoint_is_refused_with_the_file_named(tmp_path, damage):
     out, _ = run(tmp_path, "--epochs", "2", "--stop-after-epoch", "1")
     path = out / "checkpoint.pt"
-    assert (out / "checkpoint.pt.sha256").read_text().split() == [train._sha256(path)]
+    assert (out / "checkpoint.pt.sha256").read_text().split() == [checkpoints.sha256(path)]
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0x01
@@ -221,7 +222,7 @@ def test_unreadable_checkpoint_without_a_checksum_names_the_file(tmp_path):
 def test_a_kill_while_saving_leaves_a_verifiable_checkpoint(tmp_path, monkeypatch):
     """Between the rename of the new file and the final checksum record, both hashes are accepted."""
     path = tmp_path / "c.pt"
-    train.atomic_save({"epoch": 1}, path)
+    checkpoints.atomic_save({"epoch": 1}, path)
     real_replace = os.replace
     calls = []
 
@@ -231,16 +232,16 @@ def test_a_kill_while_saving_leaves_a_verifiable_checkpoint(tmp_path, monkeypatc
         if str(dst) == str(path):  # the new checkpoint is in place; its final record is not yet written
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.os, "replace", replace_then_die)
+    monkeypatch.setattr(checkpoints.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train.atomic_save({"epoch": 2}, path)
-    monkeypatch.setattr(train.os, "replace", real_replace)
-    assert train.load_verified(path, "test")["epoch"] == 2
+        checkpoints.atomic_save({"epoch": 2}, path)
+    monkeypatch.setattr(checkpoints.os, "replace", real_replace)
+    assert checkpoints.load_verified(path, "test")["epoch"] == 2
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_ce = train.F.cross_entropy
+    real_ce = loop.F.cross_entropy
     steps = {"n": 0}
 
     def cross_entropy(logits, labels, **kwargs):
@@ -251,12 +252,12 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train.F, "cross_entropy", cross_entropy)
+    monkeypatch.setattr(loop.F, "cross_entropy", cross_entropy)
     with pytest.raises(SystemExit) as err:
         train.main([*SMALL, "--epochs", "3", "--out", str(out)])
     message = str(err.value)
     assert "epoch 2, step 3" in message and "--max-lr" in message and "holds epoch 1" in message
-    ckpt = train.load_verified(out / "checkpoint.pt", "test")
+    ckpt = checkpoints.load_verified(out / "checkpoint.pt", "test")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert torch.load(out / "final.pt", weights_only=False)["epoch"] == 1
     assert len(json.loads((out / "history.json").read_text())) == 1

@@ -4,18 +4,26 @@
     y = ultimus(x, wq, bq, wk, bk, wv, bv, wo, bo, residual=True, backend="auto")
 """
 from .checks import MAX_ATTN_DIM, MAX_DIM, SUPPORTED_DTYPES
-from .dispatch import BACKENDS, available_backends, backend_report, load_backends, ultimus
+from .dispatch import (
+    BACKEND_DEVICE,
+    BACKENDS,
+    FUSED_BACKENDS,
+    available_backends,
+    backend_report,
+    load_backends,
+    ultimus,
+)
 from .module import UltimusBlock
 from .ops.autograd import UltimusFunction
 from .reference import ultimus_reference
 
 # Load the built extensions and the Triton kernels and register their ops (fakes, autograd, vmap) now,
-# so that torch.export.load, torch.jit.load, opcheck and torch.compile work in a fresh process, and no
+# so that torch.export.load, opcheck and torch.compile work in a fresh process, and no
 # call pays for probing. Never raises: `python -m ultimus_kernels` says what is missing and why.
 load_backends()
 
 __all__ = [
-    "BACKENDS", "MAX_ATTN_DIM", "MAX_DIM", "SUPPORTED_DTYPES", "UltimusBlock", "UltimusFunction",
-    "available_backends", "backend_report", "load_backends", "ultimus", "ultimus_reference",
+    "BACKEND_DEVICE", "BACKENDS", "FUSED_BACKENDS", "MAX_ATTN_DIM", "MAX_DIM", "SUPPORTED_DTYPES", "UltimusBlock",
+    "UltimusFunction", "available_backends", "backend_report", "load_backends", "ultimus", "ultimus_reference",
 ]
 __version__ = "0.1.0"

@@ -17,6 +17,9 @@ from .ops.autograd import FUSED_OPS, UltimusFunction, UltimusTransformFunction
 from .reference import ultimus_reference
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
+FUSED_BACKENDS = ("triton", "cpu", "cuda")
+# The device type each backend runs on ("triton" also on the CPU, through Triton's interpreter, for tests).
+BACKEND_DEVICE = {"reference": None, "triton": "cuda", "cpu": "cpu", "cuda": "cuda"}
 # "auto" takes the first backend in this order that runs on x's device and accepts the sizes.
 # Fastest first, as measured in bench/results (on an H100 the CUDA kernel is ahead of Triton at every B).
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}

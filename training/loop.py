@@ -1,0 +1,193 @@
+"""The training loop: processes and devices, batches, one epoch of training, evaluation. Everything a
+step needs travels in one RunContext."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model.data import Dataset, Split, augment, normalize
+
+
+@dataclass
+class RunContext:
+    """One process's run: its settings, place in the job, data, model and optimisation state."""
+
+    args: argparse.Namespace
+    data: Dataset
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    model: Any = None  # what the steps call: the network, wrapped in DDP and/or torch.compile
+    net: Any = None  # the network itself (state_dict, parameters)
+    opt: Any = None
+    sched: Any = None
+    scaler: Any = None
+
+    @property
+    def main_process(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(args):
+    """(rank, world_size, device). Under torchrun: one process per GPU (NCCL) or CPU process (gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if args.device:
+        device = torch.device(args.device)  # a torch.device, or the string a checkpoint kept
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches
+# ------------------------------------------------------------------------------------------------
+
+class _GatherBatches(torch.utils.data.Dataset):
+    """Item i is the whole batch of indices chunks[i], gathered from uint8 tensors in host memory."""
+
+    def __init__(self, split: Split, chunks):
+        self.split, self.chunks = split, chunks
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, i):
+        idx = self.chunks[i]
+        return self.split.images[idx], self.split.labels[idx]
+
+
+def batches(split: Split, indices: torch.Tensor, batch_size: int, device, workers: int):
+    """Yield (uint8 images, labels) on `device` for `indices`, in order."""
+    chunks = list(indices.split(batch_size))
+    if split.images.device.type != "cpu":  # the data set lives on the device: index it there
+        for idx in chunks:
+            idx = idx.to(device)
+            yield split.images[idx], split.labels[idx]
+        return
+    loader = torch.utils.data.DataLoader(_GatherBatches(split, chunks), batch_size=None, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    for images, labels in loader:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def epoch_indices(n: int, epoch: int, args, rank: int, world: int) -> torch.Tensor:
+    """This process's shard of a seeded shuffle: the same for a given (seed, epoch), resumed or not."""
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=args.seed)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training and evaluation
+# ------------------------------------------------------------------------------------------------
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the weights are no longer worth training or saving."""
+
+    def __init__(self, epoch: int, step: int, lr: float):
+        super().__init__(f"the training loss stopped being finite at epoch {epoch}, step {step} (lr {lr:.3e})")
+        self.epoch, self.step, self.lr = epoch, step, lr
+
+
+CHECK_EVERY = 20  # steps between looks at the device-side sums (progress bar, divergence): no sync per step
+
+
+def train_epoch(ctx: RunContext, epoch: int, bar) -> tuple[float, float]:
+    """One epoch of training; returns (mean loss, accuracy) over every process's samples."""
+    args, data, device, rank = ctx.args, ctx.data, ctx.device, ctx.rank
+    model, opt, sched, scaler = ctx.model, ctx.opt, ctx.sched, ctx.scaler
+    model.train()
+    torch.manual_seed(args.seed * 100_003 + epoch * 1009 + rank)  # dropout: reseeded per epoch
+    gen = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    # The first step whose loss was not finite (-1: none yet), tracked on the device.
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    lrs = []
+    idx = epoch_indices(len(data.train.labels), epoch, args, rank, ctx.world)
+    step = -1
+    for step, (images, labels) in enumerate(batches(data.train, idx, args.batch_size, device, args.workers)):
+        x = augment(normalize(images, data.mean, data.std), gen)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        lrs.append(sched.get_last_lr()[0])
+        sched.step()
+        with torch.no_grad():
+            loss = loss.detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            stats += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double(),
+                                  torch.tensor(len(labels), dtype=torch.float64, device=device)])
+        bar.update(1)
+        if step % CHECK_EVERY == 0:
+            _stop_if_diverged(first_bad, epoch, lrs)
+            if not bar.disable:
+                s = stats.tolist()
+                bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{100 * s[1] / s[2]:.1f}%", lr=f"{lrs[-1]:.2e}")
+    _stop_if_diverged(first_bad, epoch, lrs)
+    s = all_reduce_sum(stats).tolist()
+    return s[0] / s[2], s[1] / s[2]
+
+
+def _stop_if_diverged(first_bad: torch.Tensor, epoch: int, lrs: list) -> None:
+    """Raise TrainingDiverged if any process has seen a non-finite loss (every process checks at the
+    same steps, so under DDP they stop together)."""
+    bad = first_bad.clone()
+    if dist.is_initialized():
+        flag = (bad >= 0).to(torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and bad.item() < 0:
+            bad.fill_(len(lrs) - 1)  # another process diverged: this one stops at the same point
+    step = int(bad.item())
+    if step >= 0:
+        raise TrainingDiverged(epoch, step + 1, lrs[step])
+
+
+@torch.no_grad()
+def evaluate(ctx: RunContext, collect_wrong: int = 0):
+    """(loss, accuracy) on the test split, reduced over processes; optionally the first wrong ones."""
+    model, data, args, rank, world, device = ctx.model, ctx.data, ctx.args, ctx.rank, ctx.world, ctx.device
+    model.eval()
+    n = len(data.test.labels)
+    idx = torch.arange(rank, n, world)
+    stats = torch.zeros(3, dtype=torch.float64, device=device)
+    wrong = []
+    for images, labels in batches(data.test, idx, 1000, device, args.workers):
+        logits = model(normalize(images, data.mean, data.std)).float()
+        pred = logits.argmax(1)
+        stats += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                              (pred == labels).sum().double(),
+                              torch.tensor(len(labels), dtype=torch.float64, device=device)])
+        if len(wrong) < collect_wrong:
+            for i in (pred != labels).nonzero().flatten()[: collect_wrong - len(wrong)].tolist():
+                wrong.append((images[i].cpu(), int(pred[i]), int(labels[i])))
+    s = all_reduce_sum(stats).tolist()
+    return s[0] / s[2], s[1] / s[2], wrong
