@@ -21,22 +21,33 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
 import json
 import math
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+from utils import (  # noqa: E402  (bench/utils.py)
+    MODES,
+    add_speedups,
+    copy_bandwidth_gbs,
+    device_name,
+    overhead_table,
+    plot,
+    table,
+    time_cpu,
+    time_gpu,
+    time_wall_us,
+)
+
 from ultimus_kernels import FUSED_BACKENDS, MAX_ATTN_DIM, MAX_DIM, ultimus, ultimus_reference  # noqa: E402
 from ultimus_kernels.dispatch import unavailable_reason  # noqa: E402
 
 FUSED = FUSED_BACKENDS
-MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CACHE_BYTES = 64 << 20  # rotate inputs so that the sets together exceed this (L2 of an H100: 50 MB)
 
@@ -91,44 +102,6 @@ def mode_fn(mode: str, fn: Callable, sets) -> Callable:
 
 
 # ------------------------------------------------------------------------------------------------
-# Timing
-# ------------------------------------------------------------------------------------------------
-
-def time_gpu(run: Callable) -> tuple[float, float, float]:
-    """(median, p20, p80) in ms, with CUDA events through triton.testing.do_bench."""
-    import triton.testing
-
-    med, p20, p80 = triton.testing.do_bench(run, warmup=50, rep=200, quantiles=[0.5, 0.2, 0.8])
-    return med, p20, p80
-
-
-def time_cpu(run: Callable, threads: int, min_run_time: float) -> tuple[float, float, float]:
-    """(median, p20, p80) in ms, with torch.utils.benchmark (blocked autorange)."""
-    from torch.utils import benchmark
-
-    run()  # warm-up
-    m = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads).blocked_autorange(
-        min_run_time=min_run_time)
-    times = sorted(m.times)
-    q = lambda f: times[min(len(times) - 1, int(f * len(times)))] * 1e3  # noqa: E731
-    return m.median * 1e3, q(0.2), q(0.8)
-
-
-def copy_bandwidth_gbs(device) -> Optional[float]:
-    """The device's measured copy bandwidth: a 1 GiB device-to-device copy, read + write bytes."""
-    if device.type != "cuda":
-        return None
-    import triton.testing
-
-    src = torch.empty(1 << 28, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100, quantiles=[0.5])
-    ms = ms[0] if isinstance(ms, (list, tuple)) else ms
-    src = dst = None  # 2 GiB back to the allocator before the sweep
-    return 2 * (1 << 30) / (ms * 1e-3) / 1e9
-
-
-# ------------------------------------------------------------------------------------------------
 # The sweep
 # ------------------------------------------------------------------------------------------------
 
@@ -153,12 +126,24 @@ def providers_for(args, device) -> tuple[list[str], dict[str, str]]:
     return chosen, skipped
 
 
-def sweep(args, device) -> list[dict]:
-    from tqdm import tqdm
-
+def announced_providers(args, device) -> tuple[list[str], dict[str, str]]:
+    """providers_for, saying on stderr why each skipped provider is skipped."""
     providers, skipped = providers_for(args, device)
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", file=sys.stderr)
+    return providers, skipped
+
+
+def time_run(run: Callable, device, args) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of `run`: CUDA events on a GPU, torch.utils.benchmark on the CPU."""
+    return time_gpu(run) if device.type == "cuda" else time_cpu(run, args.threads, args.min_run_time)
+
+
+def sweep(args, device) -> tuple[list[dict], dict[str, str], Optional[float]]:
+    """Every provider, mode, batch size and dtype: (rows, skipped providers and why, copy bandwidth GB/s)."""
+    from tqdm import tqdm
+
+    providers, skipped = announced_providers(args, device)
     bandwidth = copy_bandwidth_gbs(device)
     if bandwidth:
         print(f"measured copy bandwidth: {bandwidth:.0f} GB/s", file=sys.stderr)
@@ -189,10 +174,10 @@ def sweep(args, device) -> list[dict]:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            med, p20, p80 = time_gpu(run)
+            med, p20, p80 = time_run(run, device, args)
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         else:
-            med, p20, p80 = time_cpu(run, args.threads, args.min_run_time)
+            med, p20, p80 = time_run(run, device, args)
             peak = None
         nbytes = block_bytes(mode, B, args.dim, args.attn_dim, torch.finfo(dtype).bits // 8)
         gbs = nbytes / (med * 1e-3) / 1e9
@@ -200,11 +185,7 @@ def sweep(args, device) -> list[dict]:
                          median_ms=med, p20_ms=p20, p80_ms=p80, bytes=nbytes, gb_per_s=gbs,
                          pct_copy_bandwidth=(100 * gbs / bandwidth) if bandwidth else None,
                          peak_mem_mib=peak))
-    base = {(r["mode"], r["B"], r["dtype"], r["provider"]): r["median_ms"] for r in rows}
-    for r in rows:
-        k = (r["mode"], r["B"], r["dtype"])
-        r["speedup_vs_eager"] = base.get((*k, "reference"), float("nan")) / r["median_ms"]
-        r["speedup_vs_compile"] = base.get((*k, "compile"), float("nan")) / r["median_ms"]
+    add_speedups(rows, ("mode", "B", "dtype"))
     return rows, skipped, bandwidth
 
 
@@ -215,9 +196,7 @@ def sweep(args, device) -> list[dict]:
 def model_sweep(args, device) -> list[dict]:
     from model import UltimusNet
 
-    providers, skipped = providers_for(args, device)
-    for name, why in skipped.items():
-        print(f"skipping {name}: {why}", file=sys.stderr)
+    providers, _ = announced_providers(args, device)
     rows = []
     for B in args.model_batch_sizes:
         images = torch.randn(B, 3, 32, 32, device=device)
@@ -234,14 +213,10 @@ def model_sweep(args, device) -> list[dict]:
                 torch.nn.functional.cross_entropy(step_net(images), labels).backward()
                 opt.step()
             step()
-            med, p20, p80 = time_gpu(step) if device.type == "cuda" else time_cpu(step, args.threads,
-                                                                                   args.min_run_time)
+            med, p20, p80 = time_run(step, device, args)
             rows.append(dict(provider=prov, mode="train-step", B=B, dtype="float32", median_ms=med, p20_ms=p20,
                              p80_ms=p80))
-    base = {(r["B"], r["provider"]): r["median_ms"] for r in rows}
-    for r in rows:
-        r["speedup_vs_eager"] = base.get((r["B"], "reference"), float("nan")) / r["median_ms"]
-        r["speedup_vs_compile"] = base.get((r["B"], "compile"), float("nan")) / r["median_ms"]
+    add_speedups(rows, ("B",))
     return rows
 
 
@@ -249,43 +224,13 @@ def model_sweep(args, device) -> list[dict]:
 # Host overhead: microseconds per call at small B, where the kernels do little work
 # ------------------------------------------------------------------------------------------------
 
-def time_wall_us(run: Callable, device, min_run_time: float) -> tuple[float, float, float]:
-    """(median, p20, p80) wall-clock microseconds per call: what a caller waits for, host path included
-    (on a GPU the calls are queued back to back and the device synchronised once per block of calls)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        run()
-    sync()
-    n, t = 1, 0.0
-    while t < min_run_time / 20:  # calls per sample: enough to time, ~20 samples in min_run_time
-        n *= 2
-        t0 = time.perf_counter()
-        for _ in range(n):
-            run()
-        sync()
-        t = time.perf_counter() - t0
-    samples = []
-    deadline = time.perf_counter() + min_run_time
-    while len(samples) < 7 or (time.perf_counter() < deadline and len(samples) < 200):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            run()
-        sync()
-        samples.append((time.perf_counter() - t0) / n * 1e6)
-    samples.sort()
-    q = lambda f: samples[min(len(samples) - 1, int(f * len(samples)))]  # noqa: E731
-    return q(0.5), q(0.2), q(0.8)
-
-
 def overhead_sweep(args, device) -> list[dict]:
     """Per call, fwd and fwd+bwd: each fused backend's raw ops (no autograd), its ops under each autograd
     boundary, the public path (UltimusBlock), eager PyTorch and torch.compile of the reference."""
     from ultimus_kernels import UltimusBlock, UltimusFunction
     from ultimus_kernels.ops.autograd import FUSED_OPS, UltimusTransformFunction
 
-    providers, skipped = providers_for(args, device)
-    for name, why in skipped.items():
-        print(f"skipping {name}: {why}", file=sys.stderr)
+    providers, _ = announced_providers(args, device)
     rows = []
     for B in args.overhead_batch_sizes:
         torch.manual_seed(0)
@@ -317,10 +262,10 @@ def overhead_sweep(args, device) -> list[dict]:
                 med, p20, p80 = time_wall_us(run, device, args.min_run_time)
                 rows.append(dict(provider=label, mode=mode, B=B, D=args.dim, d=args.attn_dim, dtype="float32",
                                  median_us=med, p20_us=p20, p80_us=p80))
+    add_speedups(rows, ("mode", "B"), time_key="median_us")
     base = {(r["mode"], r["B"], r["provider"]): r["median_us"] for r in rows}
     for r in rows:
         key = (r["mode"], r["B"])
-        r["speedup_vs_eager"] = base.get((*key, "reference"), float("nan")) / r["median_us"]
         raw = r["provider"].split(" ")[0] + " raw ops"
         r["vs_raw_ops"] = r["median_us"] / base[(*key, raw)] if (*key, raw) in base else float("nan")
     return rows
@@ -342,79 +287,6 @@ def block_provider(prov: str, args) -> tuple[Callable, list]:
         mode = "max-autotune-no-cudagraphs" if prov.endswith("max-autotune") else None
         return torch.compile(block, mode=mode), params
     return block, params
-
-
-def overhead_table(rows: list[dict]) -> str:
-    def fmt(v, spec):
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-    head = f"{'provider':<30}{'mode':<9}{'B':>6}{'median us':>11}{'p20-p80 us':>17}{'vs eager':>10}{'vs raw ops':>12}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['provider']:<30}{r['mode']:<9}{r['B']:>6}{r['median_us']:>11.1f}"
-                     f"{fmt(r['p20_us'], '.1f') + '-' + fmt(r['p80_us'], '.1f'):>17}"
-                     f"{fmt(r['speedup_vs_eager'], '.2f') + 'x':>10}{fmt(r['vs_raw_ops'], '.2f') + 'x':>12}")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------
-# Report
-# ------------------------------------------------------------------------------------------------
-
-def device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def table(rows: list[dict]) -> str:
-    def fmt(v, spec):
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-    head = f"{'provider':<21}{'mode':<11}{'dtype':<9}{'B':>9}{'median ms':>11}{'p20-p80 ms':>19}" \
-           f"{'vs eager':>9}{'vs compile':>11}{'GB/s':>8}{'% copy':>8}{'peak MiB':>9}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['provider']:<21}{r['mode']:<11}{r['dtype']:<9}{r['B']:>9}{r['median_ms']:>11.4f}"
-            f"{fmt(r['p20_ms'], '.4f') + '-' + fmt(r['p80_ms'], '.4f'):>19}"
-            f"{fmt(r.get('speedup_vs_eager'), '.2f') + 'x':>9}{fmt(r.get('speedup_vs_compile'), '.2f') + 'x':>11}"
-            f"{fmt(r.get('gb_per_s'), '.1f'):>8}{fmt(r.get('pct_copy_bandwidth'), '.1f'):>8}"
-            f"{fmt(r.get('peak_mem_mib'), '.1f'):>9}")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    dtypes = sorted({r["dtype"] for r in rows})
-    fig, axes = plt.subplots(len(dtypes), len(modes), figsize=(5 * len(modes), 4 * len(dtypes)), squeeze=False)
-    for i, dtype in enumerate(dtypes):
-        for j, mode in enumerate(modes):
-            ax = axes[i][j]
-            for prov in dict.fromkeys(r["provider"] for r in rows):
-                pts = sorted((r["B"], r["B"] / (r["median_ms"] * 1e-3)) for r in rows
-                             if r["provider"] == prov and r["mode"] == mode and r["dtype"] == dtype)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=prov)
-            ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="samples / s",
-                   title=f"{mode}, {dtype}")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _positive_int(text: str) -> int:
@@ -526,13 +398,19 @@ def parse_args(argv=None):
     return args
 
 
+def _version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = args.device
     name = device_name(device)
-    import triton
-
-    meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
+    triton_version = _version("triton")
+    meta = dict(device=name, torch=torch.__version__, triton=triton_version,
                 date=dt.datetime.now().isoformat(timespec="seconds"), threads=args.threads,
                 command="python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if argv is None else None)
     bandwidth, skipped = None, {}
@@ -548,7 +426,7 @@ def main(argv=None) -> None:
     for r in rows:
         r.update(meta)
     # The table first: a failure to write a file below must not lose what was measured.
-    print(f"\n{name}  torch {torch.__version__}  triton {triton.__version__}"
+    print(f"\n{name}  torch {torch.__version__}  triton {triton_version}"
           + (f"  copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""))
     print(overhead_table(rows) if args.overhead else table(rows))
     if args.json:
