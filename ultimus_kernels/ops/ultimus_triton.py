@@ -5,8 +5,8 @@ The backward recomputes q, k, v and A from x; the softmax exponent is s q_i (k_j
 
 Memory layout. x and y are (B, D) row-major (x may have any strides). Weights are made contiguous in
 nn.Linear layout: Wq, Wk, Wv (d, D), Wo (D, d). One program owns a tile of BLOCK_B rows; D and d are
-padded to powers of two (BLOCK_D, BLOCK_d >= 16, the smallest tl.dot the GPU compiler accepts) with
-masks, so every intermediate (q, k, v: BLOCK_B x BLOCK_d; A: BLOCK_B x BLOCK_d x BLOCK_d) stays in
+padded to powers of two, BLOCK_DIM and BLOCK_ATT (each >= 16, the smallest tl.dot the GPU compiler
+accepts), with masks, so every intermediate (q, k, v: BLOCK_B x BLOCK_ATT; A: BLOCK_B x BLOCK_ATT x BLOCK_ATT) stays in
 registers and only x, gy are read and y, gx written. Row offsets are 64-bit: B * D passes 2^31 at
 B ~ 45 M for D = 48.
 
@@ -65,19 +65,19 @@ def _attn_scale(d, ACC: tl.constexpr):
 
 
 @triton.jit
-def _attention(q, k, d, scale, EXACT_EXP: tl.constexpr, BLOCK_d: tl.constexpr):
-    """A = softmax_j(s q[i] k[j]) for every row of the tile: (BLOCK_B, BLOCK_d, BLOCK_d).
+def _attention(q, k, d, scale, EXACT_EXP: tl.constexpr, BLOCK_ATT: tl.constexpr):
+    """A = softmax_j(s q[i] k[j]) for every row of the tile: (BLOCK_B, BLOCK_ATT, BLOCK_ATT).
 
     The exponent s q_i k_j - max_j' s q_i k_j' is computed as s q_i (k_j - k_ext), with k_ext the max
     of k over j where q_i >= 0, else the min: a rounded difference keeps its sign and is 0 only for
     equal operands, so every exponent is <= 0 and the largest exactly 0 whatever the compiler fuses
     (a contracted `q k - max` leaves the top entry a rounding error from 0, and exp overflows for large
     finite logits). The row maximum also costs O(d) instead of O(d^2)."""
-    valid = tl.arange(0, BLOCK_d) < d
+    valid = tl.arange(0, BLOCK_ATT) < d
     k_max = tl.max(tl.where(valid[None, :], k, float("-inf")), axis=1)
     k_min = tl.min(tl.where(valid[None, :], k, float("inf")), axis=1)
     sq = scale * q
-    k_ext = tl.where(sq >= 0, k_max[:, None], k_min[:, None])  # (BLOCK_B, BLOCK_d): per row i
+    k_ext = tl.where(sq >= 0, k_max[:, None], k_min[:, None])  # (BLOCK_B, BLOCK_ATT): per row i
     exponent = sq[:, :, None] * (k[:, None, :] - k_ext[:, :, None])
     # k_j - k_ext can overflow for |k| near the dtype's limit; with sq = 0 the logit is sq * k_j = 0.
     exponent = tl.where(sq[:, :, None] == 0, sq[:, :, None] * k[:, None, :], exponent)
@@ -92,16 +92,16 @@ def _attention(q, k, d, scale, EXACT_EXP: tl.constexpr, BLOCK_d: tl.constexpr):
 
 @triton.jit
 def _project(x, w_ptr, b_ptr, D, d, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-             BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr):
-    """x @ W^T + b for W in (d, D) nn.Linear layout: (BLOCK_B, BLOCK_d)."""
-    att = tl.arange(0, BLOCK_d)
-    cols = tl.arange(0, BLOCK_D)
-    # Loaded transposed, (BLOCK_D, BLOCK_d): wT[n, i] = W[i, n].
-    w_t = tl.load(w_ptr + att[None, :] * D + cols[:, None],
-                  mask=(att[None, :] < d) & (cols[:, None] < D), other=0.0).to(ACC)
+             BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr):
+    """x @ W^T + b for W in (d, D) nn.Linear layout: (BLOCK_B, BLOCK_ATT)."""
+    a_offs = tl.arange(0, BLOCK_ATT)
+    cols = tl.arange(0, BLOCK_DIM)
+    # Loaded transposed, (BLOCK_DIM, BLOCK_ATT): wT[n, i] = W[i, n].
+    w_t = tl.load(w_ptr + a_offs[None, :] * D + cols[:, None],
+                  mask=(a_offs[None, :] < d) & (cols[:, None] < D), other=0.0).to(ACC)
     out = tl.dot(x, w_t, input_precision="ieee", out_dtype=ACC)
     if HAS_BIAS:
-        out += tl.load(b_ptr + att, mask=att < d, other=0.0).to(ACC)[None, :]
+        out += tl.load(b_ptr + a_offs, mask=a_offs < d, other=0.0).to(ACC)[None, :]
     return out
 
 
@@ -113,24 +113,24 @@ def ultimus_fwd_kernel(
     B, D, d, stride_xb, stride_xd,
     HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr,
     RESIDUAL: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr,
 ):
     scale = _attn_scale(d, ACC)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
-    cols = tl.arange(0, BLOCK_D)
-    att = tl.arange(0, BLOCK_d)
+    cols = tl.arange(0, BLOCK_DIM)
+    a_offs = tl.arange(0, BLOCK_ATT)
     tile_mask = (rows[:, None] < B) & (cols[None, :] < D)
 
     x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=tile_mask, other=0.0).to(ACC)
-    q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_D, BLOCK_d)
-    k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_D, BLOCK_d)
-    v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_D, BLOCK_d)
-    attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_d)
-    z = tl.sum(v[:, :, None] * attn, axis=1)  # (BLOCK_B, BLOCK_d)
+    q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_DIM, BLOCK_ATT)
+    k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_DIM, BLOCK_ATT)
+    v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_DIM, BLOCK_ATT)
+    attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_ATT)
+    z = tl.sum(v[:, :, None] * attn, axis=1)  # (BLOCK_B, BLOCK_ATT)
 
-    # Wo loaded transposed, (BLOCK_d, BLOCK_D): woT[j, n] = Wo[n, j].
-    wo_t = tl.load(wo_ptr + cols[None, :] * d + att[:, None],
-                   mask=(att[:, None] < d) & (cols[None, :] < D), other=0.0).to(ACC)
+    # Wo loaded transposed, (BLOCK_ATT, BLOCK_DIM): woT[j, n] = Wo[n, j].
+    wo_t = tl.load(wo_ptr + cols[None, :] * d + a_offs[:, None],
+                   mask=(a_offs[:, None] < d) & (cols[None, :] < D), other=0.0).to(ACC)
     y = tl.dot(z, wo_t, input_precision="ieee", out_dtype=ACC)
     if HAS_BO:
         y += tl.load(bo_ptr + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
@@ -147,32 +147,32 @@ def ultimus_bwd_kernel(
     HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
     RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
     EXACT_EXP: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_d: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     scale = _attn_scale(d, ACC)
-    cols = tl.arange(0, BLOCK_D)
-    att = tl.arange(0, BLOCK_d)
-    w_mask = (att[:, None] < d) & (cols[None, :] < D)
-    # Natural layouts, (BLOCK_d, BLOCK_D) for Wq, Wk, Wv and (BLOCK_D, BLOCK_d) for Wo: the
+    cols = tl.arange(0, BLOCK_DIM)
+    a_offs = tl.arange(0, BLOCK_ATT)
+    w_mask = (a_offs[:, None] < d) & (cols[None, :] < D)
+    # Natural layouts, (BLOCK_ATT, BLOCK_DIM) for Wq, Wk, Wv and (BLOCK_DIM, BLOCK_ATT) for Wo: the
     # backward multiplies by W (not W^T).
-    w_offs = att[:, None] * D + cols[None, :]
-    wo_offs = cols[:, None] * d + att[None, :]
-    wo_mask = (cols[:, None] < D) & (att[None, :] < d)
+    w_offs = a_offs[:, None] * D + cols[None, :]
+    wo_offs = cols[:, None] * d + a_offs[None, :]
+    wo_mask = (cols[:, None] < D) & (a_offs[None, :] < d)
     wq = tl.load(wq_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
     wk = tl.load(wk_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
     wv = tl.load(wv_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
     wo = tl.load(wo_ptr + wo_offs, mask=wo_mask, other=0.0).to(ACC)
 
     # Per-program partial sums of the parameter gradients, kept in registers across tiles.
-    acc_wq = tl.zeros((BLOCK_d, BLOCK_D), ACC)
-    acc_wk = tl.zeros((BLOCK_d, BLOCK_D), ACC)
-    acc_wv = tl.zeros((BLOCK_d, BLOCK_D), ACC)
-    acc_wo = tl.zeros((BLOCK_D, BLOCK_d), ACC)
-    acc_bq = tl.zeros((BLOCK_d,), ACC)
-    acc_bk = tl.zeros((BLOCK_d,), ACC)
-    acc_bv = tl.zeros((BLOCK_d,), ACC)
-    acc_bo = tl.zeros((BLOCK_D,), ACC)
+    acc_wq = tl.zeros((BLOCK_ATT, BLOCK_DIM), ACC)
+    acc_wk = tl.zeros((BLOCK_ATT, BLOCK_DIM), ACC)
+    acc_wv = tl.zeros((BLOCK_ATT, BLOCK_DIM), ACC)
+    acc_wo = tl.zeros((BLOCK_DIM, BLOCK_ATT), ACC)
+    acc_bq = tl.zeros((BLOCK_ATT,), ACC)
+    acc_bk = tl.zeros((BLOCK_ATT,), ACC)
+    acc_bv = tl.zeros((BLOCK_ATT,), ACC)
+    acc_bo = tl.zeros((BLOCK_DIM,), ACC)
 
     for tile in range(pid, num_tiles, NUM_PROGRAMS):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
@@ -183,12 +183,12 @@ def ultimus_bwd_kernel(
                      mask=tile_mask, other=0.0).to(ACC)
 
         # Recompute the forward up to z (cheaper than saving it).
-        q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_D, BLOCK_d)
-        k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_D, BLOCK_d)
-        v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_D, BLOCK_d)
-        attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_d)
+        q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_DIM, BLOCK_ATT)
+        k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_DIM, BLOCK_ATT)
+        v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_DIM, BLOCK_ATT)
+        attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_ATT)
 
-        gz = tl.dot(gy, wo, input_precision="ieee", out_dtype=ACC)  # (BLOCK_B, BLOCK_d)
+        gz = tl.dot(gy, wo, input_precision="ieee", out_dtype=ACC)  # (BLOCK_B, BLOCK_ATT)
         gv = tl.sum(attn * gz[:, None, :], axis=2)  # r[i] = sum_j A[i, j] gz[j], and gv = r
         g_scores = attn * v[:, :, None] * (gz[:, None, :] - gv[:, :, None])
         gq = scale * tl.sum(g_scores * k[:, None, :], axis=2)
@@ -221,9 +221,9 @@ def ultimus_bwd_kernel(
         tl.store(row + dD + w_offs, acc_wk, mask=w_mask)
         tl.store(row + 2 * dD + w_offs, acc_wv, mask=w_mask)
         tl.store(row + 3 * dD + wo_offs, acc_wo, mask=wo_mask)
-        tl.store(row + 4 * dD + att, acc_bq, mask=att < d)
-        tl.store(row + 4 * dD + d + att, acc_bk, mask=att < d)
-        tl.store(row + 4 * dD + 2 * d + att, acc_bv, mask=att < d)
+        tl.store(row + 4 * dD + a_offs, acc_bq, mask=a_offs < d)
+        tl.store(row + 4 * dD + d + a_offs, acc_bk, mask=a_offs < d)
+        tl.store(row + 4 * dD + 2 * d + a_offs, acc_bv, mask=a_offs < d)
         tl.store(row + 4 * dD + 3 * d + cols, acc_bo, mask=cols < D)
 
 
@@ -244,18 +244,18 @@ def _exact_exp(x: Tensor) -> bool:
 
 
 def _tile_config(B: int, D: int, d: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_B, BLOCK_D, BLOCK_d, num_warps, num_stages) for a problem."""
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_d = max(16, triton.next_power_of_2(d))
+    """(BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages) for a problem."""
+    BLOCK_DIM = max(16, triton.next_power_of_2(D))
+    BLOCK_ATT = max(16, triton.next_power_of_2(d))
     if interpreter_active():
         # The interpreter pays ~10 ms per program whatever its size: few, large tiles.
-        return max(16, min(1024, triton.next_power_of_2(max(B, 1)))), BLOCK_D, BLOCK_d, 4, 1
-    # Keep the (BLOCK_B, BLOCK_d, BLOCK_d) attention tile and the (BLOCK_B, BLOCK_D) x tile on chip;
+        return max(16, min(1024, triton.next_power_of_2(max(B, 1)))), BLOCK_DIM, BLOCK_ATT, 4, 1
+    # Keep the (BLOCK_B, BLOCK_ATT, BLOCK_ATT) attention tile and the (BLOCK_B, BLOCK_DIM) x tile on chip;
     # for wide D, the backward's tile loop is not software-pipelined (each stage is a copy of the
     # x and gy tiles in shared memory, past the 227 KB an H100 block may have at D = 256).
-    BLOCK_B = max(16, min(64, 8192 // (BLOCK_d * BLOCK_d), 4096 // BLOCK_D))
-    num_stages = 1 if BLOCK_D * BLOCK_d >= 4096 else 2
-    return BLOCK_B, BLOCK_D, BLOCK_d, 4, num_stages
+    BLOCK_B = max(16, min(64, 8192 // (BLOCK_ATT * BLOCK_ATT), 4096 // BLOCK_DIM))
+    num_stages = 1 if BLOCK_DIM * BLOCK_ATT >= 4096 else 2
+    return BLOCK_B, BLOCK_DIM, BLOCK_ATT, 4, num_stages
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -291,14 +291,14 @@ def ultimus_triton_fwd(
         return y
     wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
     (bq, bk, bv, bo), (has_bq, has_bk, has_bv, has_bo) = _bias_args(bq, bk, bv, bo, fallback=wq)
-    BLOCK_B, BLOCK_D, BLOCK_d, num_warps, _ = _tile_config(B, D, d)
+    BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, _ = _tile_config(B, D, d)
     grid = (triton.cdiv(B, BLOCK_B),)
     torch.library.wrap_triton(ultimus_fwd_kernel)[grid](
         x, y, wq, bq, wk, bk, wv, bv, wo, bo,
         B, D, d, x.stride(0), x.stride(1),
         HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo,
         RESIDUAL=residual, ACC=_TL_ACC[_acc_dtype(x)], EXACT_EXP=_exact_exp(x),
-        BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_d=BLOCK_d, num_warps=num_warps,
+        BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT, num_warps=num_warps,
     )
     return y
 
@@ -317,7 +317,7 @@ def ultimus_triton_bwd(
     dev = x.device
     num_params = 4 * d * D + 3 * d + D
     gx = torch.empty((B, D) if need_gx else (0,), dtype=x.dtype, device=dev)
-    BLOCK_B, BLOCK_D, BLOCK_d, num_warps, num_stages = _tile_config(B, D, d)
+    BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages = _tile_config(B, D, d)
     num_tiles = triton.cdiv(B, BLOCK_B)
     P = _num_programs(num_tiles, dev) if (need_gw or need_gx) and B > 0 else 0
     # Parameter-gradient partials, one row per program (see ops/autograd.py for the layout).
@@ -330,7 +330,7 @@ def ultimus_triton_bwd(
             B, D, d, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles, num_params,
             HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv,
             RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc], EXACT_EXP=_exact_exp(x),
-            NUM_PROGRAMS=P, BLOCK_B=BLOCK_B, BLOCK_D=BLOCK_D, BLOCK_d=BLOCK_d, num_warps=num_warps,
+            NUM_PROGRAMS=P, BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT, num_warps=num_warps,
             num_stages=num_stages,
         )
     if not need_gw:
