@@ -20,6 +20,18 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "result") -> None:
+    """rel_err(out, ref) <= tol, or a message that says where the worst element is and its values."""
+    err = rel_err(out, ref)
+    if err <= tol:
+        return
+    diff = (out.double() - ref.double()).abs()
+    flat = int(torch.nan_to_num(diff, nan=float("inf")).argmax())
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
+    raise AssertionError(f"{what}: relative error {err:.3e} > {tol:.1e}; worst at index {where}: "
+                         f"{out.reshape(-1)[flat].item()!r} vs {ref.reshape(-1)[flat].item()!r}")
+
+
 def make_inputs(B, D, d, dtype=torch.float64, device="cpu", bias=True, logit_scale=1.0, requires_grad=True):
     """Fresh random x and parameters in nn.Linear layouts, scaled like nn.Linear's initialisation;
     `logit_scale` multiplies Wq and Wk (and bq, bk) to push the attention logits up."""
@@ -57,4 +69,4 @@ def gpu_backend_or_skip(backend: str) -> torch.device:
     return backend_or_skip(backend)
 
 
-__all__ = ["FUSED", "backend_or_skip", "gpu_backend_or_skip", "make_inputs", "rel_err"]
+__all__ = ["FUSED", "assert_rel_close", "backend_or_skip", "gpu_backend_or_skip", "make_inputs", "rel_err"]

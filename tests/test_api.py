@@ -31,31 +31,38 @@ def test_good_call_returns_b_by_d_in_x_dtype(backend):
     assert y.shape == (4, 12) and y.dtype == torch.float32
 
 
-@pytest.mark.parametrize("mutate,exc,match", [
-    (lambda a: a.__setitem__(0, a[0][0]), ValueError, "x must be 2-D"),
-    (lambda a: a.__setitem__(0, a[0].unsqueeze(0)), ValueError, "x must be 2-D"),
-    (lambda a: a.__setitem__(0, torch.ones(4, 12, dtype=torch.int64)), TypeError, "floating-point"),
-    (lambda a: a.__setitem__(0, torch.randn(4, 13)), ValueError, r"wq must have shape \(3, 13\)"),
-    (lambda a: a.__setitem__(3, torch.randn(4, 12)), ValueError, "wk must have shape"),
-    (lambda a: a.__setitem__(5, torch.randn(3, 11)), ValueError, "wv must have shape"),
-    (lambda a: a.__setitem__(7, torch.randn(3, 12)), ValueError, r"wo must have shape \(12, 3\)"),
-    (lambda a: a.__setitem__(2, torch.randn(4)), ValueError, "bq must have shape"),
-    (lambda a: a.__setitem__(8, torch.randn(3)), ValueError, "bo must have shape"),
-    (lambda a: a.__setitem__(1, torch.randn(3, 12).int()), TypeError, "wq must be a floating-point"),
-    (lambda a: a.__setitem__(7, None), TypeError, "wo is required"),
-    (lambda a: a.__setitem__(0, [[1.0] * 12] * 4), TypeError, "x must be a torch.Tensor"),
-    (lambda a: a.__setitem__(1, torch.randn(0, 12)), ValueError, "at least 1"),
-    (lambda a: a.__setitem__(4, torch.randn(3, device="meta")), ValueError, "one device"),
-    (lambda a: a.__setitem__(0, a[0].to(torch.complex64)), TypeError, "x must be a floating-point"),
-    (lambda a: a.__setitem__(0, a[0].to(torch.float8_e4m3fn)), TypeError, "x must be one of float32"),
-    (lambda a: a.__setitem__(7, a[7].to(torch.float8_e5m2)), TypeError, "wo must be one of float32"),
-])
-def test_bad_input_gets_a_clear_error(mutate, exc, match):
+NAMES = ("x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
+
+# case: (argument, its bad value as a function of the good ones, exception, message)
+BAD_INPUT = {
+    "x 1-D": ("x", lambda a: a["x"][0], ValueError, "x must be 2-D"),
+    "x 3-D": ("x", lambda a: a["x"].unsqueeze(0), ValueError, "x must be 2-D"),
+    "x integer": ("x", lambda a: torch.ones(4, 12, dtype=torch.int64), TypeError, "floating-point"),
+    "x of another width": ("x", lambda a: torch.randn(4, 13), ValueError, r"wq must have shape \(3, 13\)"),
+    "x not a tensor": ("x", lambda a: [[1.0] * 12] * 4, TypeError, "x must be a torch.Tensor"),
+    "x complex": ("x", lambda a: a["x"].to(torch.complex64), TypeError, "x must be a floating-point"),
+    "x float8": ("x", lambda a: a["x"].to(torch.float8_e4m3fn), TypeError, "x must be one of float32"),
+    "wq integer": ("wq", lambda a: a["wq"].int(), TypeError, "wq must be a floating-point"),
+    "wq empty": ("wq", lambda a: torch.randn(0, 12), ValueError, "at least 1"),
+    "wk too tall": ("wk", lambda a: torch.randn(4, 12), ValueError, "wk must have shape"),
+    "wv too narrow": ("wv", lambda a: torch.randn(3, 11), ValueError, "wv must have shape"),
+    "wo transposed": ("wo", lambda a: a["wo"].T, ValueError, r"wo must have shape \(12, 3\)"),
+    "wo missing": ("wo", lambda a: None, TypeError, "wo is required"),
+    "wo float8": ("wo", lambda a: a["wo"].to(torch.float8_e5m2), TypeError, "wo must be one of float32"),
+    "bq too long": ("bq", lambda a: torch.randn(4), ValueError, "bq must have shape"),
+    "bk on meta": ("bk", lambda a: a["bk"].to("meta"), ValueError, "one device"),
+    "bo too short": ("bo", lambda a: torch.randn(3), ValueError, "bo must have shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_gets_a_clear_error(case):
+    name, make_bad, exc, match = BAD_INPUT[case]
     for backend in ["reference", "auto"]:
-        args = good_args()
-        mutate(args)
+        args = dict(zip(NAMES, good_args()))
+        args[name] = make_bad(args)
         with pytest.raises(exc, match=match):
-            call(args, backend=backend)
+            call([args[n] for n in NAMES], backend=backend)
 
 
 def test_empty_batch_returns_empty_result():

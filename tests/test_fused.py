@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from _util import FUSED, backend_or_skip, gpu_backend_or_skip, make_inputs, rel_err
+from _util import assert_rel_close, gpu_backend_or_skip, make_inputs, rel_err
 from ultimus_kernels import UltimusBlock, ultimus, ultimus_reference
 
 SHAPES = [(1, 48, 8), (7, 48, 8), (33, 20, 3), (130, 7, 1), (5, 17, 32), (3, 256, 5)]
@@ -28,39 +28,35 @@ def check_against_reference(backend, device, B, D, d, dtype, residual=True, bias
     ref_args = [t.detach().double().requires_grad_() if t is not None else None for t in args]
     y_ref = ultimus_reference(*ref_args, residual=residual)
     ref_grads = torch.autograd.grad(y_ref, [t for t in ref_args if t is not None], gy.double())
-    assert rel_err(y, y_ref) < tol, "forward"
+    assert_rel_close(y, y_ref, tol, "forward")
     names = [n for n, t in zip("x wq bq wk bk wv bv wo bo".split(), args) if t is not None]
     for name, g, g_ref, t in zip(names, grads, ref_grads, wrt):
         assert g.dtype == t.dtype and g.shape == t.shape
-        assert rel_err(g, g_ref) < tol, f"gradient of {name}"
+        assert_rel_close(g, g_ref, tol, f"gradient of {name}")
 
 
-@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("B,D,d", SHAPES)
-def test_parity_with_reference(backend, dtype, B, D, d):
-    device = backend_or_skip(backend)
+def test_parity_with_reference(fused_backend, dtype, B, D, d):
+    backend, device = fused_backend
     check_against_reference(backend, device, B, D, d, dtype)
 
 
-@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("residual,bias", [(False, True), (True, False), (False, False)])
-def test_parity_without_residual_or_bias(backend, residual, bias):
-    device = backend_or_skip(backend)
+def test_parity_without_residual_or_bias(fused_backend, residual, bias):
+    backend, device = fused_backend
     check_against_reference(backend, device, 9, 48, 8, torch.float32, residual=residual, bias=bias)
 
 
-@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("residual,bias", [(True, True), (False, False)])
-def test_gradcheck_float64(backend, residual, bias):
-    device = backend_or_skip(backend)
+def test_gradcheck_float64(fused_backend, residual, bias):
+    backend, device = fused_backend
     args = make_inputs(3, 6, 3, device=device, bias=bias)
     assert torch.autograd.gradcheck(lambda *a: ultimus(*a, residual=residual, backend=backend), args)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_backward_is_deterministic(backend):
-    device = backend_or_skip(backend)
+def test_backward_is_deterministic(fused_backend):
+    backend, device = fused_backend
     args = make_inputs(1000, 48, 8, dtype=torch.float32, device=device)
     gy = torch.randn(1000, 48, device=device)
     runs = [torch.autograd.grad(ultimus(*args, backend=backend), [t for t in args if t is not None], gy)
@@ -92,14 +88,13 @@ LOGITS = {torch.float32: [1e-38, 1e-12, 1.0, 30.0, 1e3, 1e8, 1e20, 1e30, 1e37],
           torch.float64: [1e-300, 1e-30, 1.0, 30.0, 1e3, 1e20, 1e100, 1e200, 1e300]}
 
 
-@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_logits_across_the_whole_finite_range_match_the_float64_reference(backend, dtype):
+def test_logits_across_the_whole_finite_range_match_the_float64_reference(fused_backend, dtype):
     """Forward and every gradient against the float64 reference of the same inputs. In float32 the
     reference's own float32 error sets the scale (large logits are ill-conditioned: a rounding error in
     q or k moves a near one-hot softmax): each result is held to 10x the float32 reference's error,
     and never looser than the float32 tolerance."""
-    device = backend_or_skip(backend)
+    backend, device = fused_backend
     for logit in LOGITS[dtype]:
         args = scaled_logit_inputs(16, 24, 8, dtype, device, logit)
         gy = torch.randn(16, 24, dtype=torch.float64, device=device)
@@ -109,16 +104,15 @@ def test_logits_across_the_whole_finite_range_match_the_float64_reference(backen
         for name, g, g64, g_ref in zip(["y", *"x wq bq wk bk wv bv wo bo".split()], got, ref64, ref_same):
             assert torch.isfinite(g).all(), (logit, name)
             tol = TOL[dtype] if dtype == torch.float64 else max(TOL[dtype], 10 * rel_err(g_ref, g64))
-            assert rel_err(g, g64) <= tol, (logit, name, rel_err(g, g64), tol)
+            assert_rel_close(g, g64, tol, f"{name} at logits ~{logit:g}")
 
 
-@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_one_hot_rows_and_k_at_the_edge_of_the_range(backend, dtype):
+def test_one_hot_rows_and_k_at_the_edge_of_the_range(fused_backend, dtype):
     """Two keys a hair apart at huge logits must give the reference's [1, 0] row (not [0.5, 0.5] or
     NaN); k near the dtype's largest value, where k_j - max_j k overflows, with a q_i of exactly 0
     must give a uniform row, as the reference does."""
-    device = backend_or_skip(backend)
+    backend, device = fused_backend
     big = torch.finfo(dtype).max
     x = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=dtype, device=device)
     wq = torch.zeros(2, 4, dtype=dtype, device=device)
@@ -147,12 +141,11 @@ def test_one_hot_rows_and_k_at_the_edge_of_the_range(backend, dtype):
         assert rel_err(y, y_ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_row_offsets_past_2_to_the_31_elements(backend):
+def test_row_offsets_past_2_to_the_31_elements(fused_backend):
     """Element offsets row * stride past 2^31 must not wrap around: x is a view whose rows lie 2^30 + 1
     elements apart (8 GiB of address space, of which only the rows read are ever touched). Run in a
     child process, so that a wrong address fails this test instead of crashing the suite."""
-    device = backend_or_skip(backend)
+    backend, device = fused_backend
     if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 12 << 30:
         pytest.skip("needs 9 GiB of GPU memory")
     code = f"""
@@ -179,9 +172,8 @@ def test_row_offsets_past_2_to_the_31_elements(backend):
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_nan_in_x_propagates_to_its_row_only(backend):
-    device = backend_or_skip(backend)
+def test_nan_in_x_propagates_to_its_row_only(fused_backend):
+    backend, device = fused_backend
     args = make_inputs(6, 48, 8, dtype=torch.float32, device=device, requires_grad=False)
     args[0][2, 5] = float("nan")
     y = ultimus(*args, backend=backend)
@@ -189,9 +181,8 @@ def test_nan_in_x_propagates_to_its_row_only(backend):
     assert torch.isfinite(y[[0, 1, 3, 4, 5]]).all()
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_non_contiguous_x_and_gy(backend):
-    device = backend_or_skip(backend)
+def test_non_contiguous_x_and_gy(fused_backend):
+    backend, device = fused_backend
     args = make_inputs(11, 24, 8, device=device, requires_grad=False)
     wide = torch.randn(11, 48, dtype=torch.float64, device=device)
     x_strided = wide[:, ::2].requires_grad_()  # stride (48, 2)
@@ -207,9 +198,8 @@ def test_non_contiguous_x_and_gy(backend):
         assert rel_err(y, y_ref) < 1e-12 and rel_err(gx, gx_ref) < 1e-12
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_empty_batch(backend):
-    device = backend_or_skip(backend)
+def test_empty_batch(fused_backend):
+    backend, device = fused_backend
     args = make_inputs(0, 48, 8, dtype=torch.float32, device=device)
     y = ultimus(*args, backend=backend)
     assert y.shape == (0, 48)
@@ -217,9 +207,8 @@ def test_empty_batch(backend):
     assert grads[0].shape == (0, 48) and (grads[1] == 0).all() and (grads[2] == 0).all()
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_only_requested_gradients(backend):
-    device = backend_or_skip(backend)
+def test_only_requested_gradients(fused_backend):
+    backend, device = fused_backend
     args = make_inputs(5, 48, 8, dtype=torch.float32, device=device, requires_grad=False)
     args[0].requires_grad_()  # x only
     (gx,) = torch.autograd.grad(ultimus(*args, backend=backend).sum(), [args[0]])
@@ -233,11 +222,10 @@ def test_only_requested_gradients(backend):
     assert gwo.shape == (48, 8) and torch.isfinite(gwo).all()
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_mixed_precision_weights(backend):
+def test_mixed_precision_weights(fused_backend):
     """fp32 master weights with lower-precision activations: output in x's dtype, gradients in the
     weights' dtype."""
-    device = backend_or_skip(backend)
+    backend, device = fused_backend
     act = torch.float32 if device.type == "cpu" and backend == "triton" else torch.bfloat16
     args = make_inputs(8, 48, 8, dtype=torch.float32, device=device)
     x = args[0].detach().to(act).requires_grad_()
@@ -247,9 +235,8 @@ def test_mixed_precision_weights(backend):
     assert gx.dtype == act and gwq.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_block_is_drop_in(backend):
-    device = backend_or_skip(backend)
+def test_block_is_drop_in(fused_backend):
+    backend, device = fused_backend
     torch.manual_seed(0)
     block = UltimusBlock(48, 8, backend="reference").to(device).double()
     keys = set(block.state_dict())
