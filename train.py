@@ -49,7 +49,7 @@ def main(argv=None) -> list[dict]:
     on bad arguments, damaged checkpoints, a diverging loss or Ctrl-C."""
     state = RunState()
     try:
-        return _train(parse_args(argv), state)
+        return _train(parse_args(argv, description=__doc__), state)
     except KeyboardInterrupt:
         if not state.main_process:
             raise SystemExit(130)

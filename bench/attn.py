@@ -44,7 +44,14 @@ from utils import (  # noqa: E402  (bench/utils.py)
     time_wall_us,
 )
 
-from ultimus_kernels import FUSED_BACKENDS, MAX_ATTN_DIM, MAX_DIM, ultimus, ultimus_reference  # noqa: E402
+from ultimus_kernels import (  # noqa: E402
+    FUSED_BACKENDS,
+    MAX_ATTN_DIM,
+    MAX_DIM,
+    UltimusParams,
+    ultimus,
+    ultimus_reference,
+)
 from ultimus_kernels.dispatch import unavailable_reason  # noqa: E402
 
 FUSED = FUSED_BACKENDS
@@ -60,10 +67,10 @@ def make_set(B, D, d, dtype, device, gen):
     """One random input set (never zeros): x, parameters in nn.Linear layouts, and gy."""
     def r(*shape, s=1.0):
         return (torch.randn(*shape, generator=gen) * s).to(device=device, dtype=dtype)
-    params = [r(d, D, s=D**-0.5), r(d, s=0.1), r(d, D, s=D**-0.5), r(d, s=0.1), r(d, D, s=D**-0.5), r(d, s=0.1),
-              r(D, d, s=d**-0.5), r(D, s=0.1)]
+    params = UltimusParams(r(d, D, s=D**-0.5), r(d, s=0.1), r(d, D, s=D**-0.5), r(d, s=0.1), r(d, D, s=D**-0.5),
+                           r(d, s=0.1), r(D, d, s=d**-0.5), r(D, s=0.1))
     x = r(B, D).requires_grad_()
-    return x, [p.requires_grad_() for p in params], r(B, D)
+    return x, UltimusParams(*(p.requires_grad_() for p in params)), r(B, D)
 
 
 def block_bytes(mode: str, B: int, D: int, d: int, elem: int) -> int:
@@ -237,7 +244,7 @@ def overhead_sweep(args, device) -> list[dict]:
         x = torch.randn(B, args.dim, device=device, requires_grad=True)
         gy = torch.randn(B, args.dim, device=device)
         block = UltimusBlock(args.dim, args.attn_dim, backend="reference").to(device)
-        params = [p for _, p in sorted(block.named_parameters(), key=lambda kv: PARAM_ORDER.index(kv[0]))]
+        params = UltimusParams.of(block)
         plain = [x.detach(), *(p.detach() for p in params)]
         timed: dict[str, Callable] = {}
         for prov in providers:
@@ -271,17 +278,14 @@ def overhead_sweep(args, device) -> list[dict]:
     return rows
 
 
-PARAM_ORDER = ["q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias", "out.weight", "out.bias"]
-
-
-def block_provider(prov: str, args) -> tuple[Callable, list]:
+def block_provider(prov: str, args) -> tuple[Callable, UltimusParams]:
     """(a fresh UltimusBlock for `prov`, or its torch.compile; its parameters in ultimus's order)."""
     from ultimus_kernels import UltimusBlock
 
     torch.manual_seed(0)
     block = UltimusBlock(args.dim, args.attn_dim, backend="reference" if prov.startswith("compile") else prov)
     block = block.to(args.device)
-    params = [dict(block.named_parameters())[name] for name in PARAM_ORDER]
+    params = UltimusParams.of(block)
     if prov.startswith("compile"):
         torch._dynamo.reset()
         mode = "max-autotune-no-cudagraphs" if prov.endswith("max-autotune") else None

@@ -8,6 +8,7 @@
 #include <c10/util/Optional.h>
 
 #include <array>
+#include <cmath>
 #include <string>
 #include <tuple>
 #include <cstdint>
@@ -99,6 +100,46 @@ inline at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) { return t.to(
 inline at::Tensor as_acc(const OptTensor& t, at::ScalarType acc) {
   return t ? as_acc(*t, acc) : at::Tensor();
 }
+
+// What a kernel reads of the parameters: pointers into contiguous accumulation-dtype copies (absent
+// biases are null), the sizes and the scale s = 1/sqrt(d). Passed by value to CUDA kernels, so
+// `index_t` is int there (D, d <= 256) and int64_t on the CPU.
+template <typename acc_t, typename index_t>
+struct ParamPtrs {
+  const acc_t *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;
+  index_t D, d;
+  acc_t scale;
+};
+
+// Owns the accumulation-dtype copies that ParamPtrs point into; shared by the CPU and CUDA launchers.
+struct AccParams {
+  at::Tensor wq, bq, wk, bk, wv, bv, wo, bo;
+  AccParams(const at::Tensor& x, const at::Tensor& wq_, const OptTensor& bq_, const at::Tensor& wk_,
+            const OptTensor& bk_, const at::Tensor& wv_, const OptTensor& bv_, const at::Tensor& wo_,
+            const OptTensor& bo_) {
+    const auto acc = acc_type(x);
+    wq = as_acc(wq_, acc), bq = as_acc(bq_, acc), wk = as_acc(wk_, acc), bk = as_acc(bk_, acc);
+    wv = as_acc(wv_, acc), bv = as_acc(bv_, acc), wo = as_acc(wo_, acc), bo = as_acc(bo_, acc);
+  }
+  template <typename acc_t, typename index_t = int64_t>
+  ParamPtrs<acc_t, index_t> ptrs(int64_t D, int64_t d) const {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
+    return {ptr(wq), ptr(bq), ptr(wk), ptr(bk), ptr(wv), ptr(bv), ptr(wo), ptr(bo), static_cast<index_t>(D),
+            static_cast<index_t>(d), static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(d)))};
+  }
+};
+
+// The compile-time bound on d that the CUDA kernels are instantiated for (their per-sample vectors
+// are register arrays of that length): MAXA = 8 for the common d <= 8, else kMaxAttnDim.
+#define ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, ...)        \
+  [&] {                                              \
+    if ((d) <= 8) {                                  \
+      constexpr int MAXA = 8;                        \
+      return __VA_ARGS__();                          \
+    }                                                \
+    constexpr int MAXA = static_cast<int>(kMaxAttnDim); \
+    return __VA_ARGS__();                            \
+  }()
 
 // Parameter-gradient partials are rows of `num_params(D, d)` numbers, laid out as
 // [gWq (d*D) | gWk (d*D) | gWv (d*D) | gWo (D*d) | gbq (d) | gbk (d) | gbv (d) | gbo (D)].

@@ -81,11 +81,7 @@ inline Vec<double> exp_nonpositive(Vec<double> x) {  // float64 is for gradcheck
 }
 
 template <typename acc_t>
-struct Params {  // contiguous accumulation-dtype views of the weights; biases may be null
-  const acc_t *wq, *wk, *wv, *wo, *bq, *bk, *bv, *bo;
-  int64_t D, d;
-  acc_t scale;
-};
+using Params = ParamPtrs<acc_t, int64_t>;
 
 // Per-chunk state: [feature] of Vec over the chunk's samples.
 template <typename acc_t>
@@ -271,23 +267,6 @@ inline TaskSplit split_batch(int64_t B) {
   return {std::max<int64_t>(1, (B + rows - 1) / rows), rows};
 }
 
-struct AccParams {  // owns the accumulation-dtype copies that Params points into
-  at::Tensor wq, wk, wv, wo, bq, bk, bv, bo;
-  AccParams(const at::Tensor& x, const at::Tensor& wq_, const OptTensor& bq_, const at::Tensor& wk_,
-            const OptTensor& bk_, const at::Tensor& wv_, const OptTensor& bv_, const at::Tensor& wo_,
-            const OptTensor& bo_) {
-    const auto acc = acc_type(x);
-    wq = as_acc(wq_, acc), wk = as_acc(wk_, acc), wv = as_acc(wv_, acc), wo = as_acc(wo_, acc);
-    bq = as_acc(bq_, acc), bk = as_acc(bk_, acc), bv = as_acc(bv_, acc), bo = as_acc(bo_, acc);
-  }
-  template <typename acc_t>
-  Params<acc_t> view(int64_t D, int64_t d) const {
-    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
-    return {ptr(wq), ptr(wk), ptr(wv), ptr(wo), ptr(bq), ptr(bk), ptr(bv), ptr(bo), D, d,
-            static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(d)))};
-  }
-};
-
 at::Tensor ultimus_fwd_cpu(const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq, const at::Tensor& wk,
                            const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
                            const OptTensor& bo, bool residual) {
@@ -298,7 +277,7 @@ at::Tensor ultimus_fwd_cpu(const at::Tensor& x, const at::Tensor& wq, const OptT
   const AccParams params(x, wq, bq, wk, bk, wv, bv, wo, bo);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = params.view<acc_t>(D, d);
+    const auto p = params.ptrs<acc_t>(D, d);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t num_chunks = (B + kChunk - 1) / kChunk;
@@ -329,7 +308,7 @@ BackwardResult ultimus_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const 
     const AccParams params(x, wq, bq, wk, bk, wv, bv, wo, bo);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const auto p = params.view<acc_t>(D, d);
+      const auto p = params.ptrs<acc_t>(D, d);
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* gyp = gy_c.const_data_ptr<scalar_t>();
       scalar_t* gxp = need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr;

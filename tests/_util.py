@@ -1,10 +1,12 @@
 """Helpers shared by the tests: random block parameters, relative error, backend lists."""
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import pytest
 import torch
 
-from ultimus_kernels import BACKEND_DEVICE, FUSED_BACKENDS
+from ultimus_kernels import BACKEND_DEVICE, FUSED_BACKENDS, UltimusParams
 from ultimus_kernels.dispatch import unavailable_reason
 
 FUSED = FUSED_BACKENDS
@@ -32,7 +34,30 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
                          f"{out.reshape(-1)[flat].item()!r} vs {ref.reshape(-1)[flat].item()!r}")
 
 
-def make_inputs(B, D, d, dtype=torch.float64, device="cpu", bias=True, logit_scale=1.0, requires_grad=True):
+class Inputs(NamedTuple):
+    """x and one block's parameters, in `ultimus`'s argument order: `ultimus(*inputs)`, `inputs.wo`."""
+
+    x: torch.Tensor
+    wq: torch.Tensor
+    bq: Optional[torch.Tensor]
+    wk: torch.Tensor
+    bk: Optional[torch.Tensor]
+    wv: torch.Tensor
+    bv: Optional[torch.Tensor]
+    wo: torch.Tensor
+    bo: Optional[torch.Tensor]
+
+    @property
+    def params(self) -> UltimusParams:
+        return UltimusParams(*self[1:])
+
+    def tensors(self) -> list:
+        """The tensors present (absent biases left out): what to differentiate with respect to."""
+        return [t for t in self if t is not None]
+
+
+def make_inputs(B, D, d, dtype=torch.float64, device="cpu", bias=True, logit_scale=1.0,
+                requires_grad=True) -> Inputs:
     """Fresh random x and parameters in nn.Linear layouts, scaled like nn.Linear's initialisation;
     `logit_scale` multiplies Wq and Wk (and bq, bk) to push the attention logits up."""
     g = lambda *shape, s=1.0: torch.randn(*shape, dtype=torch.float64) * s  # noqa: E731
@@ -48,7 +73,7 @@ def make_inputs(B, D, d, dtype=torch.float64, device="cpu", bias=True, logit_sca
             t = t.to(dtype=dtype, device=device)
             t.requires_grad_(requires_grad)
         out.append(t)
-    return out
+    return Inputs(*out)
 
 
 def backend_or_skip(backend: str) -> torch.device:
@@ -69,4 +94,4 @@ def gpu_backend_or_skip(backend: str) -> torch.device:
     return backend_or_skip(backend)
 
 
-__all__ = ["FUSED", "assert_rel_close", "backend_or_skip", "gpu_backend_or_skip", "make_inputs", "rel_err"]
+__all__ = ["FUSED", "Inputs", "assert_rel_close", "backend_or_skip", "gpu_backend_or_skip", "make_inputs", "rel_err"]

@@ -70,7 +70,7 @@ def test_empty_batch_returns_empty_result():
     y = call(args)
     assert y.shape == (0, 12)
     y.sum().backward()
-    assert args[0].grad.shape == (0, 12)
+    assert args.x.grad.shape == (0, 12)
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto", "cpu"])

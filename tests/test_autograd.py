@@ -17,10 +17,6 @@ def device_for(backend):
     return torch.device("cpu") if backend == "reference" else backend_or_skip(backend)
 
 
-def leaves(args):
-    return [t for t in args if t is not None]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("residual", [True, False])
 def test_double_backward_matches_reference(backend, residual):
@@ -30,8 +26,8 @@ def test_double_backward_matches_reference(backend, residual):
 
     def penalty_grads(fn):
         y = fn(*args, residual=residual)
-        (gx,) = torch.autograd.grad(y.square().sum(), [args[0]], create_graph=True)
-        return torch.autograd.grad(gx.square().sum() + y.sum(), leaves(args))
+        (gx,) = torch.autograd.grad(y.square().sum(), [args.x], create_graph=True)
+        return torch.autograd.grad(gx.square().sum() + y.sum(), args.tensors())
 
     got = penalty_grads(lambda *a, **k: ultimus(*a, backend=backend, **k))
     want = penalty_grads(ultimus_reference)
@@ -43,11 +39,11 @@ def test_double_backward_matches_reference(backend, residual):
 def test_hessian_vector_product_matches_reference(backend):
     device = device_for(backend)
     args = make_inputs(4, 10, 3, device=device, bias=False)
-    v = [torch.randn_like(t) for t in leaves(args)]
+    v = [torch.randn_like(t) for t in args.tensors()]
     hvps = []
     for fn in (lambda *a: ultimus(*a, backend=backend), ultimus_reference):
-        grads = torch.autograd.grad(fn(*args).pow(3).sum(), leaves(args), create_graph=True)
-        hvps.append(torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v)), leaves(args)))
+        grads = torch.autograd.grad(fn(*args).pow(3).sum(), args.tensors(), create_graph=True)
+        hvps.append(torch.autograd.grad(sum((g * u).sum() for g, u in zip(grads, v)), args.tensors()))
     for g, g_ref in zip(*hvps):
         assert rel_err(g, g_ref) < 1e-10
 
@@ -56,7 +52,7 @@ def test_hessian_vector_product_matches_reference(backend):
 def test_torch_func_jvp_matches_reference(backend):
     device = device_for(backend)
     args = make_inputs(6, 12, 4, device=device, requires_grad=False)
-    tangents = tuple(torch.randn_like(t) for t in leaves(args))
+    tangents = tuple(torch.randn_like(t) for t in args.tensors())
 
     def f(backend_fn):
         def call(x, wq, bq, wk, bk, wv, bv, wo, bo):
@@ -74,12 +70,11 @@ def test_forward_ad_dual_tensors_match_reference(backend):
     """make_dual / unpack_dual with a tangent on x and on wo only (the others have none)."""
     device = device_for(backend)
     args = make_inputs(5, 8, 2, device=device, requires_grad=False)
-    tx, two = torch.randn_like(args[0]), torch.randn_like(args[7])
+    tx, two = torch.randn_like(args.x), torch.randn_like(args.wo)
     results = []
     for fn in (lambda *a: ultimus(*a, backend=backend), ultimus_reference):
         with fwAD.dual_level():
-            dual = list(args)
-            dual[0], dual[7] = fwAD.make_dual(args[0], tx), fwAD.make_dual(args[7], two)
+            dual = args._replace(x=fwAD.make_dual(args.x, tx), wo=fwAD.make_dual(args.wo, two))
             out = fwAD.unpack_dual(fn(*dual))
             assert out.tangent is not None
             results.append(out.tangent)
@@ -89,7 +84,8 @@ def test_forward_ad_dual_tensors_match_reference(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_func_grad_jacrev_and_vmap(backend):
     device = device_for(backend)
-    x, *params = make_inputs(3, 6, 2, device=device, requires_grad=False)
+    inputs = make_inputs(3, 6, 2, device=device, requires_grad=False)
+    x, params = inputs.x, inputs.params
 
     def block(fn):
         return lambda x_: fn(x_, *params)
@@ -102,11 +98,12 @@ def test_torch_func_grad_jacrev_and_vmap(backend):
     stacked = torch.randn(4, 3, 6, dtype=x.dtype, device=device)  # vmap over 4 batches of 3 samples
     assert rel_err(tf.vmap(fused)(stacked), tf.vmap(ref)(stacked)) < 1e-12
     # Per-sample weight gradients: vmap of grad with respect to a weight.
-    per_sample = tf.vmap(tf.grad(lambda wo, x_: ultimus(x_[None], *params[:6], wo, params[7],
-                                                           backend=backend).square().sum()), in_dims=(None, 0))
-    per_sample_ref = tf.vmap(tf.grad(lambda wo, x_: ultimus_reference(x_[None], *params[:6], wo,
-                                                                      params[7]).square().sum()), in_dims=(None, 0))
-    assert rel_err(per_sample(params[6], x), per_sample_ref(params[6], x)) < 1e-12
+    def loss_of_wo(fn):
+        return lambda wo, x_: fn(x_[None], *params._replace(wo=wo)).square().sum()
+
+    per_sample = tf.vmap(tf.grad(loss_of_wo(lambda *a: ultimus(*a, backend=backend))), in_dims=(None, 0))
+    per_sample_ref = tf.vmap(tf.grad(loss_of_wo(ultimus_reference)), in_dims=(None, 0))
+    assert rel_err(per_sample(params.wo, x), per_sample_ref(params.wo, x)) < 1e-12
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -116,8 +113,8 @@ def test_ultimus_function_runs_every_fused_backend(backend):
     y = UltimusFunction.apply(backend, True, *args)
     assert "UltimusFunction" in type(y.grad_fn).__name__
     y_ref = ultimus_reference(*args)
-    grads = torch.autograd.grad(y.sum(), leaves(args))
-    grads_ref = torch.autograd.grad(y_ref.sum(), leaves(args))
+    grads = torch.autograd.grad(y.sum(), args.tensors())
+    grads_ref = torch.autograd.grad(y_ref.sum(), args.tensors())
     assert rel_err(y, y_ref) < 1e-12
     for g, g_ref in zip(grads, grads_ref):
         assert rel_err(g, g_ref) < 1e-12

@@ -46,7 +46,7 @@ def test_forward_mode_formula_matches_autograd():
     assert rel_err(ultimus_reference_jvp(args, tangents), expected) < 1e-13
     # A missing tangent means zero.
     partial = [tangents[0]] + [None] * 8
-    _, expected_x_only = tf.jvp(lambda x_: ultimus_reference(x_, *args[1:]), (args[0],), (tangents[0],))
+    _, expected_x_only = tf.jvp(lambda x_: ultimus_reference(x_, *args.params), (args.x,), (tangents[0],))
     assert rel_err(ultimus_reference_jvp(args, partial), expected_x_only) < 1e-13
 
 

@@ -13,20 +13,6 @@ from ultimus_kernels import BACKENDS
 from .checkpoints import RUN_FILES
 
 DEFAULT_MAX_LR = 0.01  # Adam's one-cycle peak for this 26k-parameter net; --lr-find measures it instead
-DESCRIPTION = """Train UltimusNet on CIFAR-10: Adam with the one-cycle learning-rate policy, 24 epochs by default.
-
-    python train.py                                   # CIFAR-10 in ./data (downloaded if missing)
-    python train.py --dataset synthetic --epochs 2    # offline, no download needed
-    python train.py --backend triton --amp bf16       # on a GPU, fused Triton kernels, bf16 autocast
-    python train.py --lr-find                         # pick --max-lr with an LR range test first
-    python train.py --resume runs/20261123-101500     # continue a killed run to the same result
-    torchrun --nproc_per_node=2 train.py ...          # DistributedDataParallel (NCCL on GPUs, gloo on CPU)
-
-Writes to --out (default runs/<timestamp>): history.json, curves.png, misclassified.png,
-lr_find.png (with --lr-find), checkpoint.pt (every epoch, atomically) and final.pt (best weights).
-"""
-
-
 def _number(kind, low=None, high=None, low_open=False, high_open=True, what=""):
     """An argparse type: `kind` (int or float) in [low, high) (or the open/closed variants given)."""
     def parse(text: str):
@@ -67,8 +53,8 @@ NON_NEGATIVE = _number(float, 0, what="a number >= 0")
 PROBABILITY = _number(float, 0, 1, what="a probability in [0, 1)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description=DESCRIPTION,
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=["cifar10", "synthetic"], default="cifar10",
@@ -120,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 KEEP_ON_RESUME = ("resume", "stop_after_epoch", "device", "workers", "no_progress")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     """Parse and check every flag's range and their combinations, before anything is loaded."""
-    parser = build_parser()
+    parser = build_parser(description)
     args = parser.parse_args(argv)
     if args.resume:
         explicit = build_parser()

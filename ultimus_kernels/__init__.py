@@ -3,7 +3,7 @@
     from ultimus_kernels import ultimus, UltimusBlock, available_backends
     y = ultimus(x, wq, bq, wk, bk, wv, bv, wo, bo, residual=True, backend="auto")
 """
-from .checks import MAX_ATTN_DIM, MAX_DIM, SUPPORTED_DTYPES
+from .checks import MAX_ATTN_DIM, MAX_DIM, SUPPORTED_DTYPES, UltimusParams
 from .dispatch import (
     BACKEND_DEVICE,
     BACKENDS,
@@ -24,6 +24,7 @@ load_backends()
 
 __all__ = [
     "BACKEND_DEVICE", "BACKENDS", "FUSED_BACKENDS", "MAX_ATTN_DIM", "MAX_DIM", "SUPPORTED_DTYPES", "UltimusBlock",
-    "UltimusFunction", "available_backends", "backend_report", "load_backends", "ultimus", "ultimus_reference",
+    "UltimusFunction", "UltimusParams", "available_backends", "backend_report", "load_backends", "ultimus",
+    "ultimus_reference",
 ]
 __version__ = "0.1.0"

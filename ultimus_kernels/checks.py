@@ -6,7 +6,7 @@ exactly right?) and only when the answer is no walks the arguments again to say 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -26,18 +26,33 @@ _DTYPE_NAMES = ", ".join(str(t).replace("torch.", "") for t in SUPPORTED_DTYPES)
 PARAM_NAMES = ("wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
 
 
-def check_inputs(
-    x: Tensor,
-    wq: Tensor,
-    bq: Optional[Tensor],
-    wk: Tensor,
-    bk: Optional[Tensor],
-    wv: Tensor,
-    bv: Optional[Tensor],
-    wo: Tensor,
-    bo: Optional[Tensor],
-) -> tuple[int, int]:
-    """Validate the arguments of `ultimus` and return (D, d). Raises TypeError / ValueError."""
+class UltimusParams(NamedTuple):
+    """One block's parameters in nn.Linear layouts, in the order of `ultimus`'s arguments (biases may
+    be None): `ultimus(x, *params)`. The flat list is kept only where an op schema needs it."""
+
+    wq: Tensor
+    bq: Optional[Tensor]
+    wk: Tensor
+    bk: Optional[Tensor]
+    wv: Tensor
+    bv: Optional[Tensor]
+    wo: Tensor
+    bo: Optional[Tensor]
+
+    @classmethod
+    def of(cls, block) -> "UltimusParams":
+        """The parameters of an UltimusBlock (its q, k, v and out Linears)."""
+        return cls(block.q.weight, block.q.bias, block.k.weight, block.k.bias, block.v.weight, block.v.bias,
+                   block.out.weight, block.out.bias)
+
+
+def check_inputs(x: Tensor, *params: Optional[Tensor]) -> tuple[int, int]:
+    """Validate the arguments of `ultimus`, x and (wq, bq, wk, bk, wv, bv, wo, bo), and return (D, d).
+    Raises TypeError / ValueError."""
+    if len(params) != len(PARAM_NAMES):
+        raise TypeError(f"ultimus: expected the {len(PARAM_NAMES)} parameters {', '.join(PARAM_NAMES)}, "
+                        f"got {len(params)}")
+    wq, bq, wk, bk, wv, bv, wo, bo = params
     try:  # the fast path: one pass of cheap comparisons, no message built
         D, d, device = x.shape[1], wq.shape[0], x.device
         wshape, bshape = (d, D), (d,)
@@ -53,7 +68,7 @@ def check_inputs(
     except (AttributeError, IndexError, TypeError):
         ok = False
     if not ok:
-        _explain(x, dict(zip(PARAM_NAMES, (wq, bq, wk, bk, wv, bv, wo, bo))))
+        _explain(x, dict(zip(PARAM_NAMES, params)))
     return D, d
 
 

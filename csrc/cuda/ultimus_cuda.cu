@@ -34,11 +34,7 @@ namespace ultimus {
 namespace {
 
 template <typename acc_t>
-struct DeviceParams {
-  const acc_t *wq, *wk, *wv, *wo, *bq, *bk, *bv, *bo;  // biases may be null
-  int D, d;
-  acc_t scale;
-};
+using DeviceParams = ParamPtrs<acc_t, int>;
 
 // Copies the parameters into shared memory in the partial-row layout of ultimus.h.
 template <typename acc_t>
@@ -329,21 +325,6 @@ void allow_smem(Kernel kernel, size_t smem) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
 }
 
-template <typename acc_t>
-DeviceParams<acc_t> device_params(const std::array<at::Tensor, 8>& t, int64_t D, int64_t d) {
-  auto ptr = [](const at::Tensor& x) { return x.defined() ? x.const_data_ptr<acc_t>() : nullptr; };
-  return {ptr(t[0]), ptr(t[2]), ptr(t[4]), ptr(t[6]), ptr(t[1]), ptr(t[3]), ptr(t[5]), ptr(t[7]),
-          int(D), int(d), static_cast<acc_t>(1.0 / std::sqrt(double(d)))};
-}
-
-std::array<at::Tensor, 8> acc_params(const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
-                                     const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv,
-                                     const OptTensor& bv, const at::Tensor& wo, const OptTensor& bo) {
-  const auto acc = acc_type(x);
-  return {as_acc(wq, acc), as_acc(bq, acc), as_acc(wk, acc), as_acc(bk, acc),
-          as_acc(wv, acc), as_acc(bv, acc), as_acc(wo, acc), as_acc(bo, acc)};
-}
-
 at::Tensor ultimus_fwd_cuda(const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq, const at::Tensor& wk,
                             const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
                             const OptTensor& bo, bool residual) {
@@ -352,7 +333,7 @@ at::Tensor ultimus_fwd_cuda(const at::Tensor& x, const at::Tensor& wq, const Opt
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({B, D}, x.options());
   if (B == 0) return y;
-  const auto params = acc_params(x, wq, bq, wk, bk, wv, bv, wo, bo);
+  const AccParams params(x, wq, bq, wk, bk, wv, bv, wo, bo);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -361,13 +342,10 @@ at::Tensor ultimus_fwd_cuda(const at::Tensor& x, const at::Tensor& wq, const Opt
       allow_smem(kernel, cfg.smem);
       kernel<<<cfg.blocks, cfg.rows, cfg.smem, stream>>>(x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
                                                          y.mutable_data_ptr<scalar_t>(),
-                                                         device_params<acc_t>(params, D, d), B, residual);
+                                                         params.ptrs<acc_t, int>(D, d), B, residual);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (d <= 8)
-      launch(ultimus_fwd_kernel<scalar_t, acc_t, 8>);
-    else
-      launch(ultimus_fwd_kernel<scalar_t, acc_t, 32>);
+    ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] { launch(ultimus_fwd_kernel<scalar_t, acc_t, MAXA>); });
   });
   return y;
 }
@@ -384,7 +362,7 @@ BackwardResult ultimus_bwd_cuda(const at::Tensor& gy, const at::Tensor& x, const
   at::Tensor gy_c = gy.to(x.scalar_type());
   at::Tensor partials = at::empty({0, num_params(D, d)}, x.options().dtype(acc));
   if (B > 0 && (need_gx || need_gw)) {
-    const auto params = acc_params(x, wq, bq, wk, bk, wv, bv, wo, bo);
+    const AccParams params(x, wq, bq, wk, bk, wv, bv, wo, bo);
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -395,13 +373,10 @@ BackwardResult ultimus_bwd_cuda(const at::Tensor& gy, const at::Tensor& x, const
         kernel<<<cfg.blocks, cfg.rows, cfg.smem, stream>>>(
             gy_c.const_data_ptr<scalar_t>(), gy_c.stride(0), gy_c.stride(1), x.const_data_ptr<scalar_t>(),
             x.stride(0), x.stride(1), need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr,
-            need_gw ? partials.mutable_data_ptr<acc_t>() : nullptr, device_params<acc_t>(params, D, d), B, residual);
+            need_gw ? partials.mutable_data_ptr<acc_t>() : nullptr, params.ptrs<acc_t, int>(D, d), B, residual);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
-      if (d <= 8)
-        launch(ultimus_bwd_kernel<scalar_t, acc_t, 8>);
-      else
-        launch(ultimus_bwd_kernel<scalar_t, acc_t, 32>);
+      ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] { launch(ultimus_bwd_kernel<scalar_t, acc_t, MAXA>); });
     });
   }
   return backward_result(gx, partials, need_gw);
