@@ -17,6 +17,7 @@ Environment variables:
     MAX_JOBS                 parallel compile jobs (ninja)
     CUDA_HOME                CUDA toolkit prefix (default: found from nvcc on PATH)
 """
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,14 @@ def extensions():
     arch = os.environ.get("ULTIMUS_CPU_ARCH", "native").strip()
     if arch and arch != "none" and platform.machine().lower() in ("x86_64", "amd64"):
         cpu_cxx.append(f"-march={arch}")
-    ext_modules = [CppExtension("ultimus_kernels._C", ["csrc/ultimus_ops.cpp", "csrc/ultimus_cpu.cpp"],
-                                extra_compile_args={"cxx": cpu_cxx}, extra_link_args=["-fopenmp"])]
+    ext_modules = [
+        CppExtension(
+            "ultimus_kernels._C",
+            ["csrc/ultimus_ops.cpp", "csrc/ultimus_cpu.cpp"],
+            extra_compile_args={"cxx": cpu_cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
     force_cuda = flag("ULTIMUS_FORCE_CUDA")
     if flag("ULTIMUS_SKIP_CUDA"):
         report["_C_cuda"] = "skipped: ULTIMUS_SKIP_CUDA=1 was set at install time"
@@ -95,10 +102,13 @@ def extensions():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # torch's arch detection needs a visible GPU (it fails with IndexError without one).
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        ext_modules.append(CUDAExtension(
-            "ultimus_kernels._C_cuda", ["csrc/cuda/ultimus_cuda.cu"],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-        ))
+        ext_modules.append(
+            CUDAExtension(
+                "ultimus_kernels._C_cuda",
+                ["csrc/cuda/ultimus_cuda.cu"],
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            )
+        )
 
     class ReportingBuildExtension(BuildExtension):
         """Builds each extension on its own; a failure is recorded instead of failing the install."""

@@ -10,6 +10,7 @@
 Writes to --out (default runs/<timestamp>): history.json, curves.png, misclassified.png,
 lr_find.png (with --lr-find), checkpoint.pt (every epoch, atomically) and final.pt (best weights).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,11 @@ def main(argv=None) -> list[dict]:
         elif state.saved_epoch is None:
             print(f"\ninterrupted before the first epoch ended; nothing was saved in {state.out}", file=sys.stderr)
         else:
-            print(f"\ninterrupted; {state.out / 'checkpoint.pt'} holds epoch {state.saved_epoch}: continue with "
-                  f"python train.py --resume {state.out}", file=sys.stderr)
+            print(
+                f"\ninterrupted; {state.out / 'checkpoint.pt'} holds epoch {state.saved_epoch}: continue with "
+                f"python train.py --resume {state.out}",
+                file=sys.stderr,
+            )
         raise SystemExit(130)
 
 
@@ -85,8 +89,13 @@ def _train(args, state: RunState) -> list[dict]:
         raise SystemExit(
             f"error: --resume: this run was started with {started} process(es) and is resumed with {world}; the "
             f"data shards and the learning-rate schedule depend on that number. Resume it with {started} "
-            "process(es)" + (f" (torchrun --nproc_per_node={started} train.py --resume {args.out})" if started > 1
-                             else f" (python train.py --resume {args.out})"))
+            "process(es)"
+            + (
+                f" (torchrun --nproc_per_node={started} train.py --resume {args.out})"
+                if started > 1
+                else f" (python train.py --resume {args.out})"
+            )
+        )
     say = (lambda *a: tqdm.write(" ".join(map(str, a)))) if state.main_process else (lambda *a: None)
     ctx = RunContext(args, _load_data(args), device, rank, world)
     out = state.out = _prepare_out(ctx, fresh=checkpoint is None)
@@ -99,28 +108,49 @@ def _train(args, state: RunState) -> list[dict]:
             break
         t0 = time.perf_counter()
         lr = ctx.sched.get_last_lr()[0]
-        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", leave=False, file=sys.stderr,
-                  disable=not state.main_process or args.no_progress) as bar:
+        with tqdm(
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}/{args.epochs}",
+            leave=False,
+            file=sys.stderr,
+            disable=not state.main_process or args.no_progress,
+        ) as bar:
             try:
                 train_loss, train_acc = train_epoch(ctx, epoch, bar)
             except TrainingDiverged as exc:
-                kept = (f"{out / 'checkpoint.pt'} still holds epoch {state.saved_epoch}"
-                        if state.saved_epoch is not None else "nothing was saved")
+                kept = (
+                    f"{out / 'checkpoint.pt'} still holds epoch {state.saved_epoch}"
+                    if state.saved_epoch is not None
+                    else "nothing was saved"
+                )
                 raise SystemExit(
                     f"error: {exc}; training stopped and {kept}. Try a lower --max-lr (this run: {args.max_lr:.3e})"
                     + (", or --amp bf16 / off instead of fp16" if args.amp == "fp16" else "")
-                    + ", and start a new run with --out.") from None
+                    + ", and start a new run with --out."
+                ) from None
         test_loss, test_acc, _ = evaluate(ctx)
         seconds = time.perf_counter() - t0
-        history.append(dict(epoch=epoch, lr=lr, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
-                            test_acc=test_acc, seconds=seconds))
-        say(f"epoch {epoch:>3}/{args.epochs}  lr {lr:.2e}  train loss {train_loss:.4f} acc {100 * train_acc:5.2f}%  "
-            f"test loss {test_loss:.4f} acc {100 * test_acc:5.2f}%  {seconds:.1f}s")
+        history.append(
+            dict(
+                epoch=epoch,
+                lr=lr,
+                train_loss=train_loss,
+                train_acc=train_acc,
+                test_loss=test_loss,
+                test_acc=test_acc,
+                seconds=seconds,
+            )
+        )
+        say(
+            f"epoch {epoch:>3}/{args.epochs}  lr {lr:.2e}  train loss {train_loss:.4f} acc {100 * train_acc:5.2f}%  "
+            f"test loss {test_loss:.4f} acc {100 * test_acc:5.2f}%  {seconds:.1f}s"
+        )
         if state.main_process:
             if test_acc > best_acc:
                 best_acc = test_acc
-                atomic_save(dict(model=ctx.net.state_dict(), epoch=epoch, test_acc=test_acc, args=vars(args)),
-                            out / "final.pt")
+                atomic_save(
+                    dict(model=ctx.net.state_dict(), epoch=epoch, test_acc=test_acc, args=vars(args)), out / "final.pt"
+                )
             _save_epoch(ctx, out, epoch, history, best_acc)
         state.saved_epoch = epoch
     else:
@@ -137,14 +167,18 @@ def _train(args, state: RunState) -> list[dict]:
 def _load_data(args):
     """The data set the flags ask for, or a SystemExit that says what is missing or too small."""
     try:
-        data = (load_synthetic(args.train_size, args.test_size) if args.dataset == "synthetic" else
-                load_cifar10(args.data_dir, not args.no_download, args.train_size, args.test_size))
+        data = (
+            load_synthetic(args.train_size, args.test_size)
+            if args.dataset == "synthetic"
+            else load_cifar10(args.data_dir, not args.no_download, args.train_size, args.test_size)
+        )
     except DataUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
     for name, split, asked in (("train", data.train, args.train_size), ("test", data.test, args.test_size)):
         if asked is not None and asked > len(split.labels):
-            raise SystemExit(f"error: --{name}-size {asked}: the {args.dataset} {name} split has only "
-                             f"{len(split.labels):,} images")
+            raise SystemExit(
+                f"error: --{name}-size {asked}: the {args.dataset} {name} split has only {len(split.labels):,} images"
+            )
     return data
 
 
@@ -172,10 +206,12 @@ def _build(ctx: RunContext, checkpoint: Optional[dict], out: Path, say):
     torch.manual_seed(args.seed)
     net = ctx.net = UltimusNet(batchnorm=args.batchnorm, dropout=args.dropout, backend=args.backend).to(device)
     on_device = data.train.images.device.type == "cuda"
-    say(f"UltimusNet: {sum(p.numel() for p in net.parameters()):,} parameters, backend {args.backend} "
+    say(
+        f"UltimusNet: {sum(p.numel() for p in net.parameters()):,} parameters, backend {args.backend} "
         f"(blocks run on '{_resolved_backend(net, device)}'), device {device}, {ctx.world} process(es); "
         f"{args.dataset}: {len(data.train.labels):,} train / {len(data.test.labels):,} test images"
-        + (", held on the GPU" if on_device else ""))
+        + (", held on the GPU" if on_device else "")
+    )
     if args.lr_find and checkpoint is None:
         pick, lrs, losses = lr_range_test(ctx)
         if dist.is_initialized():  # every process trains with rank 0's pick
@@ -192,15 +228,18 @@ def _build(ctx: RunContext, checkpoint: Optional[dict], out: Path, say):
     ctx.model = torch.compile(model) if args.compile else model
     ctx.opt = torch.optim.Adam(net.parameters(), lr=max_lr / 25, weight_decay=args.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(data.train.labels) / ctx.world) / args.batch_size)
-    ctx.sched = torch.optim.lr_scheduler.OneCycleLR(ctx.opt, max_lr=max_lr, epochs=args.epochs,
-                                                    steps_per_epoch=steps_per_epoch)
+    ctx.sched = torch.optim.lr_scheduler.OneCycleLR(
+        ctx.opt, max_lr=max_lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch
+    )
     ctx.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     history, best_acc, start_epoch = [], -1.0, 1
     if checkpoint is not None:
         if checkpoint["scheduler"]["total_steps"] != ctx.sched.total_steps:
-            raise SystemExit(f"error: --resume: the checkpoint's schedule has {checkpoint['scheduler']['total_steps']} "
-                             f"steps, this process would run {ctx.sched.total_steps}: resume with the run's number of "
-                             "processes and the same data set")
+            raise SystemExit(
+                f"error: --resume: the checkpoint's schedule has {checkpoint['scheduler']['total_steps']} "
+                f"steps, this process would run {ctx.sched.total_steps}: resume with the run's number of "
+                "processes and the same data set"
+            )
         net.load_state_dict(checkpoint["model"])
         ctx.opt.load_state_dict(checkpoint["optimizer"])
         ctx.sched.load_state_dict(checkpoint["scheduler"])
@@ -210,8 +249,10 @@ def _build(ctx: RunContext, checkpoint: Optional[dict], out: Path, say):
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         say(f"resumed {out} after epoch {checkpoint['epoch']}")
-    say(f"Adam + OneCycleLR: max lr {max_lr:.3e}, {args.epochs} epochs x {steps_per_epoch} steps, "
-        f"batch {args.batch_size} per process, amp {args.amp}; writing to {out}")
+    say(
+        f"Adam + OneCycleLR: max lr {max_lr:.3e}, {args.epochs} epochs x {steps_per_epoch} steps, "
+        f"batch {args.batch_size} per process, amp {args.amp}; writing to {out}"
+    )
     return history, best_acc, start_epoch, steps_per_epoch
 
 
@@ -220,11 +261,21 @@ def _save_epoch(ctx: RunContext, out: Path, epoch: int, history: list, best_acc:
     atomic_save(json.dumps(history, indent=1) + "\n", out / "history.json")
     plot_curves(history, out / "curves.png")
     cuda = ctx.device.type == "cuda"
-    atomic_save(dict(model=ctx.net.state_dict(), optimizer=ctx.opt.state_dict(), scheduler=ctx.sched.state_dict(),
-                     scaler=ctx.scaler.state_dict(), epoch=epoch, history=history, best_acc=best_acc,
-                     args=vars(ctx.args), world_size=ctx.world,
-                     rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else None)),
-                out / "checkpoint.pt")
+    atomic_save(
+        dict(
+            model=ctx.net.state_dict(),
+            optimizer=ctx.opt.state_dict(),
+            scheduler=ctx.sched.state_dict(),
+            scaler=ctx.scaler.state_dict(),
+            epoch=epoch,
+            history=history,
+            best_acc=best_acc,
+            args=vars(ctx.args),
+            world_size=ctx.world,
+            rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else None),
+        ),
+        out / "checkpoint.pt",
+    )
 
 
 def _resolved_backend(net, device) -> str:

@@ -17,6 +17,7 @@ weights (4*d*D + 3*d + D elements, read once). GB/s = those bytes / median time.
 measures the device's copy bandwidth itself (a 1 GiB device-to-device copy, read + write bytes) and
 reports each run as a percentage of it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,12 +64,23 @@ CACHE_BYTES = 64 << 20  # rotate inputs so that the sets together exceed this (L
 # Inputs and providers
 # ------------------------------------------------------------------------------------------------
 
+
 def make_set(B, D, d, dtype, device, gen):
     """One random input set (never zeros): x, parameters in nn.Linear layouts, and gy."""
+
     def r(*shape, s=1.0):
         return (torch.randn(*shape, generator=gen) * s).to(device=device, dtype=dtype)
-    params = UltimusParams(r(d, D, s=D**-0.5), r(d, s=0.1), r(d, D, s=D**-0.5), r(d, s=0.1), r(d, D, s=D**-0.5),
-                           r(d, s=0.1), r(D, d, s=d**-0.5), r(D, s=0.1))
+
+    params = UltimusParams(
+        r(d, D, s=D**-0.5),
+        r(d, s=0.1),
+        r(d, D, s=D**-0.5),
+        r(d, s=0.1),
+        r(d, D, s=D**-0.5),
+        r(d, s=0.1),
+        r(D, d, s=d**-0.5),
+        r(D, s=0.1),
+    )
     x = r(B, D).requires_grad_()
     return x, UltimusParams(*(p.requires_grad_() for p in params)), r(B, D)
 
@@ -84,8 +96,9 @@ def provider_fn(name: str, max_autotune: bool = False) -> Callable:
     if name == "reference":
         return lambda x, p: ultimus_reference(x, *p)
     if name.startswith("compile"):
-        compiled = torch.compile(ultimus_reference, dynamic=False,
-                                 mode="max-autotune-no-cudagraphs" if max_autotune else None)
+        compiled = torch.compile(
+            ultimus_reference, dynamic=False, mode="max-autotune-no-cudagraphs" if max_autotune else None
+        )
         return lambda x, p: compiled(x, *p)
     return lambda x, p, name=name: ultimus(x, *p, backend=name)
 
@@ -105,6 +118,7 @@ def mode_fn(mode: str, fn: Callable, sets) -> Callable:
             return fn(x, p)
         y = saved[i] if mode == "bwd" else fn(x, p)
         return torch.autograd.grad(y, [x, *p], gy, retain_graph=(mode == "bwd"))
+
     return run
 
 
@@ -112,9 +126,13 @@ def mode_fn(mode: str, fn: Callable, sets) -> Callable:
 # The sweep
 # ------------------------------------------------------------------------------------------------
 
+
 def providers_for(args, device) -> tuple[list[str], dict[str, str]]:
-    wanted = args.backends.split(",") if args.backends else (
-        ["reference", "compile"] + (["compile-max-autotune"] if args.max_autotune else []) + list(FUSED))
+    wanted = (
+        args.backends.split(",")
+        if args.backends
+        else (["reference", "compile"] + (["compile-max-autotune"] if args.max_autotune else []) + list(FUSED))
+    )
     chosen, skipped = [], {}
     for name in wanted:
         if name in FUSED:
@@ -155,8 +173,13 @@ def sweep(args, device) -> tuple[list[dict], dict[str, str], Optional[float]]:
     if bandwidth:
         print(f"measured copy bandwidth: {bandwidth:.0f} GB/s", file=sys.stderr)
     dtypes = [DTYPES[t] for t in args.dtype.split(",")]
-    jobs = [(dtype, B, mode, prov) for dtype in dtypes for B in args.batch_sizes for mode in args.modes
-            for prov in providers]
+    jobs = [
+        (dtype, B, mode, prov)
+        for dtype in dtypes
+        for B in args.batch_sizes
+        for mode in args.modes
+        for prov in providers
+    ]
     gen = torch.Generator().manual_seed(0)
     rows, fns, inputs = [], {}, {}
     bar = tqdm(jobs, desc="benchmark", file=sys.stderr, disable=args.no_progress)
@@ -188,10 +211,23 @@ def sweep(args, device) -> tuple[list[dict], dict[str, str], Optional[float]]:
             peak = None
         nbytes = block_bytes(mode, B, args.dim, args.attn_dim, torch.finfo(dtype).bits // 8)
         gbs = nbytes / (med * 1e-3) / 1e9
-        rows.append(dict(provider=prov, mode=mode, B=B, D=args.dim, d=args.attn_dim, dtype=str(dtype)[6:],
-                         median_ms=med, p20_ms=p20, p80_ms=p80, bytes=nbytes, gb_per_s=gbs,
-                         pct_copy_bandwidth=(100 * gbs / bandwidth) if bandwidth else None,
-                         peak_mem_mib=peak))
+        rows.append(
+            dict(
+                provider=prov,
+                mode=mode,
+                B=B,
+                D=args.dim,
+                d=args.attn_dim,
+                dtype=str(dtype)[6:],
+                median_ms=med,
+                p20_ms=p20,
+                p80_ms=p80,
+                bytes=nbytes,
+                gb_per_s=gbs,
+                pct_copy_bandwidth=(100 * gbs / bandwidth) if bandwidth else None,
+                peak_mem_mib=peak,
+            )
+        )
     add_speedups(rows, ("mode", "B", "dtype"))
     return rows, skipped, bandwidth
 
@@ -199,6 +235,7 @@ def sweep(args, device) -> tuple[list[dict], dict[str, str], Optional[float]]:
 # ------------------------------------------------------------------------------------------------
 # The end-to-end effect: one UltimusNet training step per backend
 # ------------------------------------------------------------------------------------------------
+
 
 def model_sweep(args, device) -> list[dict]:
     from model import UltimusNet
@@ -219,10 +256,12 @@ def model_sweep(args, device) -> list[dict]:
                 opt.zero_grad(set_to_none=True)
                 torch.nn.functional.cross_entropy(step_net(images), labels).backward()
                 opt.step()
+
             step()
             med, p20, p80 = time_run(step, device, args)
-            rows.append(dict(provider=prov, mode="train-step", B=B, dtype="float32", median_ms=med, p20_ms=p20,
-                             p80_ms=p80))
+            rows.append(
+                dict(provider=prov, mode="train-step", B=B, dtype="float32", median_ms=med, p20_ms=p20, p80_ms=p80)
+            )
     add_speedups(rows, ("B",))
     return rows
 
@@ -230,6 +269,7 @@ def model_sweep(args, device) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # Host overhead: microseconds per call at small B, where the kernels do little work
 # ------------------------------------------------------------------------------------------------
+
 
 def overhead_sweep(args, device) -> list[dict]:
     """Per call, fwd and fwd+bwd: each fused backend's raw ops (no autograd), its ops under each autograd
@@ -250,25 +290,40 @@ def overhead_sweep(args, device) -> list[dict]:
         for prov in providers:
             if prov in FUSED:
                 fwd, bwd = FUSED_OPS[prov].fwd, FUSED_OPS[prov].bwd
-                timed[f"{prov} raw ops"] = (lambda f=fwd: f(*plain, True),
-                                            lambda f=fwd, b=bwd: (f(*plain, True), b(gy, *plain, True, True, True)))
+                timed[f"{prov} raw ops"] = (
+                    lambda f=fwd: f(*plain, True),
+                    lambda f=fwd, b=bwd: (f(*plain, True), b(gy, *plain, True, True, True)),
+                )
                 # The autograd boundaries, each over the same kernels: the op's own registered autograd
                 # (C++ for cpu/cuda, torch.library.register_autograd for triton), UltimusFunction, and the
                 # setup_context form torch.func needs (UltimusTransformFunction).
-                for label, call in ((f"{prov} op + its autograd", lambda f=fwd: f(x, *params, True)),
-                                    (f"{prov} UltimusFunction",
-                                     lambda n=prov: UltimusFunction.apply(n, True, x, *params)),
-                                    (f"{prov} TransformFunction",
-                                     lambda n=prov: UltimusTransformFunction.apply(n, True, x, *params))):
+                for label, call in (
+                    (f"{prov} op + its autograd", lambda f=fwd: f(x, *params, True)),
+                    (f"{prov} UltimusFunction", lambda n=prov: UltimusFunction.apply(n, True, x, *params)),
+                    (f"{prov} TransformFunction", lambda n=prov: UltimusTransformFunction.apply(n, True, x, *params)),
+                ):
                     timed[label] = (call, lambda call=call: torch.autograd.grad(call(), [x, *params], gy))
             fn, own = block_provider(prov, args)
             timed[prov if prov.startswith(("reference", "compile")) else f"{prov} UltimusBlock"] = (
-                lambda fn=fn: fn(x), lambda fn=fn, own=own: torch.autograd.grad(fn(x), [x, *own], gy))
+                lambda fn=fn: fn(x),
+                lambda fn=fn, own=own: torch.autograd.grad(fn(x), [x, *own], gy),
+            )
         for label, (fwd_run, both_run) in timed.items():
             for mode, run in (("fwd", fwd_run), ("fwd+bwd", both_run)):
                 med, p20, p80 = time_wall_us(run, device, args.min_run_time)
-                rows.append(dict(provider=label, mode=mode, B=B, D=args.dim, d=args.attn_dim, dtype="float32",
-                                 median_us=med, p20_us=p20, p80_us=p80))
+                rows.append(
+                    dict(
+                        provider=label,
+                        mode=mode,
+                        B=B,
+                        D=args.dim,
+                        d=args.attn_dim,
+                        dtype="float32",
+                        median_us=med,
+                        p20_us=p20,
+                        p80_us=p80,
+                    )
+                )
     add_speedups(rows, ("mode", "B"), time_key="median_us")
     base = {(r["mode"], r["B"], r["provider"]): r["median_us"] for r in rows}
     for r in rows:
@@ -338,33 +393,64 @@ def _check_writable(parser, flag: str, path: Optional[str]) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="device to benchmark (default: cuda when available, else cpu)")
-    p.add_argument("--backends", default=None,
-                   help=f"comma-separated providers: {', '.join(PROVIDERS)} (default: all that run on the device)")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="device to benchmark (default: cuda when available, else cpu)",
+    )
+    p.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma-separated providers: {', '.join(PROVIDERS)} (default: all that run on the device)",
+    )
     p.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma-separated modes: fwd, bwd, fwd+bwd")
-    p.add_argument("--batch-sizes", type=_int_list, default=None,
-                   help="comma-separated B values >= 1 (default: powers of 4 from 128 to 2^22 on GPU, to 2^16 on CPU)")
-    p.add_argument("--dtype", default=None,
-                   help="comma-separated dtypes: float32, float16, bfloat16 (default: float32 on CPU; all on GPU)")
-    p.add_argument("--dim", type=_positive_int, default=48,
-                   help=f"D, the block width, >= 1 (default 48; fused providers need D <= {MAX_DIM})")
-    p.add_argument("--attn-dim", type=_positive_int, default=8,
-                   help=f"d, the attention width, >= 1 (default 8; fused providers need d <= {MAX_ATTN_DIM})")
+    p.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        default=None,
+        help="comma-separated B values >= 1 (default: powers of 4 from 128 to 2^22 on GPU, to 2^16 on CPU)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="comma-separated dtypes: float32, float16, bfloat16 (default: float32 on CPU; all on GPU)",
+    )
+    p.add_argument(
+        "--dim",
+        type=_positive_int,
+        default=48,
+        help=f"D, the block width, >= 1 (default 48; fused providers need D <= {MAX_DIM})",
+    )
+    p.add_argument(
+        "--attn-dim",
+        type=_positive_int,
+        default=8,
+        help=f"d, the attention width, >= 1 (default 8; fused providers need d <= {MAX_ATTN_DIM})",
+    )
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads, >= 1 (default: torch's default)")
-    p.add_argument("--min-run-time", type=_positive_float, default=0.5,
-                   help="seconds of timing per point, > 0 (default 0.5)")
+    p.add_argument(
+        "--min-run-time", type=_positive_float, default=0.5, help="seconds of timing per point, > 0 (default 0.5)"
+    )
     p.add_argument("--max-autotune", action="store_true", help="also time torch.compile(mode='max-autotune') on GPU")
-    p.add_argument("--quick", action="store_true",
-                   help="a small sweep (B = 128 and 4096, float32, short timing): under a minute on CPU")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small sweep (B = 128 and 4096, float32, short timing): under a minute on CPU",
+    )
     p.add_argument("--model", action="store_true", help="time one full UltimusNet training step per backend instead")
-    p.add_argument("--model-batch-sizes", type=_int_list, default=[128, 512],
-                   help="batch sizes for --model (default 128,512)")
-    p.add_argument("--overhead", action="store_true",
-                   help="time the host path instead: microseconds per call (fwd, fwd+bwd) of each backend's raw ops, "
-                        "its ops under UltimusFunction, the public UltimusBlock, eager and torch.compile, at small B")
-    p.add_argument("--overhead-batch-sizes", type=_int_list, default=[1, 128],
-                   help="batch sizes for --overhead (default 1,128)")
+    p.add_argument(
+        "--model-batch-sizes", type=_int_list, default=[128, 512], help="batch sizes for --model (default 128,512)"
+    )
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="time the host path instead: microseconds per call (fwd, fwd+bwd) of each backend's raw ops, "
+        "its ops under UltimusFunction, the public UltimusBlock, eager and torch.compile, at small B",
+    )
+    p.add_argument(
+        "--overhead-batch-sizes", type=_int_list, default=[1, 128], help="batch sizes for --overhead (default 1,128)"
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write one JSON row per measurement here")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG of throughput vs B here (sweeps only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -414,9 +500,14 @@ def main(argv=None) -> None:
     device = args.device
     name = device_name(device)
     triton_version = _version("triton")
-    meta = dict(device=name, torch=torch.__version__, triton=triton_version,
-                date=dt.datetime.now().isoformat(timespec="seconds"), threads=args.threads,
-                command="python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if argv is None else None)
+    meta = dict(
+        device=name,
+        torch=torch.__version__,
+        triton=triton_version,
+        date=dt.datetime.now().isoformat(timespec="seconds"),
+        threads=args.threads,
+        command="python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if argv is None else None,
+    )
     bandwidth, skipped = None, {}
     if args.model:
         rows = model_sweep(args, device)
@@ -425,17 +516,22 @@ def main(argv=None) -> None:
     else:
         rows, skipped, bandwidth = sweep(args, device)
     if not rows:
-        raise SystemExit("error: nothing was timed: no provider runs here with these arguments "
-                         f"({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'see the messages above'})")
+        raise SystemExit(
+            "error: nothing was timed: no provider runs here with these arguments "
+            f"({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'see the messages above'})"
+        )
     for r in rows:
         r.update(meta)
     # The table first: a failure to write a file below must not lose what was measured.
-    print(f"\n{name}  torch {torch.__version__}  triton {triton_version}"
-          + (f"  copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""))
+    print(
+        f"\n{name}  torch {torch.__version__}  triton {triton_version}"
+        + (f"  copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else "")
+    )
     print(overhead_table(rows) if args.overhead else table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(meta=dict(meta, copy_bandwidth_gbs=bandwidth, skipped=skipped),
-                                                   rows=rows), indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps(dict(meta=dict(meta, copy_bandwidth_gbs=bandwidth, skipped=skipped), rows=rows), indent=1) + "\n"
+        )
     if args.plot:
         plot(rows, args.plot, f"Ultimus block (D={args.dim}, d={args.attn_dim}) on {name}")
 

@@ -1,6 +1,7 @@
 """Timing and reporting for the benchmarks (Liger-Kernel's benchmark/scripts/utils.py is the model):
 timers for the GPU (CUDA events), the CPU (torch.utils.benchmark) and the host path (wall clock);
 the device's copy bandwidth; the device's name; tables, speed-up columns and plots of result rows."""
+
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 # Timing
 # ------------------------------------------------------------------------------------------------
 
+
 def time_gpu(run: Callable) -> tuple[float, float, float]:
     """(median, p20, p80) in ms, with CUDA events through triton.testing.do_bench."""
     import triton.testing
@@ -32,7 +34,8 @@ def time_cpu(run: Callable, threads: int, min_run_time: float) -> tuple[float, f
 
     run()  # warm-up
     m = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads).blocked_autorange(
-        min_run_time=min_run_time)
+        min_run_time=min_run_time
+    )
     times = sorted(m.times)
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))] * 1e3  # noqa: E731
     return m.median * 1e3, q(0.2), q(0.8)
@@ -94,6 +97,7 @@ def add_speedups(rows: list[dict], group: tuple, time_key: str = "median_ms") ->
 # Report
 # ------------------------------------------------------------------------------------------------
 
+
 def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -111,8 +115,11 @@ def device_name(device) -> str:
 def table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-    head = f"{'provider':<21}{'mode':<11}{'dtype':<9}{'B':>9}{'median ms':>11}{'p20-p80 ms':>19}" \
-           f"{'vs eager':>9}{'vs compile':>11}{'GB/s':>8}{'% copy':>8}{'peak MiB':>9}"
+
+    head = (
+        f"{'provider':<21}{'mode':<11}{'dtype':<9}{'B':>9}{'median ms':>11}{'p20-p80 ms':>19}"
+        f"{'vs eager':>9}{'vs compile':>11}{'GB/s':>8}{'% copy':>8}{'peak MiB':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -120,7 +127,8 @@ def table(rows: list[dict]) -> str:
             f"{fmt(r['p20_ms'], '.4f') + '-' + fmt(r['p80_ms'], '.4f'):>19}"
             f"{fmt(r.get('speedup_vs_eager'), '.2f') + 'x':>9}{fmt(r.get('speedup_vs_compile'), '.2f') + 'x':>11}"
             f"{fmt(r.get('gb_per_s'), '.1f'):>8}{fmt(r.get('pct_copy_bandwidth'), '.1f'):>8}"
-            f"{fmt(r.get('peak_mem_mib'), '.1f'):>9}")
+            f"{fmt(r.get('peak_mem_mib'), '.1f'):>9}"
+        )
     return "\n".join(lines)
 
 
@@ -137,12 +145,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         for j, mode in enumerate(modes):
             ax = axes[i][j]
             for prov in dict.fromkeys(r["provider"] for r in rows):
-                pts = sorted((r["B"], r["B"] / (r["median_ms"] * 1e-3)) for r in rows
-                             if r["provider"] == prov and r["mode"] == mode and r["dtype"] == dtype)
+                pts = sorted(
+                    (r["B"], r["B"] / (r["median_ms"] * 1e-3))
+                    for r in rows
+                    if r["provider"] == prov and r["mode"] == mode and r["dtype"] == dtype
+                )
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=prov)
-            ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="samples / s",
-                   title=f"{mode}, {dtype}")
+            ax.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="samples / s", title=f"{mode}, {dtype}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(title)
@@ -154,10 +164,13 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 def overhead_table(rows: list[dict]) -> str:
     def fmt(v, spec):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
     head = f"{'provider':<30}{'mode':<9}{'B':>6}{'median us':>11}{'p20-p80 us':>17}{'vs eager':>10}{'vs raw ops':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['provider']:<30}{r['mode']:<9}{r['B']:>6}{r['median_us']:>11.1f}"
-                     f"{fmt(r['p20_us'], '.1f') + '-' + fmt(r['p80_us'], '.1f'):>17}"
-                     f"{fmt(r['speedup_vs_eager'], '.2f') + 'x':>10}{fmt(r['vs_raw_ops'], '.2f') + 'x':>12}")
+        lines.append(
+            f"{r['provider']:<30}{r['mode']:<9}{r['B']:>6}{r['median_us']:>11.1f}"
+            f"{fmt(r['p20_us'], '.1f') + '-' + fmt(r['p80_us'], '.1f'):>17}"
+            f"{fmt(r['speedup_vs_eager'], '.2f') + 'x':>10}{fmt(r['vs_raw_ops'], '.2f') + 'x':>12}"
+        )
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """`python -m model`: print the per-layer summary of UltimusNet."""
+
 import argparse
 
 from ultimus_kernels import BACKENDS
@@ -11,8 +12,12 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=4, help="number of Ultimus blocks (default 4)")
     p.add_argument("--batchnorm", action="store_true", help="add BatchNorm after each convolution")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on the pooled features (default 0)")
-    p.add_argument("--backend", default="reference", choices=("auto",) + BACKENDS,
-                   help="Ultimus backend used for the summary pass (default reference)")
+    p.add_argument(
+        "--backend",
+        default="reference",
+        choices=("auto",) + BACKENDS,
+        help="Ultimus backend used for the summary pass (default reference)",
+    )
     a = p.parse_args()
     if a.blocks < 0:
         p.error(f"--blocks must be >= 0, got {a.blocks}")

@@ -4,6 +4,7 @@ held as uint8 tensors, with batched augmentation that runs on whatever device ho
 Keeping the data as one tensor (150 MB for CIFAR-10) lets a GPU run hold the whole set in device
 memory and augment there, so an epoch is bounded by the model and not by Python data loading.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def _subsample(split: Split, size: int | None, seed: int) -> Split:
     return Split(split.images[keep], split.labels[keep])
 
 
-def load_cifar10(data_dir: str | Path, download: bool, train_size: int | None = None,
-                 test_size: int | None = None) -> Dataset:
+def load_cifar10(
+    data_dir: str | Path, download: bool, train_size: int | None = None, test_size: int | None = None
+) -> Dataset:
     """CIFAR-10 through torchvision.datasets.CIFAR10 (the standard loader and on-disk layout)."""
     import torchvision
 
@@ -61,11 +63,17 @@ def load_cifar10(data_dir: str | Path, download: bool, train_size: int | None = 
                 + (" and could not be downloaded" if download else " (--no-download was given)")
                 + f": {exc}\nTo proceed: put the extracted 'cifar-10-batches-py' folder under --data-dir "
                 "(or point --data-dir at its parent), allow the download, or train offline on "
-                "--dataset synthetic.") from exc
+                "--dataset synthetic."
+            ) from exc
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> NCHW
         splits[name] = Split(images, torch.tensor(ds.targets, dtype=torch.int64))
-    return Dataset(_subsample(splits["train"], train_size, 0), _subsample(splits["test"], test_size, 1),
-                   CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD)
+    return Dataset(
+        _subsample(splits["train"], train_size, 0),
+        _subsample(splits["test"], test_size, 1),
+        CIFAR10_CLASSES,
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+    )
 
 
 def _synthetic_split(n: int, seed: int) -> Split:
@@ -75,20 +83,20 @@ def _synthetic_split(n: int, seed: int) -> Split:
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 10, (n,), generator=g)
     cls = torch.arange(10, dtype=torch.float32)
-    angle = cls * math.pi / 10                              # class direction
-    freq = 0.25 + 0.06 * (cls % 5)                          # class spatial frequency (radians / pixel)
+    angle = cls * math.pi / 10  # class direction
+    freq = 0.25 + 0.06 * (cls % 5)  # class spatial frequency (radians / pixel)
     palette = torch.stack([0.5 + 0.4 * torch.cos(2 * math.pi * cls / 10 + o) for o in (0.0, 2.1, 4.2)], 1)
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    a, f = angle[labels], freq[labels]                                     # (n,), (n,)
+    a, f = angle[labels], freq[labels]  # (n,), (n,)
     # Colour is only a hint: mixed with a random colour per image.
-    col = 0.5 * palette[labels] + 0.5 * torch.rand(n, 3, generator=g)      # (n, 3)
-    jitter = 0.2 * torch.randn(n, generator=g)                              # per-image direction noise
-    proj = (torch.cos(a + jitter)[:, None, None] * xx + torch.sin(a + jitter)[:, None, None] * yy)
+    col = 0.5 * palette[labels] + 0.5 * torch.rand(n, 3, generator=g)  # (n, 3)
+    jitter = 0.2 * torch.randn(n, generator=g)  # per-image direction noise
+    proj = torch.cos(a + jitter)[:, None, None] * xx + torch.sin(a + jitter)[:, None, None] * yy
     phase = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
-    wave = 0.5 + 0.5 * torch.sin(f[:, None, None] * proj + phase)           # (n, 32, 32) in [0, 1]
-    img = col[:, :, None, None] * (0.35 + 0.65 * wave[:, None])             # (n, 3, 32, 32)
+    wave = 0.5 + 0.5 * torch.sin(f[:, None, None] * proj + phase)  # (n, 32, 32) in [0, 1]
+    img = col[:, :, None, None] * (0.35 + 0.65 * wave[:, None])  # (n, 3, 32, 32)
     # A random soft blob of random colour, and noise: distractors the net must learn to ignore.
-    cy, cx = (torch.rand(2, n, 1, 1, generator=g) * 32)
+    cy, cx = torch.rand(2, n, 1, 1, generator=g) * 32
     blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 5.0**2))
     img = img * (1 - 0.6 * blob[:, None]) + 0.6 * blob[:, None] * torch.rand(n, 3, 1, 1, generator=g)
     img = img * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)) + 0.25 * torch.randn(img.shape, generator=g)
@@ -109,6 +117,7 @@ def load_synthetic(train_size: int | None = None, test_size: int | None = None) 
 # Batched preprocessing, on the batch's device
 # ------------------------------------------------------------------------------------------------
 
+
 def normalize(images: Tensor, mean, std) -> Tensor:
     """uint8 (B, 3, 32, 32) -> float32, scaled to [0, 1] and standardised per channel."""
     m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
@@ -127,8 +136,9 @@ def augment(x: Tensor, gen: torch.Generator, pad: int = 4, cutout: int = 8) -> T
     ox = (rand(B) * (2 * pad + 1)).long()
     rows = (oy[:, None] + torch.arange(H, device=dev))[:, None, :, None]  # (B, 1, H, 1)
     cols = (ox[:, None] + torch.arange(W, device=dev))[:, None, None, :]  # (B, 1, 1, W)
-    x = padded[torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None],
-               rows, cols]
+    x = padded[
+        torch.arange(B, device=dev)[:, None, None, None], torch.arange(C, device=dev)[None, :, None, None], rows, cols
+    ]
     flip = rand(B) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     cy, cx = (rand(B) * H).long(), (rand(B) * W).long()

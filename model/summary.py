@@ -1,4 +1,5 @@
 """A per-layer summary of a model: output shape and parameter count of each layer."""
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,9 @@ def _layers(model: nn.Module):
 def summary(model: nn.Module, input_shape=(1, 3, 32, 32)) -> str:
     shapes: dict[str, tuple] = {}
     layers = list(_layers(model))
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: shapes.__setitem__(n, tuple(out.shape)))
-             for n, m in layers]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, n=n: shapes.__setitem__(n, tuple(out.shape))) for n, m in layers
+    ]
     was_training = model.training
     model.eval()
     try:

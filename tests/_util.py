@@ -1,4 +1,5 @@
 """Helpers shared by the tests: random block parameters, relative error, backend lists."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -30,8 +31,10 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
     diff = (out.double() - ref.double()).abs()
     flat = int(torch.nan_to_num(diff, nan=float("inf")).argmax())
     where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape)) if diff.dim() else ()
-    raise AssertionError(f"{what}: relative error {err:.3e} > {tol:.1e}; worst at index {where}: "
-                         f"{out.reshape(-1)[flat].item()!r} vs {ref.reshape(-1)[flat].item()!r}")
+    raise AssertionError(
+        f"{what}: relative error {err:.3e} > {tol:.1e}; worst at index {where}: "
+        f"{out.reshape(-1)[flat].item()!r} vs {ref.reshape(-1)[flat].item()!r}"
+    )
 
 
 class Inputs(NamedTuple):
@@ -56,8 +59,7 @@ class Inputs(NamedTuple):
         return [t for t in self if t is not None]
 
 
-def make_inputs(B, D, d, dtype=torch.float64, device="cpu", bias=True, logit_scale=1.0,
-                requires_grad=True) -> Inputs:
+def make_inputs(B, D, d, dtype=torch.float64, device="cpu", bias=True, logit_scale=1.0, requires_grad=True) -> Inputs:
     """Fresh random x and parameters in nn.Linear layouts, scaled like nn.Linear's initialisation;
     `logit_scale` multiplies Wq and Wk (and bq, bk) to push the attention logits up."""
     g = lambda *shape, s=1.0: torch.randn(*shape, dtype=torch.float64) * s  # noqa: E731

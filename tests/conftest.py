@@ -3,6 +3,7 @@ switched on before triton is first imported (importing ultimus_kernels imports i
 
 Every test starts from a fresh random seed (inputs are random and new each run), printed with any
 failure; ULTIMUS_TEST_SEED=N replays a failure with the same inputs."""
+
 import os
 import random
 

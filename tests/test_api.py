@@ -1,4 +1,5 @@
 """The public contract: argument checking, backend selection, the module, the extension build."""
+
 import importlib.util
 import json
 import shutil
@@ -106,8 +107,9 @@ def test_sizes_past_a_fused_limit_are_refused_with_the_limit(backend):
         with pytest.raises(ValueError, match=limit):
             call(args, backend=backend)
     # ... while the sizes every backend must support work, and "auto" falls back past the limit.
-    assert call(make_inputs(2, MAX_DIM, MAX_ATTN_DIM, dtype=torch.float32, device=device,
-                            requires_grad=False), backend=backend).shape == (2, MAX_DIM)
+    assert call(
+        make_inputs(2, MAX_DIM, MAX_ATTN_DIM, dtype=torch.float32, device=device, requires_grad=False), backend=backend
+    ).shape == (2, MAX_DIM)
     assert resolve_backend("auto", torch.device(device), MAX_DIM + 1, 4) == "reference"
 
 
@@ -128,8 +130,11 @@ def test_python_m_ultimus_kernels_reports_backends():
 def test_block_state_dict_does_not_depend_on_backend():
     a = UltimusBlock(48, 8, backend="reference")
     b = UltimusBlock(48, 8, backend="auto")
-    assert list(a.state_dict()) == list(b.state_dict()) == [
-        "q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias", "out.weight", "out.bias"]
+    assert (
+        list(a.state_dict())
+        == list(b.state_dict())
+        == ["q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias", "out.weight", "out.bias"]
+    )
     b.load_state_dict(a.state_dict())
     x = torch.randn(5, 48)
     b.backend = "reference"
@@ -140,6 +145,7 @@ def test_block_state_dict_does_not_depend_on_backend():
 
 
 # --- the compiled extensions -------------------------------------------------------------------
+
 
 def _build_info():
     path = Path(ultimus_kernels.__file__).parent / "_build_info.json"

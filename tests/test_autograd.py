@@ -1,6 +1,7 @@
 """Autograd beyond the first backward, on every backend: double backward (gradient penalties,
 Hessian-vector products), forward-mode AD (torch.func.jvp, make_dual), torch.func.grad / jacrev /
 vmap, and the named UltimusFunction. Every result is compared with the float64 reference."""
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -57,6 +58,7 @@ def test_torch_func_jvp_matches_reference(backend):
     def f(backend_fn):
         def call(x, wq, bq, wk, bk, wv, bv, wo, bo):
             return backend_fn(x, wq, bq, wk, bk, wv, bv, wo, bo)
+
         return call
 
     y, ty = tf.jvp(f(lambda *a: ultimus(*a, backend=backend)), tuple(args), tangents)
@@ -91,12 +93,14 @@ def test_torch_func_grad_jacrev_and_vmap(backend):
         return lambda x_: fn(x_, *params)
 
     fused, ref = block(lambda *a: ultimus(*a, backend=backend)), block(ultimus_reference)
-    assert rel_err(tf.grad(lambda x_: fused(x_).square().sum())(x),
-                   tf.grad(lambda x_: ref(x_).square().sum())(x)) < 1e-12
+    assert (
+        rel_err(tf.grad(lambda x_: fused(x_).square().sum())(x), tf.grad(lambda x_: ref(x_).square().sum())(x)) < 1e-12
+    )
     assert rel_err(tf.jacrev(fused)(x), tf.jacrev(ref)(x)) < 1e-12
     assert rel_err(tf.jacfwd(fused)(x), tf.jacfwd(ref)(x)) < 1e-12
     stacked = torch.randn(4, 3, 6, dtype=x.dtype, device=device)  # vmap over 4 batches of 3 samples
     assert rel_err(tf.vmap(fused)(stacked), tf.vmap(ref)(stacked)) < 1e-12
+
     # Per-sample weight gradients: vmap of grad with respect to a weight.
     def loss_of_wo(fn):
         return lambda wo, x_: fn(x_[None], *params._replace(wo=wo)).square().sum()

@@ -1,5 +1,6 @@
 """Smoke test of bench/attn.py: a tiny CPU sweep produces a table, JSON rows and a PNG, with every
 number positive and finite. No timing assertions."""
+
 import json
 import math
 import subprocess
@@ -15,9 +16,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def bench(tmp_path, *extra):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "attn.py"), "--quick", "--device", "cpu",
-                           "--no-progress", "--min-run-time", "0.02", "--json", str(out), *extra],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "attn.py"),
+            "--quick",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--min-run-time",
+            "0.02",
+            "--json",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
 
@@ -25,8 +41,7 @@ def bench(tmp_path, *extra):
 def test_quick_cpu_sweep_writes_table_json_and_plot(tmp_path):
     providers = ["reference"] + (["cpu"] if "cpu" in available_backends("cpu") else [])
     png = tmp_path / "bench.png"
-    stdout, doc = bench(tmp_path, "--backends", ",".join(providers), "--batch-sizes", "64,257",
-                        "--plot", str(png))
+    stdout, doc = bench(tmp_path, "--backends", ",".join(providers), "--batch-sizes", "64,257", "--plot", str(png))
     rows = doc["rows"]
     assert len(rows) == len(providers) * 2 * 3  # providers x batch sizes x modes
     assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
@@ -47,40 +62,66 @@ def test_model_mode_times_a_training_step(tmp_path):
 
 
 def test_help_lists_the_flags():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "attn.py"), "--help"], capture_output=True,
-                         text=True, check=True).stdout
-    for flag in ("--device", "--backends", "--modes", "--batch-sizes", "--dtype", "--threads", "--quick",
-                 "--json", "--plot", "--model", "--max-autotune"):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "attn.py"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in (
+        "--device",
+        "--backends",
+        "--modes",
+        "--batch-sizes",
+        "--dtype",
+        "--threads",
+        "--quick",
+        "--json",
+        "--plot",
+        "--model",
+        "--max-autotune",
+    ):
         assert flag in out
 
 
 def test_overhead_mode_times_every_path_per_call(tmp_path):
     if "cpu" not in available_backends("cpu"):
         pytest.skip("cpu backend not built")
-    stdout, doc = bench(tmp_path, "--overhead", "--backends", "reference,cpu", "--overhead-batch-sizes", "1",
-                        "--threads", "1")
+    stdout, doc = bench(
+        tmp_path, "--overhead", "--backends", "reference,cpu", "--overhead-batch-sizes", "1", "--threads", "1"
+    )
     providers = {r["provider"] for r in doc["rows"]}
-    assert providers == {"reference", "cpu raw ops", "cpu op + its autograd", "cpu UltimusFunction",
-                         "cpu TransformFunction", "cpu UltimusBlock"}
+    assert providers == {
+        "reference",
+        "cpu raw ops",
+        "cpu op + its autograd",
+        "cpu UltimusFunction",
+        "cpu TransformFunction",
+        "cpu UltimusBlock",
+    }
     assert {r["mode"] for r in doc["rows"]} == {"fwd", "fwd+bwd"}
     for r in doc["rows"]:
         assert math.isfinite(r["median_us"]) and r["median_us"] > 0 and r["B"] == 1
     assert "median us" in stdout and "vs raw ops" in stdout
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--dim", "0"], "--dim: must be at least 1"),
-    (["--attn-dim", "-3"], "--attn-dim: must be at least 1"),
-    (["--batch-sizes", "128,0"], "--batch-sizes: must be at least 1"),
-    (["--batch-sizes", "12x"], "--batch-sizes: expected an integer"),
-    (["--threads", "0"], "--threads: must be at least 1"),
-    (["--min-run-time", "0"], "--min-run-time: must be a positive number"),
-    (["--backends", "reference,fast"], "unknown provider 'fast'"),
-    (["--model", "--plot", "x.png"], "--plot draws the batch-size sweep"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--dim", "0"], "--dim: must be at least 1"),
+        (["--attn-dim", "-3"], "--attn-dim: must be at least 1"),
+        (["--batch-sizes", "128,0"], "--batch-sizes: must be at least 1"),
+        (["--batch-sizes", "12x"], "--batch-sizes: expected an integer"),
+        (["--threads", "0"], "--threads: must be at least 1"),
+        (["--min-run-time", "0"], "--min-run-time: must be a positive number"),
+        (["--backends", "reference,fast"], "unknown provider 'fast'"),
+        (["--model", "--plot", "x.png"], "--plot draws the batch-size sweep"),
+    ],
+)
 def test_bad_arguments_are_argparse_errors(extra, message):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "attn.py"), "--device", "cpu", *extra],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "attn.py"), "--device", "cpu", *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
@@ -88,13 +129,38 @@ def test_unwritable_output_fails_before_timing(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     for flag in ("--json", "--plot"):
-        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "attn.py"), "--device", "cpu", "--quick",
-                               flag, str(blocker / "out.x")], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "attn.py"),
+                "--device",
+                "cpu",
+                "--quick",
+                flag,
+                str(blocker / "out.x"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2 and f"{flag} {blocker / 'out.x'}: cannot write there" in proc.stderr
         assert "median" not in proc.stdout  # nothing was timed
 
 
 def test_nothing_to_time_exits_non_zero(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "attn.py"), "--device", "cpu", "--backends", "cuda",
-                           "--quick", "--no-progress"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "attn.py"),
+            "--device",
+            "cpu",
+            "--backends",
+            "cuda",
+            "--quick",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "nothing was timed" in proc.stderr and "cuda" in proc.stderr

@@ -1,5 +1,6 @@
 """Every fused backend (triton, cpu, cuda) against the reference: values, gradients, gradcheck,
 determinism, extreme inputs. Triton runs through its interpreter when there is no GPU (conftest)."""
+
 import subprocess
 import sys
 import textwrap
@@ -32,8 +33,9 @@ def check_against_reference(backend, device, B, D, d, dtype, residual=True, bias
         y_ref = ultimus_reference(*inputs, residual=residual)
         return (y_ref, *torch.autograd.grad(y_ref, inputs.tensors(), grad_out))
 
-    ref64 = reference(type(args)(*(t.detach().double().requires_grad_() if t is not None else None for t in args)),
-                      gy.double())
+    ref64 = reference(
+        type(args)(*(t.detach().double().requires_grad_() if t is not None else None for t in args)), gy.double()
+    )
     ref_same = reference(args, gy) if dtype in LOW_PRECISION else None
     names = ["forward"] + [f"gradient of {n}" for n, t in zip(args._fields, args) if t is not None]
     for i, (name, g, g64) in enumerate(zip(names, grads, ref64)):
@@ -68,8 +70,9 @@ def test_backward_is_deterministic(fused_backend):
     backend, device = fused_backend
     args = make_inputs(1000, 48, 8, dtype=torch.float32, device=device)
     gy = torch.randn(1000, 48, device=device)
-    runs = [torch.autograd.grad(ultimus(*args, backend=backend), [t for t in args if t is not None], gy)
-            for _ in range(2)]
+    runs = [
+        torch.autograd.grad(ultimus(*args, backend=backend), [t for t in args if t is not None], gy) for _ in range(2)
+    ]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -78,7 +81,7 @@ def scaled_logit_inputs(B, D, d, dtype, device, logit, k_bias=None):
     """Inputs whose attention logits s q_i k_j have magnitude ~`logit`: Wq, bq and Wk, bk each scaled by
     sqrt(logit). `k_bias` (optional) replaces bk, to put k itself at the edge of the dtype's range."""
     args = make_inputs(B, D, d, dtype=torch.float64, requires_grad=False)
-    root = logit ** 0.5
+    root = logit**0.5
     args = args._replace(wq=args.wq * root, bq=args.bq * root, wk=args.wk * root, bk=args.bk * root)
     if k_bias is not None:
         args = args._replace(wk=args.wk * 0, bk=k_bias.double())
@@ -92,8 +95,10 @@ def grads_of(fn, args, gy):
 
 # The whole finite range of each dtype: tiny logits (uniform rows), ordinary, sharp (ill-conditioned),
 # and huge (one-hot rows, where a softmax whose largest exponent is not exactly 0 overflows).
-LOGITS = {torch.float32: [1e-38, 1e-12, 1.0, 30.0, 1e3, 1e8, 1e20, 1e30, 1e37],
-          torch.float64: [1e-300, 1e-30, 1.0, 30.0, 1e3, 1e20, 1e100, 1e200, 1e300]}
+LOGITS = {
+    torch.float32: [1e-38, 1e-12, 1.0, 30.0, 1e3, 1e8, 1e20, 1e30, 1e37],
+    torch.float64: [1e-300, 1e-30, 1.0, 30.0, 1e3, 1e20, 1e100, 1e200, 1e300],
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -126,8 +131,8 @@ def test_one_hot_rows_and_k_at_the_edge_of_the_range(fused_backend, dtype):
     wq = torch.zeros(2, 4, dtype=dtype, device=device)
     wk = torch.zeros(2, 4, dtype=dtype, device=device)
     wv = torch.zeros(2, 4, dtype=dtype, device=device)
-    wq[:, 0] = big ** 0.5 / 2
-    wk[0, 0], wk[1, 0] = big ** 0.5 / 2, big ** 0.5 / 2 * (1 - 1e-6 if dtype == torch.float32 else 1 - 1e-14)
+    wq[:, 0] = big**0.5 / 2
+    wk[0, 0], wk[1, 0] = big**0.5 / 2, big**0.5 / 2 * (1 - 1e-6 if dtype == torch.float32 else 1 - 1e-14)
     wv[:, 0] = 1.0
     wo = torch.eye(4, 2, dtype=dtype, device=device)
     args = [x, wq, None, wk, None, wv, None, wo, None]
@@ -221,8 +226,9 @@ def test_only_requested_gradients(fused_backend):
     args.x.requires_grad_()  # x only
     (gx,) = torch.autograd.grad(ultimus(*args, backend=backend).sum(), [args.x])
     x_ref = args.x.detach().double().requires_grad_()
-    (gx_ref,) = torch.autograd.grad(ultimus_reference(x_ref, *[a.double() if a is not None else None
-                                                               for a in args.params]).sum(), [x_ref])
+    (gx_ref,) = torch.autograd.grad(
+        ultimus_reference(x_ref, *[a.double() if a is not None else None for a in args.params]).sum(), [x_ref]
+    )
     assert rel_err(gx, gx_ref) < 2e-5
     args.x.requires_grad_(False)
     args.wo.requires_grad_()  # wo only

@@ -1,6 +1,7 @@
 """docs/ULTIMUS_MATH.md, executed: its backward and forward-mode formulas, written out batched in plain
 PyTorch, against autograd of the reference; its exact-exponent form against the textbook softmax; its
 partial-row layout against the ops' flat gradient vector."""
+
 import math
 
 import torch
@@ -26,8 +27,8 @@ def test_backward_formulas_match_autograd():
     gy = torch.randn(7, 12, dtype=torch.float64)
     with torch.no_grad():
         q, k, v, A, z, s = forward_parts(*args)
-        gz = gy @ wo                                          # gz = Wo^T gy
-        r = (A * gz[:, None, :]).sum(2)                       # r[i] = sum_j A[i, j] gz[j] = gv[i]
+        gz = gy @ wo  # gz = Wo^T gy
+        r = (A * gz[:, None, :]).sum(2)  # r[i] = sum_j A[i, j] gz[j] = gv[i]
         gS = A * v[:, :, None] * (gz[:, None, :] - r[:, :, None])
         gq = s * (gS * k[:, None, :]).sum(2)
         gk = s * (gS * q[:, :, None]).sum(1)

@@ -1,4 +1,5 @@
 """UltimusNet: parameter count, structure, summary, backends."""
+
 import subprocess
 import sys
 from pathlib import Path

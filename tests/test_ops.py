@@ -1,6 +1,7 @@
 """The raw ops (torch.ops.ultimus_ext.* and torch.ops.ultimus_triton.*), used directly: the same
 checks and messages as the public API, fakes that check devices, registration on import (a fresh
 process can call, differentiate, compile, export and reload them), opcheck."""
+
 import re
 import subprocess
 import sys
@@ -48,8 +49,12 @@ BAD = {
     "short wq": ("wq", lambda a: a["wq"][:, :5], ValueError, r"ultimus: wq must have shape \(3, 12\)"),
     "wide wk": ("wk", lambda a: torch.randn(3, 13, device=a["x"].device), ValueError, "ultimus: wk must have shape"),
     "transposed wo": ("wo", lambda a: a["wo"].T, ValueError, r"ultimus: wo must have shape \(12, 3\)"),
-    "long bq": ("bq", lambda a: torch.randn(4, device=a["x"].device), ValueError,
-                r"ultimus: bq must have shape \(3,\)"),
+    "long bq": (
+        "bq",
+        lambda a: torch.randn(4, device=a["x"].device),
+        ValueError,
+        r"ultimus: bq must have shape \(3,\)",
+    ),
     "short bo": ("bo", lambda a: a["bo"][:5], ValueError, r"ultimus: bo must have shape \(12,\)"),
     "meta bq": ("bq", lambda a: a["bq"].to("meta"), ValueError, "ultimus: all tensors must be on one device"),
     "meta wo": ("wo", lambda a: a["wo"].to("meta"), ValueError, "ultimus: all tensors must be on one device"),
@@ -90,9 +95,11 @@ def test_raw_ops_enforce_the_size_limits(backend, fwd, bwd):
 @pytest.mark.parametrize("backend,fwd,bwd", FAMILIES, ids=FAMILY_IDS)
 def test_raw_bwd_checks_the_incoming_gradient(backend, fwd, bwd):
     a = good(backend)
-    for gy, message in [(torch.randn(4, 11, device=a["x"].device), r"gy must have x's shape \(4, 12\)"),
-                        (torch.ones(4, 12, dtype=torch.int32, device=a["x"].device), "gy must be a floating-point"),
-                        (torch.randn(4, 12, device="meta"), "one device")]:
+    for gy, message in [
+        (torch.randn(4, 11, device=a["x"].device), r"gy must have x's shape \(4, 12\)"),
+        (torch.ones(4, 12, dtype=torch.int32, device=a["x"].device), "gy must be a floating-point"),
+        (torch.randn(4, 12, device="meta"), "one device"),
+    ]:
         with pytest.raises((ValueError, TypeError), match=message):
             bwd(gy, *(a[n] for n in NAMES), True, True, True)
 
@@ -138,8 +145,9 @@ def test_opcheck_of_the_ops(backend, fwd, bwd):
 def run_fresh(code: str) -> str:
     """Run `code` in a new Python process (Triton through its interpreter when there is no GPU)."""
     prelude = "import os, torch\nif not torch.cuda.is_available(): os.environ.setdefault('TRITON_INTERPRET', '1')\n"
-    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
 
@@ -199,7 +207,7 @@ def test_exported_program_reloads_and_trains_in_a_fresh_process(tmp_path):
         ep = torch.export.export(block, (torch.randn(5, 16),), dynamic_shapes={{"x": {{0: torch.export.Dim("batch")}}}})
         assert "ultimus_ext.fwd" in str(ep.graph), ep.graph
         torch.export.save(ep, {str(path)!r})
-        torch.save(block.state_dict(), {str(path) + '.sd'!r})
+        torch.save(block.state_dict(), {str(path) + ".sd"!r})
     """)
     out = run_fresh(f"""
         import ultimus_kernels
@@ -207,7 +215,7 @@ def test_exported_program_reloads_and_trains_in_a_fresh_process(tmp_path):
         x = torch.randn(7, 16, requires_grad=True)
         module(x).square().sum().backward()
         ref = ultimus_kernels.UltimusBlock(16, 4, backend="reference")
-        ref.load_state_dict(torch.load({str(path) + '.sd'!r}))
+        ref.load_state_dict(torch.load({str(path) + ".sd"!r}))
         x_ref = x.detach().clone().requires_grad_()
         ref(x_ref).square().sum().backward()
         assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)

@@ -1,4 +1,5 @@
 """The reference block against an independent, deliberately naive per-sample loop, in float64."""
+
 import math
 
 import pytest

@@ -1,5 +1,6 @@
 """train.py end to end on CPU: synthetic data, the CIFAR-10 loading path on tiny CIFAR-format files,
 the offline error, resume, the LR range test, and DistributedDataParallel through torchrun (gloo)."""
+
 import json
 import os
 import pickle
@@ -20,8 +21,19 @@ import train  # noqa: E402
 from training import checkpoints, loop  # noqa: E402
 
 HISTORY_KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"}
-SMALL = ["--dataset", "synthetic", "--train-size", "512", "--test-size", "256", "--batch-size", "64",
-         "--no-progress", "--workers", "0"]
+SMALL = [
+    "--dataset",
+    "synthetic",
+    "--train-size",
+    "512",
+    "--test-size",
+    "256",
+    "--batch-size",
+    "64",
+    "--no-progress",
+    "--workers",
+    "0",
+]
 
 
 def run(tmp_path, *extra):
@@ -46,8 +58,23 @@ def test_synthetic_run_writes_every_output(tmp_path):
 
 def test_accuracy_rises_well_above_chance(tmp_path):
     out = tmp_path / "learn"
-    history = train.main(["--dataset", "synthetic", "--train-size", "2048", "--test-size", "512", "--epochs", "3",
-                          "--no-progress", "--workers", "0", "--out", str(out)])
+    history = train.main(
+        [
+            "--dataset",
+            "synthetic",
+            "--train-size",
+            "2048",
+            "--test-size",
+            "512",
+            "--epochs",
+            "3",
+            "--no-progress",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert history[-1]["test_acc"] > 0.25  # chance is 0.10
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
@@ -75,11 +102,13 @@ def write_tiny_cifar(root: Path, per_batch: int = 20) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, per_batch).tolist(), "batch_label": name}
+        batch = {
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, per_batch).tolist(),
+            "batch_label": name,
+        }
         (folder / name).write_bytes(pickle.dumps(batch))
-    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                            "truck"]}
+    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta))
 
 
@@ -95,9 +124,24 @@ def test_cifar10_loading_path_on_tiny_files(tmp_path, monkeypatch):
     assert data.test.images.shape == (20, 3, 32, 32) and data.classes[0] == "airplane"
     raw = pickle.loads((tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1").read_bytes())
     assert torch.equal(data.train.images[0], torch.from_numpy(raw["data"][0].reshape(3, 32, 32)))
-    history = train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--no-download",
-                          "--epochs", "1", "--batch-size", "32", "--no-progress", "--workers", "0",
-                          "--out", str(tmp_path / "out")])
+    history = train.main(
+        [
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--no-download",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--no-progress",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert len(history) == 1 and (tmp_path / "out" / "history.json").exists()
 
 
@@ -111,11 +155,29 @@ def test_missing_cifar10_offline_stops_with_directions(tmp_path, capsys):
 
 
 def test_help_explains_every_flag():
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
-                         check=True).stdout
-    for flag in ("--dataset", "--data-dir", "--no-download", "--train-size", "--test-size", "--backend", "--device",
-                 "--batch-size", "--seed", "--amp", "--workers", "--batchnorm", "--dropout", "--out", "--resume",
-                 "--lr-find", "--max-lr", "--epochs"):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in (
+        "--dataset",
+        "--data-dir",
+        "--no-download",
+        "--train-size",
+        "--test-size",
+        "--backend",
+        "--device",
+        "--batch-size",
+        "--seed",
+        "--amp",
+        "--workers",
+        "--batchnorm",
+        "--dropout",
+        "--out",
+        "--resume",
+        "--lr-find",
+        "--max-lr",
+        "--epochs",
+    ):
         assert flag in out
 
 
@@ -123,9 +185,27 @@ def test_ddp_with_torchrun_gloo(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-         str(ROOT / "train.py"), *SMALL, "--device", "cpu", "--epochs", "1", "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            str(ROOT / "train.py"),
+            *SMALL,
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 1 and 0 <= history[0]["test_acc"] <= 1
@@ -134,6 +214,7 @@ def test_ddp_with_torchrun_gloo(tmp_path):
 
 
 # --- runs that must not be lost or go wrong -------------------------------------------------------
+
 
 def test_out_that_holds_a_run_is_refused_unless_overwrite(tmp_path, capsys):
     out, _ = run(tmp_path, "--epochs", "1")
@@ -150,12 +231,27 @@ def test_out_that_holds_a_run_is_refused_unless_overwrite(tmp_path, capsys):
     assert torch.load(out / "checkpoint.pt", weights_only=False)["args"]["seed"] == 3
 
 
-@pytest.mark.parametrize("flag,value", [
-    ("--max-lr", "0"), ("--max-lr", "-1e-3"), ("--max-lr", "nan"), ("--train-size", "0"), ("--test-size", "0"),
-    ("--batch-size", "0"), ("--epochs", "0"), ("--seed", "-1"), ("--dropout", "1"), ("--dropout", "-0.1"),
-    ("--stop-after-epoch", "0"), ("--workers", "-1"), ("--weight-decay", "-1"), ("--device", "tpu"),
-    ("--device", "cuda:7" if torch.cuda.is_available() else "cuda"), ("--epochs", "two"),
-])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--max-lr", "0"),
+        ("--max-lr", "-1e-3"),
+        ("--max-lr", "nan"),
+        ("--train-size", "0"),
+        ("--test-size", "0"),
+        ("--batch-size", "0"),
+        ("--epochs", "0"),
+        ("--seed", "-1"),
+        ("--dropout", "1"),
+        ("--dropout", "-0.1"),
+        ("--stop-after-epoch", "0"),
+        ("--workers", "-1"),
+        ("--weight-decay", "-1"),
+        ("--device", "tpu"),
+        ("--device", "cuda:7" if torch.cuda.is_available() else "cuda"),
+        ("--epochs", "two"),
+    ],
+)
 def test_out_of_range_flags_are_refused_before_any_data_is_loaded(flag, value, monkeypatch, capsys, tmp_path):
     def no_data(*args, **kwargs):
         raise AssertionError("data was loaded before the flags were checked")
@@ -173,8 +269,19 @@ def test_sizes_larger_than_the_data_set_are_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
     with pytest.raises(SystemExit, match="--train-size 500: the cifar10 train split has only 100 images"):
-        train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--no-download", "--train-size",
-                    "500", "--out", str(tmp_path / "o")])
+        train.main(
+            [
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--no-download",
+                "--train-size",
+                "500",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
 
 
 def test_resume_refuses_changed_settings(tmp_path, capsys):
@@ -265,10 +372,31 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
 
 def test_ctrl_c_ends_with_one_line_that_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--dataset", "synthetic", "--train-size", "512",
-                             "--test-size", "64", "--batch-size", "64", "--epochs", "50", "--no-progress",
-                             "--workers", "0", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--dataset",
+            "synthetic",
+            "--train-size",
+            "512",
+            "--test-size",
+            "64",
+            "--batch-size",
+            "64",
+            "--epochs",
+            "50",
+            "--no-progress",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     deadline = time.time() + 240
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

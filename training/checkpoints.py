@@ -1,5 +1,6 @@
 """Checkpoints that survive a kill and say when they are damaged: atomic writes with a SHA-256 record
 beside each file, verified on load."""
+
 from __future__ import annotations
 
 import hashlib
@@ -57,12 +58,17 @@ def load_verified(path: Path, what: str):
             raise SystemExit(
                 f"error: {what}: {path} is damaged: its SHA-256 differs from the one recorded in {record.name} "
                 "when it was written (a truncated copy, or changed bytes). Restore the file from a copy, or start "
-                "a new run with --out; final.pt beside it holds the best weights so far, if it verifies.")
+                "a new run with --out; final.pt beside it holds the best weights so far, if it verifies."
+            )
     else:
-        print(f"warning: {path} has no {record.name} (written by an older version?): its contents cannot be "
-              "verified", file=sys.stderr)
+        print(
+            f"warning: {path} has no {record.name} (written by an older version?): its contents cannot be verified",
+            file=sys.stderr,
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise SystemExit(f"error: {what}: {path} could not be read ({type(exc).__name__}: {exc}). Restore it "
-                         "from a copy, or start a new run with --out.") from None
+        raise SystemExit(
+            f"error: {what}: {path} could not be read ({type(exc).__name__}: {exc}). Restore it "
+            "from a copy, or start a new run with --out."
+        ) from None

@@ -1,5 +1,6 @@
 """The training loop: processes and devices, batches, one epoch of training, evaluation. Everything a
 step needs travels in one RunContext."""
+
 from __future__ import annotations
 
 import argparse
@@ -65,6 +66,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 # Batches
 # ------------------------------------------------------------------------------------------------
 
+
 class _GatherBatches(torch.utils.data.Dataset):
     """Item i is the whole batch of indices chunks[i], gathered from uint8 tensors in host memory."""
 
@@ -87,16 +89,16 @@ def batches(split: Split, indices: torch.Tensor, batch_size: int, device, worker
             idx = idx.to(device)
             yield split.images[idx], split.labels[idx]
         return
-    loader = torch.utils.data.DataLoader(_GatherBatches(split, chunks), batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        _GatherBatches(split, chunks), batch_size=None, num_workers=workers, pin_memory=device.type == "cuda"
+    )
     for images, labels in loader:
         yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 def epoch_indices(n: int, epoch: int, args, rank: int, world: int) -> torch.Tensor:
     """This process's shard of a seeded shuffle: the same for a given (seed, epoch), resumed or not."""
-    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=args.seed)
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler), dtype=torch.int64)
 
@@ -104,6 +106,7 @@ def epoch_indices(n: int, epoch: int, args, rank: int, world: int) -> torch.Tens
 # ------------------------------------------------------------------------------------------------
 # Training and evaluation
 # ------------------------------------------------------------------------------------------------
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite: the weights are no longer worth training or saving."""
@@ -144,8 +147,13 @@ def train_epoch(ctx: RunContext, epoch: int, bar) -> tuple[float, float]:
         with torch.no_grad():
             loss = loss.detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            stats += torch.stack([loss.double() * len(labels), (logits.argmax(1) == labels).sum().double(),
-                                  torch.tensor(len(labels), dtype=torch.float64, device=device)])
+            stats += torch.stack(
+                [
+                    loss.double() * len(labels),
+                    (logits.argmax(1) == labels).sum().double(),
+                    torch.tensor(len(labels), dtype=torch.float64, device=device),
+                ]
+            )
         bar.update(1)
         if step % CHECK_EVERY == 0:
             _stop_if_diverged(first_bad, epoch, lrs)
@@ -183,9 +191,13 @@ def evaluate(ctx: RunContext, collect_wrong: int = 0):
     for images, labels in batches(data.test, idx, 1000, device, args.workers):
         logits = model(normalize(images, data.mean, data.std)).float()
         pred = logits.argmax(1)
-        stats += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                              (pred == labels).sum().double(),
-                              torch.tensor(len(labels), dtype=torch.float64, device=device)])
+        stats += torch.stack(
+            [
+                F.cross_entropy(logits, labels, reduction="sum").double(),
+                (pred == labels).sum().double(),
+                torch.tensor(len(labels), dtype=torch.float64, device=device),
+            ]
+        )
         if len(wrong) < collect_wrong:
             for i in (pred != labels).nonzero().flatten()[: collect_wrong - len(wrong)].tolist():
                 wrong.append((images[i].cpu(), int(pred[i]), int(labels[i])))

@@ -1,4 +1,5 @@
 """The LR range test: an exponential sweep of the learning rate on a copy of the starting weights."""
+
 from __future__ import annotations
 
 import math

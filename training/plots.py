@@ -1,4 +1,5 @@
 """The plots a run writes: training curves, misclassified test images, the LR range test."""
+
 from __future__ import annotations
 
 import math

@@ -1,8 +1,9 @@
 """ultimus-kernels: the Ultimus attention block, fused into one GPU kernel, with exact gradients.
 
-    from ultimus_kernels import ultimus, UltimusBlock, available_backends
-    y = ultimus(x, wq, bq, wk, bk, wv, bv, wo, bo, residual=True, backend="auto")
+from ultimus_kernels import ultimus, UltimusBlock, available_backends
+y = ultimus(x, wq, bq, wk, bk, wv, bv, wo, bo, residual=True, backend="auto")
 """
+
 from .checks import MAX_ATTN_DIM, MAX_DIM, SUPPORTED_DTYPES, UltimusParams
 from .dispatch import (
     BACKEND_DEVICE,
@@ -23,8 +24,19 @@ from .reference import ultimus_reference
 load_backends()
 
 __all__ = [
-    "BACKEND_DEVICE", "BACKENDS", "FUSED_BACKENDS", "MAX_ATTN_DIM", "MAX_DIM", "SUPPORTED_DTYPES", "UltimusBlock",
-    "UltimusFunction", "UltimusParams", "available_backends", "backend_report", "load_backends", "ultimus",
+    "BACKEND_DEVICE",
+    "BACKENDS",
+    "FUSED_BACKENDS",
+    "MAX_ATTN_DIM",
+    "MAX_DIM",
+    "SUPPORTED_DTYPES",
+    "UltimusBlock",
+    "UltimusFunction",
+    "UltimusParams",
+    "available_backends",
+    "backend_report",
+    "load_backends",
+    "ultimus",
     "ultimus_reference",
 ]
 __version__ = "0.1.0"

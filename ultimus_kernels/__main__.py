@@ -1,4 +1,5 @@
 """`python -m ultimus_kernels`: which backends run on this machine, and why the others do not."""
+
 import argparse
 
 import torch

@@ -4,6 +4,7 @@ error everywhere. The C++ ops carry a mirror of these checks (csrc/ultimus.h) wi
 `check_inputs` is on the hot path of every call: it first asks one cheap question (is everything
 exactly right?) and only when the answer is no walks the arguments again to say what is wrong.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
@@ -42,29 +43,51 @@ class UltimusParams(NamedTuple):
     @classmethod
     def of(cls, block) -> "UltimusParams":
         """The parameters of an UltimusBlock (its q, k, v and out Linears)."""
-        return cls(block.q.weight, block.q.bias, block.k.weight, block.k.bias, block.v.weight, block.v.bias,
-                   block.out.weight, block.out.bias)
+        return cls(
+            block.q.weight,
+            block.q.bias,
+            block.k.weight,
+            block.k.bias,
+            block.v.weight,
+            block.v.bias,
+            block.out.weight,
+            block.out.bias,
+        )
 
 
 def check_inputs(x: Tensor, *params: Optional[Tensor]) -> tuple[int, int]:
     """Validate the arguments of `ultimus`, x and (wq, bq, wk, bk, wv, bv, wo, bo), and return (D, d).
     Raises TypeError / ValueError."""
     if len(params) != len(PARAM_NAMES):
-        raise TypeError(f"ultimus: expected the {len(PARAM_NAMES)} parameters {', '.join(PARAM_NAMES)}, "
-                        f"got {len(params)}")
+        raise TypeError(
+            f"ultimus: expected the {len(PARAM_NAMES)} parameters {', '.join(PARAM_NAMES)}, got {len(params)}"
+        )
     wq, bq, wk, bk, wv, bv, wo, bo = params
     try:  # the fast path: one pass of cheap comparisons, no message built
         D, d, device = x.shape[1], wq.shape[0], x.device
         wshape, bshape = (d, D), (d,)
-        ok = (x.dim() == 2 and x.dtype in _SUPPORTED and D >= 1 and d >= 1
-              and wq.shape == wshape and wk.shape == wshape and wv.shape == wshape and wo.shape == (D, d)
-              and wq.dtype in _SUPPORTED and wk.dtype in _SUPPORTED and wv.dtype in _SUPPORTED
-              and wo.dtype in _SUPPORTED
-              and wq.device == device and wk.device == device and wv.device == device and wo.device == device
-              and (bq is None or (bq.shape == bshape and bq.dtype in _SUPPORTED and bq.device == device))
-              and (bk is None or (bk.shape == bshape and bk.dtype in _SUPPORTED and bk.device == device))
-              and (bv is None or (bv.shape == bshape and bv.dtype in _SUPPORTED and bv.device == device))
-              and (bo is None or (bo.shape == (D,) and bo.dtype in _SUPPORTED and bo.device == device)))
+        ok = (
+            x.dim() == 2
+            and x.dtype in _SUPPORTED
+            and D >= 1
+            and d >= 1
+            and wq.shape == wshape
+            and wk.shape == wshape
+            and wv.shape == wshape
+            and wo.shape == (D, d)
+            and wq.dtype in _SUPPORTED
+            and wk.dtype in _SUPPORTED
+            and wv.dtype in _SUPPORTED
+            and wo.dtype in _SUPPORTED
+            and wq.device == device
+            and wk.device == device
+            and wv.device == device
+            and wo.device == device
+            and (bq is None or (bq.shape == bshape and bq.dtype in _SUPPORTED and bq.device == device))
+            and (bk is None or (bk.shape == bshape and bk.dtype in _SUPPORTED and bk.device == device))
+            and (bv is None or (bv.shape == bshape and bv.dtype in _SUPPORTED and bv.device == device))
+            and (bo is None or (bo.shape == (D,) and bo.dtype in _SUPPORTED and bo.device == device))
+        )
     except (AttributeError, IndexError, TypeError):
         ok = False
     if not ok:
@@ -148,9 +171,12 @@ def refuse_forward_ad(op: str, tensors) -> None:
     """A raw op reached with forward-mode tangents would drop them silently: refuse instead. (The public
     `ultimus` routes forward-mode AD through UltimusFunction, which has the rule.)"""
     if forward_ad._current_level >= 0 and any(
-            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        raise RuntimeError(f"ultimus: {op} has no forward-mode AD rule; call ultimus_kernels.ultimus (or "
-                           "UltimusBlock), whose UltimusFunction implements it")
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        raise RuntimeError(
+            f"ultimus: {op} has no forward-mode AD rule; call ultimus_kernels.ultimus (or "
+            "UltimusBlock), whose UltimusFunction implements it"
+        )
 
 
 def check_op_inputs(backend: str, x, wq, bq, wk, bk, wv, bv, wo, bo, residual) -> tuple[int, int]:

@@ -4,6 +4,7 @@ The fused backends' ops are loaded and registered when the package is imported (
 so that nothing on the call path imports or probes: the hot path is one cheap check, one dict
 lookup and the op (or `UltimusFunction.apply`).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Union

@@ -1,4 +1,5 @@
 """`UltimusBlock`: the block as an nn.Module whose backend can be switched at any time."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -14,8 +15,9 @@ class UltimusBlock(nn.Module):
     state_dict does not depend on `backend`, which may be reassigned at any time.
     """
 
-    def __init__(self, dim: int = 48, attn_dim: int = 8, residual: bool = True, bias: bool = True,
-                 backend: str = "auto"):
+    def __init__(
+        self, dim: int = 48, attn_dim: int = 8, residual: bool = True, bias: bool = True, backend: str = "auto"
+    ):
         super().__init__()
         check_residual(residual)
         self.dim, self.attn_dim, self.residual = dim, attn_dim, residual
@@ -40,8 +42,19 @@ class UltimusBlock(nn.Module):
         # lookup, 16 lookups here, as much as the fused kernel itself at the training batch on a CPU.
         modules = self._modules
         q, k, v, out = (modules[name]._parameters for name in ("q", "k", "v", "out"))
-        return ultimus(x, q["weight"], q["bias"], k["weight"], k["bias"], v["weight"], v["bias"], out["weight"],
-                       out["bias"], residual=self.residual, backend=self._backend)
+        return ultimus(
+            x,
+            q["weight"],
+            q["bias"],
+            k["weight"],
+            k["bias"],
+            v["weight"],
+            v["bias"],
+            out["weight"],
+            out["bias"],
+            residual=self.residual,
+            backend=self._backend,
+        )
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, attn_dim={self.attn_dim}, residual={self.residual}, backend={self.backend!r}"

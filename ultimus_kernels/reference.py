@@ -4,6 +4,7 @@ q, k, v = W* x + b*;  A[i, j] = softmax_j(s q[i] k[j]);  z = V.A;  y = Wo z + bo
 
 Weights use nn.Linear layouts: Wq, Wk, Wv are (d, D), Wo is (D, d). Autograd comes from PyTorch.
 """
+
 from __future__ import annotations
 
 import math

@@ -30,6 +30,7 @@ instead of calling the fused bwd op, so second derivatives are exact (and unfuse
 that is the op `ultimus_ext::bwd_differentiable`, implemented here. The bwd ops themselves are not
 differentiable.
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
@@ -152,6 +153,7 @@ class UltimusTransformFunction(torch.autograd.Function):
 # Registration of a backend's ops: autograd and vmap rules on the ops themselves
 # ------------------------------------------------------------------------------------------------
 
+
 def _fake_backend_name(x: Tensor) -> str:
     return "cuda" if x.device.type == "cuda" else "cpu"
 
@@ -160,8 +162,10 @@ def _vmap_by_loop(op):
     """A vmap rule that runs `op` once per slice: exact for any op, used where no folding applies."""
 
     def rule(info, in_dims, *args):
-        outs = [op(*(a.select(dim, i) if dim is not None else a for a, dim in zip(args, in_dims)))
-                for i in range(info.batch_size)]
+        outs = [
+            op(*(a.select(dim, i) if dim is not None else a for a, dim in zip(args, in_dims)))
+            for i in range(info.batch_size)
+        ]
         if isinstance(outs[0], tuple):
             return tuple(torch.stack(parts) for parts in zip(*outs)), (0,) * len(outs[0])
         return torch.stack(outs), 0

@@ -7,6 +7,7 @@ built by `pip install -e .` when possible; see setup.py for the switches. `load(
 registers the ops' fakes, vmap rules and double backward (their autograd is C++), so that a fresh
 process can call, compile, export or load the raw ops without touching the public API first.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,10 @@ def _import(short: str) -> Optional[str]:
     except ImportError as exc:
         if "No module named" in str(exc):
             return _build_note(short)
-        return (f"the compiled extension failed to load ({exc}); it was probably built against another torch: "
-                "reinstall with `pip install -e . --no-build-isolation`")
+        return (
+            f"the compiled extension failed to load ({exc}); it was probably built against another torch: "
+            "reinstall with `pip install -e . --no-build-isolation`"
+        )
 
 
 def load() -> None:

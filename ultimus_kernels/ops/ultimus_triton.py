@@ -22,6 +22,7 @@ torch.compile. The launchers are `torch.library.triton_op`s: Dynamo and Inductor
 kernels themselves (not an opaque call), the ops have fake implementations for free (the checks at
 their top run on fake tensors too), and `fullgraph=True` holds.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,6 +56,7 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 # ------------------------------------------------------------------------------------------------
 # Kernels
 # ------------------------------------------------------------------------------------------------
+
 
 @triton.jit
 def _attn_scale(d, ACC: tl.constexpr):
@@ -91,14 +93,16 @@ def _attention(q, k, d, scale, EXACT_EXP: tl.constexpr, BLOCK_ATT: tl.constexpr)
 
 
 @triton.jit
-def _project(x, w_ptr, b_ptr, D, d, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-             BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr):
+def _project(
+    x, w_ptr, b_ptr, D, d, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr
+):
     """x @ W^T + b for W in (d, D) nn.Linear layout: (BLOCK_B, BLOCK_ATT)."""
     a_offs = tl.arange(0, BLOCK_ATT)
     cols = tl.arange(0, BLOCK_DIM)
     # Loaded transposed, (BLOCK_DIM, BLOCK_ATT): wT[n, i] = W[i, n].
-    w_t = tl.load(w_ptr + a_offs[None, :] * D + cols[:, None],
-                  mask=(a_offs[None, :] < d) & (cols[:, None] < D), other=0.0).to(ACC)
+    w_t = tl.load(
+        w_ptr + a_offs[None, :] * D + cols[:, None], mask=(a_offs[None, :] < d) & (cols[:, None] < D), other=0.0
+    ).to(ACC)
     out = tl.dot(x, w_t, input_precision="ieee", out_dtype=ACC)
     if HAS_BIAS:
         out += tl.load(b_ptr + a_offs, mask=a_offs < d, other=0.0).to(ACC)[None, :]
@@ -108,12 +112,31 @@ def _project(x, w_ptr, b_ptr, D, d, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
 # d is never specialised: Triton would turn d == 1 into a Python constant, and _attn_scale needs a tensor.
 @triton.jit(do_not_specialize=["d"])
 def ultimus_fwd_kernel(
-    x_ptr, y_ptr,
-    wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr,
-    B, D, d, stride_xb, stride_xd,
-    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr,
-    RESIDUAL: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    wq_ptr,
+    bq_ptr,
+    wk_ptr,
+    bk_ptr,
+    wv_ptr,
+    bv_ptr,
+    wo_ptr,
+    bo_ptr,
+    B,
+    D,
+    d,
+    stride_xb,
+    stride_xd,
+    HAS_BQ: tl.constexpr,
+    HAS_BK: tl.constexpr,
+    HAS_BV: tl.constexpr,
+    HAS_BO: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    ACC: tl.constexpr,
+    EXACT_EXP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
+    BLOCK_ATT: tl.constexpr,
 ):
     scale = _attn_scale(d, ACC)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
@@ -129,8 +152,9 @@ def ultimus_fwd_kernel(
     z = tl.sum(v[:, :, None] * attn, axis=1)  # (BLOCK_B, BLOCK_ATT)
 
     # Wo loaded transposed, (BLOCK_ATT, BLOCK_DIM): woT[j, n] = Wo[n, j].
-    wo_t = tl.load(wo_ptr + cols[None, :] * d + a_offs[:, None],
-                   mask=(a_offs[:, None] < d) & (cols[None, :] < D), other=0.0).to(ACC)
+    wo_t = tl.load(
+        wo_ptr + cols[None, :] * d + a_offs[:, None], mask=(a_offs[:, None] < d) & (cols[None, :] < D), other=0.0
+    ).to(ACC)
     y = tl.dot(z, wo_t, input_precision="ieee", out_dtype=ACC)
     if HAS_BO:
         y += tl.load(bo_ptr + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
@@ -141,13 +165,38 @@ def ultimus_fwd_kernel(
 
 @triton.jit(do_not_specialize=["d"])
 def ultimus_bwd_kernel(
-    gy_ptr, x_ptr, gx_ptr, part_ptr,
-    wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr,
-    B, D, d, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles, NUM_PARAMS,
-    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
-    RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
+    gy_ptr,
+    x_ptr,
+    gx_ptr,
+    part_ptr,
+    wq_ptr,
+    bq_ptr,
+    wk_ptr,
+    bk_ptr,
+    wv_ptr,
+    bv_ptr,
+    wo_ptr,
+    B,
+    D,
+    d,
+    stride_xb,
+    stride_xd,
+    stride_gyb,
+    stride_gyd,
+    num_tiles,
+    NUM_PARAMS,
+    HAS_BQ: tl.constexpr,
+    HAS_BK: tl.constexpr,
+    HAS_BV: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    NEED_GX: tl.constexpr,
+    NEED_GW: tl.constexpr,
+    ACC: tl.constexpr,
     EXACT_EXP: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
+    BLOCK_ATT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     scale = _attn_scale(d, ACC)
@@ -177,10 +226,10 @@ def ultimus_bwd_kernel(
     for tile in range(pid, num_tiles, NUM_PROGRAMS):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
         tile_mask = (rows[:, None] < B) & (cols[None, :] < D)
-        x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd,
-                    mask=tile_mask, other=0.0).to(ACC)
-        gy = tl.load(gy_ptr + rows[:, None] * stride_gyb + cols[None, :] * stride_gyd,
-                     mask=tile_mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=tile_mask, other=0.0).to(ACC)
+        gy = tl.load(gy_ptr + rows[:, None] * stride_gyb + cols[None, :] * stride_gyd, mask=tile_mask, other=0.0).to(
+            ACC
+        )
 
         # Recompute the forward up to z (cheaper than saving it).
         q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_DIM, BLOCK_ATT)
@@ -280,8 +329,16 @@ def _bias_args(*biases: Optional[Tensor], fallback: Tensor):
 
 @torch.library.triton_op("ultimus_triton::fwd", mutates_args=())
 def ultimus_triton_fwd(
-    x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
-    wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor], residual: bool,
+    x: Tensor,
+    wq: Tensor,
+    bq: Optional[Tensor],
+    wk: Tensor,
+    bk: Optional[Tensor],
+    wv: Tensor,
+    bv: Optional[Tensor],
+    wo: Tensor,
+    bo: Optional[Tensor],
+    residual: bool,
 ) -> Tensor:
     B = x.shape[0]
     D, d = check_op_inputs("triton", x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
@@ -294,20 +351,51 @@ def ultimus_triton_fwd(
     BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, _ = _tile_config(B, D, d)
     grid = (triton.cdiv(B, BLOCK_B),)
     torch.library.wrap_triton(ultimus_fwd_kernel)[grid](
-        x, y, wq, bq, wk, bk, wv, bv, wo, bo,
-        B, D, d, x.stride(0), x.stride(1),
-        HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo,
-        RESIDUAL=residual, ACC=_TL_ACC[_acc_dtype(x)], EXACT_EXP=_exact_exp(x),
-        BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT, num_warps=num_warps,
+        x,
+        y,
+        wq,
+        bq,
+        wk,
+        bk,
+        wv,
+        bv,
+        wo,
+        bo,
+        B,
+        D,
+        d,
+        x.stride(0),
+        x.stride(1),
+        HAS_BQ=has_bq,
+        HAS_BK=has_bk,
+        HAS_BV=has_bv,
+        HAS_BO=has_bo,
+        RESIDUAL=residual,
+        ACC=_TL_ACC[_acc_dtype(x)],
+        EXACT_EXP=_exact_exp(x),
+        BLOCK_B=BLOCK_B,
+        BLOCK_DIM=BLOCK_DIM,
+        BLOCK_ATT=BLOCK_ATT,
+        num_warps=num_warps,
     )
     return y
 
 
 @torch.library.triton_op("ultimus_triton::bwd", mutates_args=())
 def ultimus_triton_bwd(
-    gy: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor],
-    wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor],
-    residual: bool, need_gx: bool, need_gw: bool,
+    gy: Tensor,
+    x: Tensor,
+    wq: Tensor,
+    bq: Optional[Tensor],
+    wk: Tensor,
+    bk: Optional[Tensor],
+    wv: Tensor,
+    bv: Optional[Tensor],
+    wo: Tensor,
+    bo: Optional[Tensor],
+    residual: bool,
+    need_gx: bool,
+    need_gw: bool,
 ) -> tuple[Tensor, Tensor]:
     B = x.shape[0]
     D, d = check_op_inputs("triton", x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
@@ -326,11 +414,39 @@ def ultimus_triton_bwd(
         wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
         (bq, bk, bv), (has_bq, has_bk, has_bv) = _bias_args(bq, bk, bv, fallback=wq)
         torch.library.wrap_triton(ultimus_bwd_kernel)[(P,)](
-            gy, x, gx, partials, wq, bq, wk, bk, wv, bv, wo,
-            B, D, d, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles, num_params,
-            HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv,
-            RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc], EXACT_EXP=_exact_exp(x),
-            NUM_PROGRAMS=P, BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT, num_warps=num_warps,
+            gy,
+            x,
+            gx,
+            partials,
+            wq,
+            bq,
+            wk,
+            bk,
+            wv,
+            bv,
+            wo,
+            B,
+            D,
+            d,
+            x.stride(0),
+            x.stride(1),
+            gy.stride(0),
+            gy.stride(1),
+            num_tiles,
+            num_params,
+            HAS_BQ=has_bq,
+            HAS_BK=has_bk,
+            HAS_BV=has_bv,
+            RESIDUAL=residual,
+            NEED_GX=need_gx,
+            NEED_GW=need_gw,
+            ACC=_TL_ACC[acc],
+            EXACT_EXP=_exact_exp(x),
+            NUM_PROGRAMS=P,
+            BLOCK_B=BLOCK_B,
+            BLOCK_DIM=BLOCK_DIM,
+            BLOCK_ATT=BLOCK_ATT,
+            num_warps=num_warps,
             num_stages=num_stages,
         )
     if not need_gw:
