@@ -1,0 +1,127 @@
+"""The Triton launches as the offline SASS analysis tool (sass_stats, a development tool beside the
+project) should emulate them: `sass_stats_specs(ctx)` mirrors ultimus_kernels/ops/ultimus_triton.py's
+launchers (arguments, constexprs, grid, roles of the pointers). Use it as
+
+    python <path to>/sass_stats.py --repo . --kernels cuda --extra bench/sass_specs.py
+
+(`--kernels cuda` adds the CUDA kernels from csrc/ and keeps out the tool's own mirror of the Triton
+launchers, which predates them; `--kernels none` for the Triton kernels only). Update this file with
+the launchers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def sass_stats_specs(ctx) -> list:
+    import torch
+    import triton.language as tl
+
+    sys.path.insert(0, str(ctx.repo))
+    os.environ.pop("TRITON_INTERPRET", None)
+    from ultimus_kernels.ops import ultimus_triton as ut
+
+    B, D, d, sms = ctx.B, ctx.D, ctx.d, ctx.sms
+    ut._SM_COUNT[0] = sms  # _num_programs reads the SM count of device 0 from this cache: no GPU needed
+    cdiv = lambda a, b: (a + b - 1) // b  # noqa: E731
+    specs = []
+    for dtype_name in ctx.dtypes:
+        dt = getattr(torch, dtype_name)
+        acc = tl.float64 if dt == torch.float64 else tl.float32
+        es = torch.empty((), dtype=dt).element_size()
+        BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages = ut._tile_config(B, D, d)
+        t = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype)  # noqa: E731
+        x, y, w, b, wo, bo = t(64, D), t(64, D), t(d, D), t(d), t(D, d), t(D)
+        config = f"BLOCK_B={BLOCK_B} BLOCK_DIM={BLOCK_DIM} BLOCK_ATT={BLOCK_ATT} num_warps={num_warps}"
+        weights = ("wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "wo_ptr", "bo_ptr")
+
+        # forward: see ultimus_triton_fwd
+        grid = cdiv(B, BLOCK_B)
+        specs.append(
+            dict(
+                kind="triton",
+                name=f"triton fwd {dtype_name}",
+                fn=ut.ultimus_fwd_kernel,
+                args=[x, y, w, b, w, b, w, b, wo, bo, B, D, d, D, 1],
+                kwargs=dict(
+                    HAS_BQ=True,
+                    HAS_BK=True,
+                    HAS_BV=True,
+                    HAS_BO=True,
+                    RESIDUAL=True,
+                    ACC=acc,
+                    EXACT_EXP=False,
+                    BLOCK_B=BLOCK_B,
+                    BLOCK_DIM=BLOCK_DIM,
+                    BLOCK_ATT=BLOCK_ATT,
+                ),
+                options=dict(num_warps=num_warps),
+                roles={"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **{n: ("weight", es) for n in weights}},
+                values=lambda tiles: dict(B=B, D=D, d=d, stride_xb=D),
+                grid=grid,
+                grid_emu=lambda tiles, g=grid: g,
+                samples_per_tile=BLOCK_B,
+                persistent=False,
+                tiles_real=grid,
+                B=B,
+                dram_bytes_per_sample=2 * D * es,
+                bench=("triton", "fwd", dtype_name),
+                config=config + " num_stages=default",
+            )
+        )
+
+        # backward: see ultimus_triton_bwd (one partial row of 4dD + 3d + D numbers per program)
+        num_tiles = cdiv(B, BLOCK_B)
+        P = ut._num_programs(num_tiles, torch.device("cuda", 0))
+        num_params = 4 * d * D + 3 * d + D
+        partials = t(P, num_params, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+        gy, gx = t(64, D), t(64, D)
+
+        def bwd_values(tiles, P=P, BLOCK_B=BLOCK_B):
+            return dict(
+                B=P * tiles * BLOCK_B, D=D, d=d, stride_xb=D, stride_gyb=D, num_tiles=P * tiles, NUM_PARAMS=num_params
+            )
+
+        specs.append(
+            dict(
+                kind="triton",
+                name=f"triton bwd {dtype_name}",
+                fn=ut.ultimus_bwd_kernel,
+                args=[gy, x, gx, partials, w, b, w, b, w, b, wo, B, D, d, D, 1, D, 1, num_tiles, num_params],
+                kwargs=dict(
+                    HAS_BQ=True,
+                    HAS_BK=True,
+                    HAS_BV=True,
+                    RESIDUAL=True,
+                    NEED_GX=True,
+                    NEED_GW=True,
+                    ACC=acc,
+                    EXACT_EXP=False,
+                    NUM_PROGRAMS=P,
+                    BLOCK_B=BLOCK_B,
+                    BLOCK_DIM=BLOCK_DIM,
+                    BLOCK_ATT=BLOCK_ATT,
+                ),
+                options=dict(num_warps=num_warps, num_stages=num_stages),
+                roles={
+                    "gy_ptr": ("act_in", es),
+                    "x_ptr": ("act_in", es),
+                    "gx_ptr": ("act_out", es),
+                    "part_ptr": ("partial", 4),
+                    **{n: ("weight", es) for n in weights[:-1]},
+                },
+                values=bwd_values,
+                grid=P,
+                grid_emu=lambda tiles, P=P: P,
+                samples_per_tile=BLOCK_B,
+                persistent=True,
+                tiles_real=num_tiles,
+                B=B,
+                dram_bytes_per_sample=3 * D * es,
+                bench=("triton", "bwd", dtype_name),
+                config=config + f" num_stages={num_stages} NUM_PROGRAMS={P}",
+            )
+        )
+    return specs
