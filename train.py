@@ -82,6 +82,7 @@ def _train(args, state: RunState) -> list[dict]:
     checkpoint = None
     if args.resume:
         args, checkpoint = _load_checkpoint(args)
+        state.out, state.saved_epoch = Path(args.out), checkpoint["epoch"]  # what a Ctrl-C from here on reports
     rank, world, device = setup_distributed(args)
     state.main_process = rank == 0
     if checkpoint is not None and checkpoint.get("world_size", world) != world:
@@ -100,7 +101,6 @@ def _train(args, state: RunState) -> list[dict]:
     ctx = RunContext(args, _load_data(args), device, rank, world)
     out = state.out = _prepare_out(ctx, fresh=checkpoint is None)
     history, best_acc, start_epoch, steps_per_epoch = _build(ctx, checkpoint, out, say)
-    state.saved_epoch = start_epoch - 1 if checkpoint is not None else None
 
     for epoch in range(start_epoch, args.epochs + 1):
         if args.stop_after_epoch is not None and epoch > args.stop_after_epoch:
@@ -118,17 +118,12 @@ def _train(args, state: RunState) -> list[dict]:
             try:
                 train_loss, train_acc = train_epoch(ctx, epoch, bar)
             except TrainingDiverged as exc:
-                kept = (
-                    f"{out / 'checkpoint.pt'} still holds epoch {state.saved_epoch}"
-                    if state.saved_epoch is not None
-                    else "nothing was saved"
-                )
-                raise SystemExit(
-                    f"error: {exc}; training stopped and {kept}. Try a lower --max-lr (this run: {args.max_lr:.3e})"
-                    + (", or --amp bf16 / off instead of fp16" if args.amp == "fp16" else "")
-                    + ", and start a new run with --out."
-                ) from None
+                raise _diverged(str(exc), state, args) from None
         test_loss, test_acc, _ = evaluate(ctx)
+        # The last step's update can make the weights non-finite while its loss still was: check them
+        # (and the test loss) before anything of this epoch is saved.
+        if not (math.isfinite(test_loss) and all(bool(p.isfinite().all()) for p in ctx.net.parameters())):
+            raise _diverged(f"the weights stopped being finite in epoch {epoch} (test loss {test_loss})", state, args)
         seconds = time.perf_counter() - t0
         history.append(
             dict(
@@ -162,6 +157,20 @@ def _train(args, state: RunState) -> list[dict]:
         dist.barrier()
         dist.destroy_process_group()
     return history
+
+
+def _diverged(reason: str, state: RunState, args) -> SystemExit:
+    """The message a diverged run ends with: what happened, what was kept, what to try."""
+    kept = (
+        f"{state.out / 'checkpoint.pt'} still holds epoch {state.saved_epoch}"
+        if state.saved_epoch is not None
+        else "nothing was saved"
+    )
+    return SystemExit(
+        f"error: {reason}; training stopped and {kept}. Try a lower --max-lr (this run: {args.max_lr:.3e})"
+        + (", or --amp bf16 / off instead of fp16" if args.amp == "fp16" else "")
+        + ", and start a new run with --out."
+    )
 
 
 def _load_data(args):

@@ -41,8 +41,9 @@ for what in "$@"; do
     train)
       for cfg in "reference" "triton" "cuda" "cuda --amp bf16"; do
         echo "== train.py --backend $cfg"
-        timeout 100 $py train.py --dataset synthetic --epochs 2 --no-progress --backend $cfg --out /tmp/train-run \
-          2>&1 | grep -E "epoch|UltimusNet" ;
+        run_dir="$(mktemp -d)/run"  # a fresh folder per run: train.py refuses one that holds a run
+        timeout 100 $py train.py --dataset synthetic --epochs 2 --no-progress --backend $cfg --out "$run_dir" \
+          2>&1 | grep -E "epoch|UltimusNet|error" ;
       done 2>&1 | tee "$out/train.txt" ;;
   esac
 done

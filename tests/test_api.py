@@ -12,7 +12,15 @@ import torch
 
 import ultimus_kernels
 from _util import make_inputs
-from ultimus_kernels import BACKENDS, MAX_ATTN_DIM, MAX_DIM, UltimusBlock, available_backends, ultimus
+from ultimus_kernels import (
+    BACKENDS,
+    MAX_ATTN_DIM,
+    MAX_DIM,
+    UltimusBlock,
+    available_backends,
+    ultimus,
+    ultimus_reference,
+)
 from ultimus_kernels.dispatch import resolve_backend
 
 GOOD = dict(B=4, D=12, d=3)
@@ -181,3 +189,30 @@ def test_torch_compile_fullgraph_with_cpu_backend():
     block.backend = "reference"
     y_ref = block(x_ref)
     assert torch.allclose(y, y_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "prune"])
+def test_block_with_parametrized_or_pruned_linears(wrap):
+    """Weights that are not plain parameters (torch.nn.utils parametrizations, pruning) are read as the
+    module computes them."""
+    block = UltimusBlock(12, 3, backend="auto").double()
+    if wrap == "weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(block.q)
+    else:
+        import torch.nn.utils.prune as prune
+
+        prune.l1_unstructured(block.out, "weight", amount=0.5)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    y = block(x)
+    reference = ultimus_reference(
+        x,
+        block.q.weight,
+        block.q.bias,
+        block.k.weight,
+        block.k.bias,
+        block.v.weight,
+        block.v.bias,
+        block.out.weight,
+        block.out.bias,
+    )
+    assert torch.allclose(y, reference, atol=1e-12)

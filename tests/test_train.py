@@ -408,3 +408,30 @@ def test_ctrl_c_ends_with_one_line_that_says_how_to_resume(tmp_path):
     assert f"continue with python train.py --resume {out}" in stderr
     resumed = train.main(["--resume", str(out), "--no-progress", "--workers", "0", "--stop-after-epoch", "2"])
     assert [h["epoch"] for h in resumed][-1] == 2
+
+
+def test_weights_that_turn_non_finite_at_an_epochs_end_are_not_saved(tmp_path, monkeypatch):
+    """The last step of an epoch can make the weights NaN while its loss was still finite."""
+    real_train_epoch = train.train_epoch
+
+    def poisoning_train_epoch(ctx, epoch, bar):
+        result = real_train_epoch(ctx, epoch, bar)
+        if epoch == 2:
+            with torch.no_grad():
+                next(ctx.net.parameters()).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(train, "train_epoch", poisoning_train_epoch)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="weights stopped being finite in epoch 2.*holds epoch 1"):
+        train.main([*SMALL, "--epochs", "3", "--out", str(out)])
+    ckpt = checkpoints.load_verified(out / "checkpoint.pt", "test")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert torch.load(out / "final.pt", weights_only=False)["epoch"] == 1
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [1]
+
+
+def test_lr_find_and_max_lr_together_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        train.main([*SMALL, "--lr-find", "--max-lr", "0.05", "--out", str(tmp_path / "o")])
+    assert err.value.code == 2 and "--lr-find" in capsys.readouterr().err

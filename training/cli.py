@@ -181,6 +181,8 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
                 f"--out {args.out} already holds a run ({', '.join(existing)}): continue it with "
                 f"--resume {args.out}, choose another --out, or pass --overwrite to replace it"
             )
+    if args.lr_find and args.max_lr is not None:
+        parser.error("--lr-find measures the peak learning rate; give it or --max-lr, not both")
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.amp != "off" and device.type != "cuda":
         parser.error("--amp needs a CUDA device")

@@ -40,21 +40,17 @@ class UltimusBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The parameters straight from the submodules' dicts: nn.Module.__getattr__ costs ~1 us per
         # lookup, 16 lookups here, as much as the fused kernel itself at the training batch on a CPU.
+        # (A parametrized or pruned weight is not in _parameters: then the attribute, computed.)
         modules = self._modules
-        q, k, v, out = (modules[name]._parameters for name in ("q", "k", "v", "out"))
-        return ultimus(
-            x,
-            q["weight"],
-            q["bias"],
-            k["weight"],
-            k["bias"],
-            v["weight"],
-            v["bias"],
-            out["weight"],
-            out["bias"],
-            residual=self.residual,
-            backend=self._backend,
-        )
+        q, k, v, out = (_weight_and_bias(modules[name]) for name in ("q", "k", "v", "out"))
+        return ultimus(x, *q, *k, *v, *out, residual=self.residual, backend=self._backend)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, attn_dim={self.attn_dim}, residual={self.residual}, backend={self.backend!r}"
+
+
+def _weight_and_bias(linear: nn.Module) -> tuple:
+    params = linear._parameters
+    weight = params["weight"] if "weight" in params else linear.weight
+    bias = params["bias"] if "bias" in params else linear.bias
+    return weight, bias
