@@ -112,10 +112,12 @@ def device_name(device) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
-def table(rows: list[dict]) -> str:
-    def fmt(v, spec):
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+def _fmt(v, spec: str) -> str:
+    """A table cell: "-" for a missing or NaN value."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
+
+def table(rows: list[dict]) -> str:
     head = (
         f"{'provider':<21}{'mode':<11}{'dtype':<9}{'B':>9}{'median ms':>11}{'p20-p80 ms':>19}"
         f"{'vs eager':>9}{'vs compile':>11}{'GB/s':>8}{'% copy':>8}{'peak MiB':>9}"
@@ -124,10 +126,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"{r['provider']:<21}{r['mode']:<11}{r['dtype']:<9}{r['B']:>9}{r['median_ms']:>11.4f}"
-            f"{fmt(r['p20_ms'], '.4f') + '-' + fmt(r['p80_ms'], '.4f'):>19}"
-            f"{fmt(r.get('speedup_vs_eager'), '.2f') + 'x':>9}{fmt(r.get('speedup_vs_compile'), '.2f') + 'x':>11}"
-            f"{fmt(r.get('gb_per_s'), '.1f'):>8}{fmt(r.get('pct_copy_bandwidth'), '.1f'):>8}"
-            f"{fmt(r.get('peak_mem_mib'), '.1f'):>9}"
+            f"{_fmt(r['p20_ms'], '.4f') + '-' + _fmt(r['p80_ms'], '.4f'):>19}"
+            f"{_fmt(r.get('speedup_vs_eager'), '.2f') + 'x':>9}{_fmt(r.get('speedup_vs_compile'), '.2f') + 'x':>11}"
+            f"{_fmt(r.get('gb_per_s'), '.1f'):>8}{_fmt(r.get('pct_copy_bandwidth'), '.1f'):>8}"
+            f"{_fmt(r.get('peak_mem_mib'), '.1f'):>9}"
         )
     return "\n".join(lines)
 
@@ -162,15 +164,12 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def overhead_table(rows: list[dict]) -> str:
-    def fmt(v, spec):
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
     head = f"{'provider':<30}{'mode':<9}{'B':>6}{'median us':>11}{'p20-p80 us':>17}{'vs eager':>10}{'vs raw ops':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['provider']:<30}{r['mode']:<9}{r['B']:>6}{r['median_us']:>11.1f}"
-            f"{fmt(r['p20_us'], '.1f') + '-' + fmt(r['p80_us'], '.1f'):>17}"
-            f"{fmt(r['speedup_vs_eager'], '.2f') + 'x':>10}{fmt(r['vs_raw_ops'], '.2f') + 'x':>12}"
+            f"{_fmt(r['p20_us'], '.1f') + '-' + _fmt(r['p80_us'], '.1f'):>17}"
+            f"{_fmt(r['speedup_vs_eager'], '.2f') + 'x':>10}{_fmt(r['vs_raw_ops'], '.2f') + 'x':>12}"
         )
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from ultimus_kernels import (
     MAX_ATTN_DIM,
     MAX_DIM,
     UltimusBlock,
+    UltimusParams,
     available_backends,
     ultimus,
     ultimus_reference,
@@ -204,15 +205,5 @@ def test_block_with_parametrized_or_pruned_linears(wrap):
         prune.l1_unstructured(block.out, "weight", amount=0.5)
     x = torch.randn(5, 12, dtype=torch.float64)
     y = block(x)
-    reference = ultimus_reference(
-        x,
-        block.q.weight,
-        block.q.bias,
-        block.k.weight,
-        block.k.bias,
-        block.v.weight,
-        block.v.bias,
-        block.out.weight,
-        block.out.bias,
-    )
+    reference = ultimus_reference(x, *UltimusParams.of(block))
     assert torch.allclose(y, reference, atol=1e-12)

@@ -14,25 +14,17 @@ from ultimus_kernels import available_backends
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_bench(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """bench/attn.py with these arguments, in a child process, output captured."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "attn.py"), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
 def bench(tmp_path, *extra):
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "attn.py"),
-            "--quick",
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--min-run-time",
-            "0.02",
-            "--json",
-            str(out),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run_bench(
+        "--quick", "--device", "cpu", "--no-progress", "--min-run-time", "0.02", "--json", str(out), *extra, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
@@ -62,9 +54,7 @@ def test_model_mode_times_a_training_step(tmp_path):
 
 
 def test_help_lists_the_flags():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "attn.py"), "--help"], capture_output=True, text=True, check=True
-    ).stdout
+    out = run_bench("--help").stdout
     for flag in (
         "--device",
         "--backends",
@@ -116,12 +106,7 @@ def test_overhead_mode_times_every_path_per_call(tmp_path):
     ],
 )
 def test_bad_arguments_are_argparse_errors(extra, message):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "attn.py"), "--device", "cpu", *extra],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_bench("--device", "cpu", *extra)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
 
 
@@ -129,38 +114,11 @@ def test_unwritable_output_fails_before_timing(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     for flag in ("--json", "--plot"):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "bench" / "attn.py"),
-                "--device",
-                "cpu",
-                "--quick",
-                flag,
-                str(blocker / "out.x"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        proc = run_bench("--device", "cpu", "--quick", flag, str(blocker / "out.x"))
         assert proc.returncode == 2 and f"{flag} {blocker / 'out.x'}: cannot write there" in proc.stderr
         assert "median" not in proc.stdout  # nothing was timed
 
 
 def test_nothing_to_time_exits_non_zero(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "attn.py"),
-            "--device",
-            "cpu",
-            "--backends",
-            "cuda",
-            "--quick",
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_bench("--device", "cpu", "--backends", "cuda", "--quick", "--no-progress")
     assert proc.returncode != 0 and "nothing was timed" in proc.stderr and "cuda" in proc.stderr
