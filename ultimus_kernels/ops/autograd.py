@@ -38,7 +38,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..checks import check_op_inputs
+from ..checks import check_grad_output, check_op_inputs
 from ..reference import ultimus_reference, ultimus_reference_jvp
 
 PARAM_SLOTS = 8  # wq, bq, wk, bk, wv, bv, wo, bo: inputs 1..8 of fwd
@@ -234,8 +234,6 @@ def fake_fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual):
 
 
 def fake_bwd(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need_gx, need_gw):
-    from ..checks import check_grad_output
-
     D, d = check_op_inputs(_fake_backend_name(x), x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
     check_grad_output(gy, x)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
