@@ -5,15 +5,18 @@
     python bench/attn.py --device cuda --json bench/results/h100.json --plot bench/results/h100.png
     python bench/attn.py --model              # a full UltimusNet training step per backend
     python bench/attn.py --overhead --threads 1   # the host path: us per call at B = 1 and 128
+    python bench/attn.py --stack 4            # a stack of 4 blocks: fused stack vs 4 single fused calls
 
 Providers: `reference` (eager PyTorch, the baseline), `compile` (torch.compile of the reference),
 `compile-max-autotune` (GPU, with --max-autotune), and every fused backend that runs on the device
-(`triton`, `cpu`, `cuda`). Modes: `fwd` (training forward: inputs require grad), `bwd` (backward
-only, from a saved graph), `fwd+bwd`.
+(`triton`, `cpu`, `cuda`). With `--stack L`, every provider runs L blocks in a row: a fused backend
+as one fused stack (`ultimus_stack`), and as `<backend>-blocks`, L single fused calls. Modes: `fwd`
+(training forward: inputs require grad), `bwd` (backward only, from a saved graph), `fwd+bwd`.
 
 Bytes counted (the roofline reported against): the fused block must read x and write y once in the
 forward (2*B*D elements), read x and gy and write gx in the backward (3*B*D elements), plus the
-weights (4*d*D + 3*d + D elements, read once). GB/s = those bytes / median time. On a GPU the script
+weights (4*d*D + 3*d + D elements, read once). A stack of L blocks moves what one block does (the
+activations between blocks stay on chip), plus L blocks' weights. GB/s = those bytes / median time. On a GPU the script
 measures the device's copy bandwidth itself (a 1 GiB device-to-device copy, read + write bytes) and
 reports each run as a percentage of it.
 """
@@ -52,6 +55,8 @@ from ultimus_kernels import (  # noqa: E402
     UltimusParams,
     ultimus,
     ultimus_reference,
+    ultimus_stack,
+    ultimus_stack_reference,
 )
 from ultimus_kernels.dispatch import unavailable_reason  # noqa: E402
 
@@ -65,34 +70,38 @@ CACHE_BYTES = 64 << 20  # rotate inputs so that the sets together exceed this (L
 # ------------------------------------------------------------------------------------------------
 
 
-def make_set(B, D, d, dtype, device, gen):
-    """One random input set (never zeros): x, parameters in nn.Linear layouts, and gy."""
+def make_set(B, D, d, dtype, device, gen, stack: Optional[int] = None):
+    """One random input set (never zeros): x, parameters in nn.Linear layouts (one block's, or a list of
+    `stack` blocks'), and gy."""
 
     def r(*shape, s=1.0):
-        return (torch.randn(*shape, generator=gen) * s).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=gen) * s).to(device=device, dtype=dtype).requires_grad_()
 
-    params = UltimusParams(
-        r(d, D, s=D**-0.5),
-        r(d, s=0.1),
-        r(d, D, s=D**-0.5),
-        r(d, s=0.1),
-        r(d, D, s=D**-0.5),
-        r(d, s=0.1),
-        r(D, d, s=d**-0.5),
-        r(D, s=0.1),
-    )
-    x = r(B, D).requires_grad_()
-    return x, UltimusParams(*(p.requires_grad_() for p in params)), r(B, D)
+    def block():
+        scales = (D**-0.5, 0.1, D**-0.5, 0.1, D**-0.5, 0.1)
+        shapes = ((d, D), (d,), (d, D), (d,), (d, D), (d,))
+        return UltimusParams(*(r(*shape, s=s) for shape, s in zip(shapes, scales)), r(D, d, s=d**-0.5), r(D, s=0.1))
+
+    params = block() if stack is None else [block() for _ in range(stack)]
+    return r(B, D), params, r(B, D).detach()
 
 
-def block_bytes(mode: str, B: int, D: int, d: int, elem: int) -> int:
-    """The fewest bytes a fused block moves: activations once each, weights once."""
+def flat_params(params) -> list:
+    """The tensors of one block's parameters or of a stack's."""
+    return list(params) if isinstance(params, UltimusParams) else [t for block in params for t in block]
+
+
+def block_bytes(mode: str, B: int, D: int, d: int, elem: int, blocks: int = 1) -> int:
+    """The fewest bytes a fused block (or a fused stack of `blocks`) moves: activations once each,
+    weights once."""
     per_row = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * D
-    weights = 4 * d * D + 3 * d + D
+    weights = (4 * d * D + 3 * d + D) * blocks
     return (B * per_row + weights * (2 if mode == "fwd+bwd" else 1)) * elem
 
 
-def provider_fn(name: str, max_autotune: bool = False) -> Callable:
+def provider_fn(name: str, max_autotune: bool = False, stack: Optional[int] = None) -> Callable:
+    if stack is not None:
+        return _stack_provider_fn(name, max_autotune)
     if name == "reference":
         return lambda x, p: ultimus_reference(x, *p)
     if name.startswith("compile"):
@@ -101,6 +110,26 @@ def provider_fn(name: str, max_autotune: bool = False) -> Callable:
         )
         return lambda x, p: compiled(x, *p)
     return lambda x, p, name=name: ultimus(x, *p, backend=name)
+
+
+def _stack_provider_fn(name: str, max_autotune: bool) -> Callable:
+    """Providers of a stack (p is a list of blocks): eager and compiled loops, the fused stack, and
+    `<backend>-blocks`, one fused call per block."""
+    if name == "reference":
+        return ultimus_stack_reference
+    if name.startswith("compile"):
+        mode = "max-autotune-no-cudagraphs" if max_autotune else None
+        return torch.compile(ultimus_stack_reference, dynamic=False, mode=mode)
+    if name.endswith("-blocks"):
+        backend = name[: -len("-blocks")]
+
+        def blocks(x, p):
+            for block in p:
+                x = ultimus(x, *block, backend=backend)
+            return x
+
+        return blocks
+    return lambda x, p, name=name: ultimus_stack(x, p, backend=name)
 
 
 def mode_fn(mode: str, fn: Callable, sets) -> Callable:
@@ -117,7 +146,7 @@ def mode_fn(mode: str, fn: Callable, sets) -> Callable:
         if mode == "fwd":
             return fn(x, p)
         y = saved[i] if mode == "bwd" else fn(x, p)
-        return torch.autograd.grad(y, [x, *p], gy, retain_graph=(mode == "bwd"))
+        return torch.autograd.grad(y, [x, *flat_params(p)], gy, retain_graph=(mode == "bwd"))
 
     return run
 
@@ -135,11 +164,12 @@ def providers_for(args, device) -> tuple[list[str], dict[str, str]]:
     )
     chosen, skipped = [], {}
     for name in wanted:
-        if name in FUSED:
-            why = unavailable_reason(name, device)
+        base = name[: -len("-blocks")] if name.endswith("-blocks") else name
+        if base in FUSED:
+            why = unavailable_reason(base, device)
             if why is None and (args.dim > MAX_DIM or args.attn_dim > MAX_ATTN_DIM):
                 why = f"the fused kernels need D <= {MAX_DIM} and d <= {MAX_ATTN_DIM}"
-            if name == "triton" and device.type == "cpu" and why is None:
+            if base == "triton" and device.type == "cpu" and why is None:
                 why = "the Triton interpreter is a correctness tool, not a timing target"
             if why:
                 skipped[name] = why
@@ -148,6 +178,8 @@ def providers_for(args, device) -> tuple[list[str], dict[str, str]]:
             skipped[name] = "max-autotune is for GPUs"
             continue
         chosen.append(name)
+        if name in FUSED and args.stack is not None and not args.backends:
+            chosen.append(f"{name}-blocks")
     return chosen, skipped
 
 
@@ -194,9 +226,9 @@ def sweep(args, device) -> tuple[list[dict], dict[str, str], Optional[float]]:
             torch._dynamo.reset()
             elem = torch.finfo(dtype).bits // 8
             n_sets = max(1, min(16, math.ceil(CACHE_BYTES / max(1, 5 * B * args.dim * elem))))
-            inputs[key] = [make_set(B, args.dim, args.attn_dim, dtype, device, gen) for _ in range(n_sets)]
+            inputs[key] = [make_set(B, args.dim, args.attn_dim, dtype, device, gen, args.stack) for _ in range(n_sets)]
         if prov not in fns:
-            fns[prov] = provider_fn(prov, max_autotune=prov.endswith("max-autotune"))
+            fns[prov] = provider_fn(prov, max_autotune=prov.endswith("max-autotune"), stack=args.stack)
         run = mode_fn(mode, fns[prov], inputs[key])
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -209,7 +241,7 @@ def sweep(args, device) -> tuple[list[dict], dict[str, str], Optional[float]]:
         else:
             med, p20, p80 = time_run(run, device, args)
             peak = None
-        nbytes = block_bytes(mode, B, args.dim, args.attn_dim, torch.finfo(dtype).bits // 8)
+        nbytes = block_bytes(mode, B, args.dim, args.attn_dim, torch.finfo(dtype).bits // 8, args.stack or 1)
         gbs = nbytes / (med * 1e-3) / 1e9
         rows.append(
             dict(
@@ -218,6 +250,7 @@ def sweep(args, device) -> tuple[list[dict], dict[str, str], Optional[float]]:
                 B=B,
                 D=args.dim,
                 d=args.attn_dim,
+                blocks=args.stack or 1,
                 dtype=str(dtype)[6:],
                 median_ms=med,
                 p20_ms=p20,
@@ -373,6 +406,7 @@ def _positive_float(text: str) -> float:
 
 
 PROVIDERS = ("reference", "compile", "compile-max-autotune", *FUSED)
+STACK_PROVIDERS = (*PROVIDERS, *(f"{name}-blocks" for name in FUSED))
 
 
 def _check_writable(parser, flag: str, path: Optional[str]) -> None:
@@ -402,7 +436,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--backends",
         default=None,
-        help=f"comma-separated providers: {', '.join(PROVIDERS)} (default: all that run on the device)",
+        help=f"comma-separated providers: {', '.join(PROVIDERS)}; with --stack also <backend>-blocks "
+        "(default: all that run on the device)",
     )
     p.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma-separated modes: fwd, bwd, fwd+bwd")
     p.add_argument(
@@ -438,7 +473,19 @@ def parse_args(argv=None):
         action="store_true",
         help="a small sweep (B = 128 and 4096, float32, short timing): under a minute on CPU",
     )
-    p.add_argument("--model", action="store_true", help="time one full UltimusNet training step per backend instead")
+    p.add_argument(
+        "--stack",
+        type=_positive_int,
+        default=None,
+        metavar="L",
+        help="time a stack of L blocks instead of one: each fused backend as one fused stack and as "
+        "'<backend>-blocks' (L single fused calls), eager and compile as loops",
+    )
+    p.add_argument(
+        "--model",
+        action="store_true",
+        help="time one full UltimusNet training step per backend instead (its 4 blocks run as a fused stack)",
+    )
     p.add_argument(
         "--model-batch-sizes", type=_int_list, default=[128, 512], help="batch sizes for --model (default 128,512)"
     )
@@ -464,10 +511,13 @@ def parse_args(argv=None):
         p.error("--plot draws the batch-size sweep; --model and --overhead have no plot (use --json)")
     _check_writable(p, "--json", args.json)
     _check_writable(p, "--plot", args.plot)
+    if args.stack is not None and (args.model or args.overhead):
+        p.error("--stack times the batch-size sweep; --model already runs UltimusNet's blocks as a stack")
     if args.backends:
+        known = STACK_PROVIDERS if args.stack is not None else PROVIDERS
         for name in args.backends.split(","):
-            if name not in PROVIDERS:
-                p.error(f"--backends: unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+            if name not in known:
+                p.error(f"--backends: unknown provider {name!r}; choose from {', '.join(known)}")
     gpu = args.device.type == "cuda"
     if args.quick:
         args.batch_sizes = args.batch_sizes or [128, 4096]
@@ -533,7 +583,8 @@ def main(argv=None) -> None:
             json.dumps(dict(meta=dict(meta, copy_bandwidth_gbs=bandwidth, skipped=skipped), rows=rows), indent=1) + "\n"
         )
     if args.plot:
-        plot(rows, args.plot, f"Ultimus block (D={args.dim}, d={args.attn_dim}) on {name}")
+        what = f"a stack of {args.stack} Ultimus blocks" if args.stack else "Ultimus block"
+        plot(rows, args.plot, f"{what} (D={args.dim}, d={args.attn_dim}) on {name}")
 
 
 if __name__ == "__main__":

@@ -124,4 +124,82 @@ def sass_stats_specs(ctx) -> list:
                 config=config + f" num_stages={num_stages} NUM_PROGRAMS={P}",
             )
         )
+
+        # the stack of L = 4 blocks: see ultimus_triton_stack_fwd / _bwd (packed parameters, one partial
+        # row of L * num_params numbers per program, zeroed and added to tile by tile)
+        L = 4
+        packed = t(L, num_params, dtype=partials.dtype)
+        stack_weights = {"p_ptr": ("weight", partials.element_size())}
+        specs.append(
+            dict(
+                kind="triton",
+                name=f"triton stack fwd L={L} {dtype_name}",
+                fn=ut.ultimus_stack_fwd_kernel,
+                args=[x, y, packed, B, D, d, L, D, 1, num_params],
+                kwargs=dict(
+                    HAS_BIAS=True,
+                    RESIDUAL=True,
+                    ACC=acc,
+                    EXACT_EXP=False,
+                    BLOCK_B=BLOCK_B,
+                    BLOCK_DIM=BLOCK_DIM,
+                    BLOCK_ATT=BLOCK_ATT,
+                ),
+                options=dict(num_warps=num_warps),
+                roles={"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **stack_weights},
+                values=lambda tiles, L=L: dict(B=B, D=D, d=d, L=L, stride_xb=D, NUM_PARAMS=num_params),
+                grid=grid,
+                grid_emu=lambda tiles, g=grid: g,
+                samples_per_tile=BLOCK_B,
+                persistent=False,
+                tiles_real=grid,
+                B=B,
+                dram_bytes_per_sample=2 * D * es,
+                bench=("triton-stack", "fwd", dtype_name),
+                config=config + f" L={L}",
+            )
+        )
+        stack_partials = t(P, L * num_params, dtype=partials.dtype)
+
+        def stack_bwd_values(tiles, P=P, BLOCK_B=BLOCK_B, L=L):
+            return dict(bwd_values(tiles, P, BLOCK_B), L=L)
+
+        specs.append(
+            dict(
+                kind="triton",
+                name=f"triton stack bwd L={L} {dtype_name}",
+                fn=ut.ultimus_stack_bwd_kernel,
+                args=[gy, x, gx, stack_partials, packed, B, D, d, L, D, 1, D, 1, num_tiles, num_params],
+                kwargs=dict(
+                    HAS_BIAS=True,
+                    RESIDUAL=True,
+                    NEED_GX=True,
+                    NEED_GW=True,
+                    ACC=acc,
+                    EXACT_EXP=False,
+                    NUM_PROGRAMS=P,
+                    BLOCK_B=BLOCK_B,
+                    BLOCK_DIM=BLOCK_DIM,
+                    BLOCK_ATT=BLOCK_ATT,
+                ),
+                options=dict(num_warps=num_warps, num_stages=num_stages),
+                roles={
+                    "gy_ptr": ("act_in", es),
+                    "x_ptr": ("act_in", es),
+                    "gx_ptr": ("act_out", es),
+                    "part_ptr": ("partial", 4),
+                    **stack_weights,
+                },
+                values=stack_bwd_values,
+                grid=P,
+                grid_emu=lambda tiles, P=P: P,
+                samples_per_tile=BLOCK_B,
+                persistent=True,
+                tiles_real=num_tiles,
+                B=B,
+                dram_bytes_per_sample=3 * D * es,
+                bench=("triton-stack", "bwd", dtype_name),
+                config=config + f" num_stages={num_stages} NUM_PROGRAMS={P} L={L}",
+            )
+        )
     return specs

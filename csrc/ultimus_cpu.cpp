@@ -1,4 +1,5 @@
-// The Ultimus block on the CPU: forward and backward, parallel over the batch, fp32 accumulation.
+// The Ultimus block on the CPU: forward and backward, parallel over the batch, fp32 accumulation; and a
+// stack of blocks in one pass, each chunk of samples carried through every block before it is stored.
 //
 // Math (docs/ULTIMUS_MATH.md): q, k, v = W* x + b*; A = softmax_j(s q_i k_j); z = V.A; y = Wo z + bo (+ x).
 // The backward recomputes q, k, v and A from x; the softmax exponent is s q_i (k_j - k_ext), exact.
@@ -163,11 +164,10 @@ void attention_row(const Params<acc_t>& p, Chunk<acc_t>& s, int64_t i) {
   for (int64_t j = 0; j < p.d; ++j) s.attn_row[j] *= inv;
 }
 
-template <typename scalar_t, typename acc_t>
-void forward_rows(const scalar_t* x, int64_t sx0, int64_t sx1, scalar_t* y, int64_t row0, int64_t rows,
-                  const Params<acc_t>& p, bool residual, Chunk<acc_t>& s) {
+// One block on the chunk: s.x holds its input and, after, its output.
+template <typename acc_t>
+void block_forward(const Params<acc_t>& p, bool residual, Chunk<acc_t>& s) {
   using V = Vec<acc_t>;
-  load_transposed(x, sx0, sx1, row0, rows, p.D, s.x);
   project_qkv(p, s);
   for (int64_t j = 0; j < p.d; ++j) s.z[j] = V{};
   for (int64_t i = 0; i < p.d; ++i) {
@@ -180,7 +180,17 @@ void forward_rows(const scalar_t* x, int64_t sx0, int64_t sx1, scalar_t* y, int6
     for (int64_t j = 0; j < p.d; ++j) out += wo[j] * s.z[j];
     s.x[n] = out;
   }
-  store_transposed(s.x, row0, rows, p.D, y);
+}
+
+// Rows [row0, row0 + rows) through the blocks of `blocks` in turn (one block, or a whole stack): the
+// activations between blocks never leave the chunk's state.
+template <typename scalar_t, typename acc_t>
+void forward_rows(const scalar_t* x, int64_t sx0, int64_t sx1, scalar_t* y, int64_t row0, int64_t rows,
+                  const std::vector<Params<acc_t>>& blocks, bool residual, Chunk<acc_t>& s) {
+  const int64_t D = blocks[0].D;
+  load_transposed(x, sx0, sx1, row0, rows, D, s.x);
+  for (const auto& p : blocks) block_forward(p, residual, s);
+  store_transposed(s.x, row0, rows, D, y);
 }
 
 // Backward state beyond the forward's.
@@ -198,15 +208,14 @@ void accumulate_outer(const V* a, int64_t I, const V* b, int64_t N, V* acc) {
     for (int64_t n = 0; n < N; ++n) acc[i * N + n] += a[i] * b[n];
 }
 
-// `lanes` holds per-lane partial sums in the partial-row layout of ultimus.h.
-template <typename scalar_t, typename acc_t>
-void backward_rows(const scalar_t* gy, int64_t sg0, int64_t sg1, const scalar_t* x, int64_t sx0, int64_t sx1,
-                   scalar_t* gx, Vec<acc_t>* lanes, int64_t row0, int64_t rows, const Params<acc_t>& p,
-                   bool residual, Chunk<acc_t>& s, GradChunk<acc_t>& g) {
+// One block's backward on the chunk: s.x holds the block's input and g.gy the gradient of its output.
+// Adds the parameter gradients to `lanes` (per-lane partial sums in the partial-row layout of
+// ultimus.h; null when not needed) and, if `need_gx`, leaves the gradient of the input in s.x.
+template <typename acc_t>
+void block_backward(const Params<acc_t>& p, bool residual, Vec<acc_t>* lanes, bool need_gx, Chunk<acc_t>& s,
+                    GradChunk<acc_t>& g) {
   using V = Vec<acc_t>;
   const int64_t D = p.D, d = p.d;
-  load_transposed(x, sx0, sx1, row0, rows, D, s.x);
-  load_transposed(gy, sg0, sg1, row0, rows, D, g.gy);  // rows past the batch load as 0: they add nothing
   project_qkv(p, s);
   for (int64_t j = 0; j < d; ++j) s.z[j] = g.gk[j] = g.gz[j] = V{};
   for (int64_t n = 0; n < D; ++n) {  // gz[j] = sum_n Wo[n][j] gy[n]
@@ -229,30 +238,47 @@ void backward_rows(const scalar_t* gy, int64_t sg0, int64_t sg1, const scalar_t*
     g.gv[i] = r;
     g.gq[i] = gqi;
   }
-  if (gx) {  // gx overwrites x, after the parameter gradients have used it
-    if (lanes) {
-      accumulate_outer(g.gq, d, s.x, D, lanes);
-      accumulate_outer(g.gk, d, s.x, D, lanes + d * D);
-      accumulate_outer(g.gv, d, s.x, D, lanes + 2 * d * D);
-    }
+  if (lanes) {  // rows past the batch have gy = 0, hence gq = gk = gv = 0: they add nothing
+    accumulate_outer(g.gq, d, s.x, D, lanes);
+    accumulate_outer(g.gk, d, s.x, D, lanes + d * D);
+    accumulate_outer(g.gv, d, s.x, D, lanes + 2 * d * D);
+    accumulate_outer(g.gy, D, s.z, d, lanes + 3 * d * D);
+    V* biases = lanes + 4 * d * D;
+    for (int64_t i = 0; i < d; ++i) biases[i] += g.gq[i], biases[d + i] += g.gk[i], biases[2 * d + i] += g.gv[i];
+    for (int64_t n = 0; n < D; ++n) biases[3 * d + n] += g.gy[n];
+  }
+  if (need_gx) {  // gx overwrites x, after the parameter gradients have used it
     for (int64_t n = 0; n < D; ++n) {
       V out = residual ? g.gy[n] : V{};
       for (int64_t i = 0; i < d; ++i)
         out += p.wq[i * D + n] * g.gq[i] + p.wk[i * D + n] * g.gk[i] + p.wv[i * D + n] * g.gv[i];
       s.x[n] = out;
     }
-    store_transposed(s.x, row0, rows, D, gx);
-  } else if (lanes) {
-    accumulate_outer(g.gq, d, s.x, D, lanes);
-    accumulate_outer(g.gk, d, s.x, D, lanes + d * D);
-    accumulate_outer(g.gv, d, s.x, D, lanes + 2 * d * D);
   }
-  if (lanes) {
-    accumulate_outer(g.gy, D, s.z, d, lanes + 3 * d * D);
-    V* biases = lanes + 4 * d * D;
-    for (int64_t i = 0; i < d; ++i) biases[i] += g.gq[i], biases[d + i] += g.gk[i], biases[2 * d + i] += g.gv[i];
-    for (int64_t n = 0; n < D; ++n) biases[3 * d + n] += g.gy[n];
+}
+
+// The backward of rows [row0, row0 + rows) through `blocks` (one block, or a whole stack). The forward
+// runs first, keeping each block's input in `inputs` (L * D vectors, a few KB: on chip); then the
+// blocks in reverse, the gradient of each block's input becoming the next one's gy. Block l's
+// parameter gradients go to lanes + l * num_params(D, d).
+template <typename scalar_t, typename acc_t>
+void backward_rows(const scalar_t* gy, int64_t sg0, int64_t sg1, const scalar_t* x, int64_t sx0, int64_t sx1,
+                   scalar_t* gx, Vec<acc_t>* lanes, int64_t row0, int64_t rows,
+                   const std::vector<Params<acc_t>>& blocks, bool residual, Vec<acc_t>* inputs, Chunk<acc_t>& s,
+                   GradChunk<acc_t>& g) {
+  const int64_t L = static_cast<int64_t>(blocks.size()), D = blocks[0].D, np = num_params(D, blocks[0].d);
+  load_transposed(x, sx0, sx1, row0, rows, D, s.x);
+  for (int64_t l = 0; l + 1 < L; ++l) {
+    std::copy(s.x, s.x + D, inputs + l * D);
+    block_forward(blocks[l], residual, s);
   }
+  load_transposed(gy, sg0, sg1, row0, rows, D, g.gy);  // rows past the batch load as 0: they add nothing
+  for (int64_t l = L - 1; l >= 0; --l) {
+    if (l + 1 < L) std::copy(inputs + l * D, inputs + (l + 1) * D, s.x);  // (the last block's input is in s.x)
+    block_backward(blocks[l], residual, lanes ? lanes + l * np : nullptr, l > 0 || gx, s, g);
+    if (l > 0) std::copy(s.x, s.x + D, g.gy);  // this block's gx is the previous block's gy
+  }
+  if (gx) store_transposed(s.x, row0, rows, D, gx);
 }
 
 // The split of the batch into tasks depends on B alone (see the header comment).
@@ -267,17 +293,24 @@ inline TaskSplit split_batch(int64_t B) {
   return {std::max<int64_t>(1, (B + rows - 1) / rows), rows};
 }
 
-at::Tensor ultimus_fwd_cpu(const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq, const at::Tensor& wk,
-                           const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
-                           const OptTensor& bo, bool residual) {
-  const auto [D, d] = check_inputs("cpu", x, wq, bq, wk, bk, wv, bv, wo, bo);
+// ------------------------------------------------------------------------------------------------
+// Launchers: one block (fwd, bwd) and a stack of blocks (stack_fwd, stack_bwd) share the loops below.
+// ------------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+std::vector<Params<acc_t>> block_ptrs(const std::vector<AccParams>& blocks, int64_t D, int64_t d) {
+  std::vector<Params<acc_t>> ptrs;
+  for (const auto& b : blocks) ptrs.push_back(b.ptrs<acc_t>(D, d));
+  return ptrs;
+}
+
+at::Tensor forward(const at::Tensor& x, const std::vector<AccParams>& blocks, int64_t D, int64_t d, bool residual) {
   const int64_t B = x.size(0);
   at::Tensor y = at::empty({B, D}, x.options());
   if (B == 0) return y;
-  const AccParams params(x, wq, bq, wk, bk, wv, bv, wo, bo);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = params.ptrs<acc_t>(D, d);
+    const auto p = block_ptrs<acc_t>(blocks, D, d);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t num_chunks = (B + kChunk - 1) / kChunk;
@@ -293,38 +326,35 @@ at::Tensor ultimus_fwd_cpu(const at::Tensor& x, const at::Tensor& wq, const OptT
   return y;
 }
 
-BackwardResult ultimus_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
-                const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv,
-                const at::Tensor& wo, const OptTensor& bo, bool residual, bool need_gx, bool need_gw) {
-  const auto [D, d] = check_inputs("cpu", x, wq, bq, wk, bk, wv, bv, wo, bo);
-  check_grad_output(gy, x);
-  const int64_t B = x.size(0);
+// The parameter gradients come back as one flat vector: every block's partial-row layout in turn.
+BackwardResult backward(const at::Tensor& gy, const at::Tensor& x, const std::vector<AccParams>& blocks, int64_t D,
+                        int64_t d, bool residual, bool need_gx, bool need_gw) {
+  const int64_t B = x.size(0), L = static_cast<int64_t>(blocks.size());
   const auto acc = acc_type(x);
   at::Tensor gx = at::empty(need_gx ? std::vector<int64_t>{B, D} : std::vector<int64_t>{0}, x.options());
   const TaskSplit split = split_batch(B);
-  at::Tensor partials = at::empty({need_gw && B > 0 ? split.num_tasks : 0, num_params(D, d)}, x.options().dtype(acc));
+  const int64_t np = L * num_params(D, d);
+  at::Tensor partials = at::empty({need_gw && B > 0 ? split.num_tasks : 0, np}, x.options().dtype(acc));
   at::Tensor gy_c = gy.to(x.scalar_type());
   if (B > 0 && (need_gx || need_gw)) {
-    const AccParams params(x, wq, bq, wk, bk, wv, bv, wo, bo);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const auto p = params.ptrs<acc_t>(D, d);
+      const auto p = block_ptrs<acc_t>(blocks, D, d);
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* gyp = gy_c.const_data_ptr<scalar_t>();
       scalar_t* gxp = need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr;
       acc_t* part = need_gw ? partials.mutable_data_ptr<acc_t>() : nullptr;
-      const int64_t np = num_params(D, d);
       at::parallel_for(0, split.num_tasks, 1, [&](int64_t begin, int64_t end) {
         auto state = std::make_unique<Chunk<acc_t>>();
         auto grad_state = std::make_unique<GradChunk<acc_t>>();
-        std::vector<Vec<acc_t>> lanes(part ? np : 0);
+        std::vector<Vec<acc_t>> lanes(part ? np : 0), inputs(L * D);
         for (int64_t task = begin; task < end; ++task) {
           std::fill(lanes.begin(), lanes.end(), Vec<acc_t>{});
           const int64_t task_end = std::min(B, (task + 1) * split.rows_per_task);
           for (int64_t row0 = task * split.rows_per_task; row0 < task_end; row0 += kChunk)
             backward_rows(gyp, gy_c.stride(0), gy_c.stride(1), xp, x.stride(0), x.stride(1), gxp,
                           part ? lanes.data() : nullptr, row0, std::min<int64_t>(kChunk, task_end - row0), p,
-                          residual, *state, *grad_state);
+                          residual, inputs.data(), *state, *grad_state);
           if (part) {  // the task's partial row: its lanes summed in a fixed order
             acc_t* row = part + task * np;
             for (int64_t e = 0; e < np; ++e) {
@@ -340,11 +370,41 @@ BackwardResult ultimus_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const 
   return backward_result(gx, partials, need_gw);
 }
 
+at::Tensor ultimus_fwd_cpu(const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq, const at::Tensor& wk,
+                           const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
+                           const OptTensor& bo, bool residual) {
+  const auto [D, d] = check_inputs("cpu", x, wq, bq, wk, bk, wv, bv, wo, bo);
+  if (x.size(0) == 0) return at::empty({0, D}, x.options());
+  return forward(x, {AccParams(x, wq, bq, wk, bk, wv, bv, wo, bo)}, D, d, residual);
+}
+
+BackwardResult ultimus_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
+                               const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv,
+                               const at::Tensor& wo, const OptTensor& bo, bool residual, bool need_gx, bool need_gw) {
+  const auto [D, d] = check_inputs("cpu", x, wq, bq, wk, bk, wv, bv, wo, bo);
+  check_grad_output(gy, x);
+  return backward(gy, x, {AccParams(x, wq, bq, wk, bk, wv, bv, wo, bo)}, D, d, residual, need_gx, need_gw);
+}
+
+at::Tensor ultimus_stack_fwd_cpu(const at::Tensor& x, at::TensorList params, bool bias, bool residual) {
+  const auto [L, D, d] = check_stack_inputs("cpu", x, params, bias);
+  return forward(x, stack_acc_params(x, params, bias), D, d, residual);
+}
+
+BackwardResult ultimus_stack_bwd_cpu(const at::Tensor& gy, const at::Tensor& x, at::TensorList params, bool bias,
+                                     bool residual, bool need_gx, bool need_gw) {
+  const auto [L, D, d] = check_stack_inputs("cpu", x, params, bias);
+  check_grad_output(gy, x);
+  return backward(gy, x, stack_acc_params(x, params, bias), D, d, residual, need_gx, need_gw);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ultimus_ext, CPU, m) {
   m.impl("fwd", &ultimus_fwd_cpu);
   m.impl("bwd", &ultimus_bwd_cpu);
+  m.impl("stack_fwd", &ultimus_stack_fwd_cpu);
+  m.impl("stack_bwd", &ultimus_stack_bwd_cpu);
 }
 
 }  // namespace ultimus

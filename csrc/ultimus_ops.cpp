@@ -3,6 +3,12 @@
 //   fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual) -> y
 //   bwd(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need_gx, need_gw) -> (gx, gparams)
 //   bwd_differentiable(gy, x, ..., residual, need[9]) -> [gx, gwq, gbq, ..., gbo]
+//   stack_fwd(x, params[], bias, residual) -> y                         (a stack of L blocks)
+//   stack_bwd(gy, x, params[], bias, residual, need_gx, need_gw) -> (gx, gparams)
+//   stack_bwd_differentiable(gy, x, params[], bias, residual, need[]) -> [gx, one per params entry]
+//
+// A stack's `params` is flat: every block's (wq, bq, wk, bk, wv, bv, wo, bo) in turn when `bias`, else
+// its (wq, wk, wv, wo); its `gparams` is every block's partial-row layout in turn.
 //
 // The CPU kernels are in ultimus_cpu.cpp, the CUDA kernels in cuda/ultimus_cuda.cu, the math in
 // docs/ and ultimus_kernels/reference.py. `gparams` is every parameter gradient in one flat vector,
@@ -49,6 +55,29 @@ std::vector<at::Tensor> call_bwd_differentiable(const at::Tensor& gy, const at::
                        .findSchemaOrThrow("ultimus_ext::bwd_differentiable", "")
                        .typed<decltype(call_bwd_differentiable)>();
   return op.call(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need);
+}
+
+at::Tensor call_stack_fwd(const at::Tensor& x, at::TensorList params, bool bias, bool residual) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ultimus_ext::stack_fwd", "").typed<decltype(call_stack_fwd)>();
+  return op.call(x, params, bias, residual);
+}
+
+BackwardResult call_stack_bwd(const at::Tensor& gy, const at::Tensor& x, at::TensorList params, bool bias,
+                              bool residual, bool need_gx, bool need_gw) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("ultimus_ext::stack_bwd", "").typed<decltype(call_stack_bwd)>();
+  return op.call(gy, x, params, bias, residual, need_gx, need_gw);
+}
+
+std::vector<at::Tensor> call_stack_bwd_differentiable(const at::Tensor& gy, const at::Tensor& x,
+                                                      at::TensorList params, bool bias, bool residual,
+                                                      at::ArrayRef<bool> need) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("ultimus_ext::stack_bwd_differentiable", "")
+                       .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, at::TensorList, bool,
+                                                      bool, at::ArrayRef<bool>)>();
+  return op.call(gy, x, params, bias, residual, need);
 }
 
 class UltimusAutograd : public torch::autograd::Function<UltimusAutograd> {
@@ -138,6 +167,87 @@ class UltimusBwdAutograd : public torch::autograd::Function<UltimusBwdAutograd> 
   }
 };
 
+// The stack's autograd node: x and every parameter tensor are its direct inputs (no packing, no views
+// between the leaves and the kernel), and its backward cuts the flat gradient into each parameter's.
+class UltimusStackAutograd : public torch::autograd::Function<UltimusStackAutograd> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList params, bool bias,
+                            bool residual) {
+    std::vector<at::Tensor> saved{x};
+    saved.insert(saved.end(), params.begin(), params.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["bias"] = bias;
+    ctx->saved_data["residual"] = residual;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_stack_fwd(x, params, bias, residual);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();  // x, then the flat parameters
+    const at::Tensor& gy = grad_outputs[0];
+    const bool bias = ctx->saved_data["bias"].toBool(), residual = ctx->saved_data["residual"].toBool();
+    const at::Tensor& x = saved[0];
+    const at::TensorList params(saved.data() + 1, saved.size() - 1);
+    const size_t n = saved.size();
+    std::vector<bool> need(n);
+    bool need_gw = false, tracked = gy.requires_grad();
+    for (size_t i = 0; i < n; ++i) {
+      need[i] = ctx->needs_input_grad(i);
+      need_gw |= i > 0 && need[i];
+      tracked |= saved[i].requires_grad();
+    }
+    variable_list out(n + 2);  // x, each parameter, then bias and residual (undefined)
+    if (at::GradMode::is_enabled() && tracked) {  // create_graph: differentiable gradients (double backward)
+      std::vector<uint8_t> flags(need.begin(), need.end());
+      const auto grads = call_stack_bwd_differentiable(
+          gy, x, params, bias, residual, at::ArrayRef<bool>(reinterpret_cast<const bool*>(flags.data()), n));
+      for (size_t i = 0; i < n; ++i)
+        if (need[i]) out[i] = grads[i];
+      return out;
+    }
+    at::Tensor gx, gparams;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(gx, gparams) = call_stack_bwd(gy, x, params, bias, residual, need[0], need_gw);
+    }
+    if (need[0]) out[0] = gx;
+    if (need_gw) {
+      at::AutoDispatchBelowADInplaceOrView below_view_tracking;  // plain slices (see UltimusAutograd)
+      // Symbolic sizes: under torch.compile with dynamic shapes this runs on tensors without concrete sizes.
+      const c10::SymInt D = x.sym_size(1), d = params[0].sym_size(0), dD = d * D, np = 4 * dD + 3 * d + D;
+      // Offsets in a block's partial row, in the order of the block's flat parameters.
+      const std::array<c10::SymInt, 8> with_bias = {0 * dD, 4 * dD, dD, 4 * dD + d, 2 * dD, 4 * dD + 2 * d, 3 * dD,
+                                                    4 * dD + 3 * d};
+      const std::array<c10::SymInt, 4> weights_only = {0 * dD, dD, 2 * dD, 3 * dD};
+      const size_t per = bias ? 8 : 4;
+      for (size_t i = 1; i < n; ++i) {
+        if (!need[i]) continue;
+        const size_t block = (i - 1) / per, slot = (i - 1) % per;
+        const c10::SymInt offset = np * static_cast<int64_t>(block) + (bias ? with_bias[slot] : weights_only[slot]);
+        const at::Tensor& p = saved[i];
+        at::Tensor g = gparams.narrow_symint(0, offset, p.sym_numel()).view_symint(p.sym_sizes());
+        out[i] = g.scalar_type() == p.scalar_type() ? g : g.to(p.scalar_type());
+      }
+    }
+    return out;
+  }
+};
+
+class UltimusStackBwdAutograd : public torch::autograd::Function<UltimusStackBwdAutograd> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& gy, const at::Tensor& x, at::TensorList params,
+                               bool bias, bool residual, bool need_gx, bool need_gw) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gx, gparams] = call_stack_bwd(gy, x, params, bias, residual, need_gx, need_gw);
+    return {gx, gparams};
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false, "ultimus: ultimus_ext::stack_bwd is not differentiable; for second derivatives "
+                "differentiate ultimus_ext::stack_fwd (or ultimus_kernels.ultimus_stack) with create_graph=True, "
+                "whose backward is");
+  }
+};
+
 BackwardResult bwd_autograd(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
                             const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv,
                             const at::Tensor& wo, const OptTensor& bo, bool residual, bool need_gx, bool need_gw) {
@@ -149,6 +259,16 @@ at::Tensor fwd_autograd(const at::Tensor& x, const at::Tensor& wq, const OptTens
                         const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
                         const OptTensor& bo, bool residual) {
   return UltimusAutograd::apply(x, wq, bq, wk, bk, wv, bv, wo, bo, residual);
+}
+
+at::Tensor stack_fwd_autograd(const at::Tensor& x, at::TensorList params, bool bias, bool residual) {
+  return UltimusStackAutograd::apply(x, params, bias, residual);
+}
+
+BackwardResult stack_bwd_autograd(const at::Tensor& gy, const at::Tensor& x, at::TensorList params, bool bias,
+                                  bool residual, bool need_gx, bool need_gw) {
+  auto out = UltimusStackBwdAutograd::apply(gy, x, params, bias, residual, need_gx, need_gw);
+  return {out[0], out[1]};
 }
 
 }  // namespace
@@ -163,11 +283,20 @@ TORCH_LIBRARY(ultimus_ext, m) {
   m.def(
       "bwd_differentiable(Tensor gy, Tensor x, Tensor wq, Tensor? bq, Tensor wk, Tensor? bk, Tensor wv, Tensor? bv, "
       "Tensor wo, Tensor? bo, bool residual, bool[9] need) -> Tensor[]");
+  m.def("stack_fwd(Tensor x, Tensor[] params, bool bias, bool residual) -> Tensor");
+  m.def(
+      "stack_bwd(Tensor gy, Tensor x, Tensor[] params, bool bias, bool residual, bool need_gx, bool need_gw) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "stack_bwd_differentiable(Tensor gy, Tensor x, Tensor[] params, bool bias, bool residual, bool[] need) -> "
+      "Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(ultimus_ext, Autograd, m) {
   m.impl("fwd", &fwd_autograd);
   m.impl("bwd", &bwd_autograd);
+  m.impl("stack_fwd", &stack_fwd_autograd);
+  m.impl("stack_bwd", &stack_bwd_autograd);
 }
 
 }  // namespace ultimus

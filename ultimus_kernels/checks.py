@@ -7,7 +7,8 @@ exactly right?) and only when the answer is no walks the arguments again to say 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -177,6 +178,91 @@ def refuse_forward_ad(op: str, tensors) -> None:
             f"ultimus: {op} has no forward-mode AD rule; call ultimus_kernels.ultimus (or "
             "UltimusBlock), whose UltimusFunction implements it"
         )
+
+
+def check_bias_flag(bias) -> None:
+    if not isinstance(bias, bool):
+        raise TypeError(f"ultimus: bias must be a bool, got {type(bias).__name__} {bias!r}")
+
+
+def _in_block(index: int, check, *args):
+    """`check(*args)`, with "block <index>" in the message of what it raises: a stack's errors say where."""
+    try:
+        return check(*args)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(str(exc).replace("ultimus: ", f"ultimus: block {index}: ", 1)) from None
+
+
+def _same_attn_dim(index: int, d: int, d0: int) -> None:
+    if d != d0:
+        raise ValueError(
+            f"ultimus: block {index} has d={d} but block 0 has d={d0}: every block of a stack must have the "
+            "same attention width"
+        )
+
+
+def _check_x(x) -> None:
+    """x alone (a stack checks it once, before its blocks)."""
+    _dtype("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"ultimus: x must be 2-D (B, D), got shape {tuple(x.shape)}")
+
+
+def check_stack_inputs(x: Tensor, params) -> tuple[int, int, int, list, bool]:
+    """Validate the arguments of `ultimus_stack`: x and a sequence of per-block (wq, bq, ..., bo).
+    Returns (L, D, d, flat, bias): the tensors in the stack ops' flat order (every block's eight when
+    `bias`, else its four weights), with zeros for the absent biases of a stack that mixes them."""
+    if isinstance(params, Tensor) or not isinstance(params, Sequence):
+        raise TypeError(
+            "ultimus: params must be a sequence of per-block (wq, bq, wk, bk, wv, bv, wo, bo), got "
+            f"{type(params).__name__}"
+        )
+    _check_x(x)
+    D, d = x.shape[1], 0
+    for index, block in enumerate(params):
+        if isinstance(block, Tensor) or not isinstance(block, Sequence):
+            raise TypeError(
+                f"ultimus: block {index}: expected the {len(PARAM_NAMES)} parameters {', '.join(PARAM_NAMES)}, "
+                f"got {type(block).__name__}"
+            )
+        D, d_block = _in_block(index, check_inputs, x, *block)
+        _same_attn_dim(index, d_block, d if index else d_block)
+        d = d_block
+    biases = [b for block in params for b in block[1::2]]
+    bias = any(b is not None for b in biases)
+    if not bias:
+        flat = [w for block in params for w in block[0::2]]
+    elif all(b is not None for b in biases):
+        flat = [t for block in params for t in block]
+    else:  # some biases absent: zeros in their place, which nothing differentiates
+        flat = [
+            t if t is not None else block[i - 1].new_zeros(block[i - 1].shape[0])
+            for block in params
+            for i, t in enumerate(block)
+        ]
+    return len(params), D, d, flat, bias
+
+
+def check_stack_op_inputs(backend: str, x, params, bias, residual) -> tuple[int, int, int]:
+    """What a raw stack op checks before it touches memory: `params` is the flat list, eight tensors per
+    block (wq, bq, wk, bk, wv, bv, wo, bo) when `bias`, else four (wq, wk, wv, wo). Returns (L, D, d)."""
+    check_bias_flag(bias)
+    check_residual(residual)
+    _check_x(x)
+    per = 8 if bias else 4
+    names = PARAM_NAMES if bias else PARAM_NAMES[0::2]
+    if len(params) == 0 or len(params) % per:
+        raise ValueError(f"ultimus: params must hold {per} tensors per block ({', '.join(names)}), got {len(params)}")
+    L, d0 = len(params) // per, 0
+    for index in range(L):
+        block = list(params[index * per : (index + 1) * per])
+        if not bias:
+            block = [block[0], None, block[1], None, block[2], None, block[3], None]
+        D, d = _in_block(index, check_inputs, x, *block)
+        _same_attn_dim(index, d, d0 if index else d)
+        d0 = d
+    check_fused_limits(backend, D, d0)
+    return L, D, d0
 
 
 def check_op_inputs(backend: str, x, wq, bq, wk, bk, wv, bv, wo, bo, residual) -> tuple[int, int]:

@@ -13,9 +13,9 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from .checks import MAX_ATTN_DIM, MAX_DIM, check_fused_limits, check_inputs, check_residual
-from .ops.autograd import FUSED_OPS, UltimusFunction, UltimusTransformFunction
-from .reference import ultimus_reference
+from .checks import MAX_ATTN_DIM, MAX_DIM, check_fused_limits, check_inputs, check_residual, check_stack_inputs
+from .ops.autograd import FUSED_OPS, UltimusFunction, UltimusStackFunction, UltimusTransformFunction, unflatten_stack
+from .reference import ultimus_reference, ultimus_stack_reference
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
 FUSED_BACKENDS = ("triton", "cpu", "cuda")
@@ -150,3 +150,40 @@ def ultimus(
     if ops.native_autograd and forward_ad._current_level < 0:  # no forward-mode AD in progress
         return ops.fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
     return UltimusFunction.apply(name, residual, x, wq, bq, wk, bk, wv, bv, wo, bo)
+
+
+def ultimus_stack(x: Tensor, params, *, residual: bool = True, backend: str = "auto") -> Tensor:
+    """A stack of Ultimus blocks applied in order, in one fused launch forward and one backward.
+
+    `params` is a sequence of per-block (wq, bq, wk, bk, wv, bv, wo, bo) in `ultimus`'s layouts (an
+    `UltimusParams` each, say; biases may be None); every block has x's D and the same d. Equal to
+    applying `ultimus` block after block, with the same checks, dtypes and limits. An empty stack
+    returns x. On a fused backend the activations between blocks stay on chip, and the backward
+    recomputes them from x. The "reference" backend is the plain loop.
+    """
+    check_residual(residual)
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # the fused ops' fake implementations check at trace time
+        L, D = len(params), x.shape[1]
+        d = params[0][0].shape[0] if L else 0
+        bias = any(t is not None for block in params for t in block[1::2])
+        flat = [t for block in params for t in (block if bias else block[0::2])] if L else []
+        if bias and any(t is None for t in flat):
+            L, D, d, flat, bias = check_stack_inputs(x, params)
+    else:
+        L, D, d, flat, bias = check_stack_inputs(x, params)
+    if L == 0:
+        return x
+    name = resolve_backend(backend, x.device, D, d)
+    if name == "reference":
+        return ultimus_stack_reference(x, params, residual=residual)
+    ops = FUSED_OPS[name]
+    if compiling:
+        return ops.stack_fwd(x, flat, bias, residual)
+    if torch._C._are_functorch_transforms_active():  # torch.func: block by block, through their rules
+        for block in unflatten_stack(flat, bias):
+            x = ultimus(x, *block, residual=residual, backend=name)
+        return x
+    if ops.native_autograd and forward_ad._current_level < 0:  # no forward-mode AD in progress
+        return ops.stack_fwd(x, flat, bias, residual)
+    return UltimusStackFunction.apply(name, bias, residual, x, *flat)

@@ -75,3 +75,22 @@ def ultimus_reference_jvp(primals, tangents, residual: bool = True) -> Tensor:
     if residual and tx is not None:
         ty = ty + tx
     return ty
+
+
+def ultimus_stack_reference(x: Tensor, params, residual: bool = True) -> Tensor:
+    """A stack of blocks: `params` is a sequence of per-block (wq, bq, wk, bk, wv, bv, wo, bo), applied
+    in order. What every fused stack kernel computes in one launch."""
+    for block in params:
+        x = ultimus_reference(x, *block, residual=residual)
+    return x
+
+
+def ultimus_stack_reference_jvp(primals, tangents, residual: bool = True) -> Tensor:
+    """Forward-mode derivative of a stack: `primals` is (x, params) as for `ultimus_stack_reference`,
+    `tangents` (tx, per-block tangents) in the same structure, None meaning zero. The chain rule, block
+    by block: each block's tangent from its input's tangent and its own parameters'."""
+    (x, params), (tx, tparams) = primals, tangents
+    for block, tblock in zip(params, tparams):
+        tx = ultimus_reference_jvp((x, *block), (tx, *tblock), residual=residual)
+        x = ultimus_reference(x, *block, residual=residual)
+    return tx

@@ -1,4 +1,5 @@
-// The Ultimus block on CUDA: one fused kernel for the forward, one for the backward.
+// The Ultimus block on CUDA: one fused kernel for the forward, one for the backward; and the same for a
+// stack of blocks (see ultimus_stack_fwd_kernel).
 //
 // Math (docs/ULTIMUS_MATH.md): q, k, v = W* x + b*; A = softmax_j(s q_i k_j); z = V.A; y = Wo z + bo (+ x).
 // The backward recomputes q, k, v and A from x; the softmax exponent is s q_i (k_j - k_ext), exact.
@@ -132,6 +133,130 @@ __device__ __forceinline__ void store_tile(const acc_t* tile, int64_t row0, int6
   }
 }
 
+// Copies a packed parameter row (a stack's block, already in the partial-row layout) into shared memory.
+template <typename acc_t>
+__device__ __forceinline__ void load_packed(acc_t* sp, const acc_t* __restrict__ row, int np) {
+  for (int e = threadIdx.x; e < np; e += blockDim.x) sp[e] = row[e];
+}
+
+// One block's forward on this thread's row of a tile, in place; the block's parameters in shared memory.
+template <typename acc_t, int MAXA>
+__device__ __forceinline__ void block_forward_row(const acc_t* sp, acc_t* xrow, int D, int d, acc_t scale,
+                                                  bool residual) {
+  const acc_t* wo = sp + 3 * d * D;
+  const acc_t* bo = sp + 4 * d * D + 3 * d;
+  acc_t q[MAXA], k[MAXA], v[MAXA], z[MAXA], a[MAXA];
+  project_qkv<acc_t, MAXA>(sp, xrow, D, d, q, k, v);
+  acc_t k_max, k_min;
+  k_extremes<acc_t, MAXA>(k, d, k_max, k_min);
+#pragma unroll
+  for (int j = 0; j < MAXA; ++j) z[j] = 0;
+#pragma unroll
+  for (int i = 0; i < MAXA; ++i)
+    if (i < d) {
+      attention_row<acc_t, MAXA>(q[i], k, k_max, k_min, d, scale, a);
+#pragma unroll
+      for (int j = 0; j < MAXA; ++j) z[j] += v[i] * a[j];
+    }
+  for (int n = 0; n < D; ++n) {  // y overwrites x: each output feature reads only its own input feature
+    acc_t out = bo[n] + (residual ? xrow[n] : acc_t(0));
+#pragma unroll
+    for (int j = 0; j < MAXA; ++j)
+      if (j < d) out += wo[n * d + j] * z[j];
+    xrow[n] = out;
+  }
+}
+
+// One block's backward on this thread's row: recomputes q, k, v and A from the block's input xrow,
+// returns gq, gk, gv (for the input gradient) and writes gq | gk | gv | z to grow (for the parameter
+// gradients, which the whole thread block sums over its rows).
+template <typename acc_t, int MAXA>
+__device__ __forceinline__ void block_backward_row(const acc_t* sp, const acc_t* xrow, const acc_t* gyrow, int D,
+                                                   int d, acc_t scale, acc_t* grow, acc_t (&gq)[MAXA],
+                                                   acc_t (&gk)[MAXA], acc_t (&gv)[MAXA]) {
+  const acc_t* wo = sp + 3 * d * D;
+  acc_t q[MAXA], k[MAXA], v[MAXA], a[MAXA], gz[MAXA], z[MAXA];
+  project_qkv<acc_t, MAXA>(sp, xrow, D, d, q, k, v);
+  acc_t k_max, k_min;
+  k_extremes<acc_t, MAXA>(k, d, k_max, k_min);
+#pragma unroll
+  for (int j = 0; j < MAXA; ++j) gz[j] = gk[j] = z[j] = gq[j] = gv[j] = 0;
+  for (int n = 0; n < D; ++n) {
+    const acc_t g = gyrow[n];
+#pragma unroll
+    for (int j = 0; j < MAXA; ++j)
+      if (j < d) gz[j] += wo[n * d + j] * g;
+  }
+#pragma unroll
+  for (int i = 0; i < MAXA; ++i)
+    if (i < d) {
+      attention_row<acc_t, MAXA>(q[i], k, k_max, k_min, d, scale, a);
+      acc_t r = 0;
+#pragma unroll
+      for (int j = 0; j < MAXA; ++j) {
+        r += a[j] * gz[j];
+        z[j] += v[i] * a[j];
+      }
+      gv[i] = r;
+#pragma unroll
+      for (int j = 0; j < MAXA; ++j) {
+        const acc_t g_score = a[j] * v[i] * (gz[j] - r) * scale;
+        gq[i] += g_score * k[j];
+        gk[j] += g_score * q[i];
+      }
+    }
+#pragma unroll
+  for (int i = 0; i < MAXA; ++i)
+    if (i < d) {
+      grow[i] = gq[i];
+      grow[d + i] = gk[i];
+      grow[2 * d + i] = gv[i];
+      grow[3 * d + i] = z[i];
+    }
+}
+
+// The tile's contribution to one block's partial row: xs holds the block's inputs, gys the gradients
+// of its outputs, gs every row's gq | gk | gv | z. Element e is always handled by thread e % blockDim.x
+// (here and where the row is zeroed), so the row needs no barrier of its own.
+template <typename acc_t>
+__device__ void accumulate_partials(acc_t* my_partial, const acc_t* xs, const acc_t* gys, const acc_t* gs, int D,
+                                    int d) {
+  const int rows = blockDim.x, ld = D + 1, ldg = 4 * d + 1, dD = d * D, np = num_params(D, d);
+  for (int e = threadIdx.x; e < np; e += rows) {
+    acc_t sum = 0;
+    if (e < 3 * dD) {  // gWq, gWk, gWv [i][n] = sum_r g*[r][i] x[r][n]
+      const int m = e / dD, i = (e % dD) / D, n = e % D;
+      for (int r = 0; r < rows; ++r) sum += gs[r * ldg + m * d + i] * xs[r * ld + n];
+    } else if (e < 4 * dD) {  // gWo[n][j] = sum_r gy[r][n] z[r][j]
+      const int n = (e - 3 * dD) / d, j = (e - 3 * dD) % d;
+      for (int r = 0; r < rows; ++r) sum += gys[r * ld + n] * gs[r * ldg + 3 * d + j];
+    } else if (e < 4 * dD + 3 * d) {  // gbq, gbk, gbv
+      const int b = e - 4 * dD;
+      for (int r = 0; r < rows; ++r) sum += gs[r * ldg + b];
+    } else {  // gbo
+      const int n = e - 4 * dD - 3 * d;
+      for (int r = 0; r < rows; ++r) sum += gys[r * ld + n];
+    }
+    my_partial[e] += sum;
+  }
+}
+
+// This row's input gradient, written to out_row (which may be gyrow itself: each element is read
+// before it is written).
+template <typename acc_t, int MAXA>
+__device__ __forceinline__ void input_grad_row(const acc_t* sp, const acc_t* gyrow, const acc_t (&gq)[MAXA],
+                                               const acc_t (&gk)[MAXA], const acc_t (&gv)[MAXA], int D, int d,
+                                               bool residual, acc_t* out_row) {
+  const acc_t *wq = sp, *wk = sp + d * D, *wv = sp + 2 * d * D;
+  for (int n = 0; n < D; ++n) {
+    acc_t out = residual ? gyrow[n] : acc_t(0);
+#pragma unroll
+    for (int i = 0; i < MAXA; ++i)
+      if (i < d) out += wq[i * D + n] * gq[i] + wk[i * D + n] * gk[i] + wv[i * D + n] * gv[i];
+    out_row[n] = out;
+  }
+}
+
 template <typename scalar_t, typename acc_t, int MAXA>
 __global__ void ultimus_fwd_kernel(const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1, scalar_t* __restrict__ y,
                                    DeviceParams<acc_t> p, int64_t B, bool residual) {
@@ -140,33 +265,11 @@ __global__ void ultimus_fwd_kernel(const scalar_t* __restrict__ x, int64_t sx0, 
   const int D = p.D, d = p.d, ld = D + 1;
   acc_t* xs = sp + num_params(D, d);
   load_params(sp, p);
-  const acc_t* wo = sp + 3 * d * D;
-  const acc_t* bo = sp + 4 * d * D + 3 * d;
   for (int64_t row0 = int64_t(blockIdx.x) * blockDim.x; row0 < B; row0 += int64_t(gridDim.x) * blockDim.x) {
     __syncthreads();  // parameters loaded; the previous tile stored
     load_tile(x, sx0, sx1, row0, B, D, xs);
     __syncthreads();
-    acc_t* xrow = xs + threadIdx.x * ld;
-    acc_t q[MAXA], k[MAXA], v[MAXA], z[MAXA], a[MAXA];
-    project_qkv<acc_t, MAXA>(sp, xrow, D, d, q, k, v);
-    acc_t k_max, k_min;
-    k_extremes<acc_t, MAXA>(k, d, k_max, k_min);
-#pragma unroll
-    for (int j = 0; j < MAXA; ++j) z[j] = 0;
-#pragma unroll
-    for (int i = 0; i < MAXA; ++i)
-      if (i < d) {
-        attention_row<acc_t, MAXA>(q[i], k, k_max, k_min, d, p.scale, a);
-#pragma unroll
-        for (int j = 0; j < MAXA; ++j) z[j] += v[i] * a[j];
-      }
-    for (int n = 0; n < D; ++n) {  // y overwrites this thread's own row of the tile
-      acc_t out = bo[n] + (residual ? xrow[n] : acc_t(0));
-#pragma unroll
-      for (int j = 0; j < MAXA; ++j)
-        if (j < d) out += wo[n * d + j] * z[j];
-      xrow[n] = out;
-    }
+    block_forward_row<acc_t, MAXA>(sp, xs + threadIdx.x * ld, D, d, p.scale, residual);
     __syncthreads();
     store_tile(xs, row0, B, D, y);
   }
@@ -185,9 +288,8 @@ __global__ void ultimus_bwd_kernel(const scalar_t* __restrict__ gy, int64_t sg0,
   acc_t* gs = gys + rows * ld;  // per row: gq (d) | gk (d) | gv (d) | z (d)
   load_params(sp, p);
   acc_t* my_partial = partials ? partials + int64_t(blockIdx.x) * np : nullptr;
-  if (my_partial)  // element e is always handled by thread e % blockDim.x: no barrier needed
+  if (my_partial)
     for (int e = threadIdx.x; e < np; e += rows) my_partial[e] = 0;
-  const acc_t *wq = sp, *wk = sp + d * D, *wv = sp + 2 * d * D, *wo = sp + 3 * d * D;
 
   for (int64_t row0 = int64_t(blockIdx.x) * rows; row0 < B; row0 += int64_t(gridDim.x) * rows) {
     __syncthreads();
@@ -196,77 +298,94 @@ __global__ void ultimus_bwd_kernel(const scalar_t* __restrict__ gy, int64_t sg0,
     __syncthreads();
     acc_t* xrow = xs + threadIdx.x * ld;
     const acc_t* gyrow = gys + threadIdx.x * ld;
-    acc_t q[MAXA], k[MAXA], v[MAXA], a[MAXA], gz[MAXA], gq[MAXA], gk[MAXA], gv[MAXA], z[MAXA];
-    project_qkv<acc_t, MAXA>(sp, xrow, D, d, q, k, v);
-    acc_t k_max, k_min;
-    k_extremes<acc_t, MAXA>(k, d, k_max, k_min);
-#pragma unroll
-    for (int j = 0; j < MAXA; ++j) gz[j] = gk[j] = z[j] = gq[j] = gv[j] = 0;
-    for (int n = 0; n < D; ++n) {
-      const acc_t g = gyrow[n];
-#pragma unroll
-      for (int j = 0; j < MAXA; ++j)
-        if (j < d) gz[j] += wo[n * d + j] * g;
-    }
-#pragma unroll
-    for (int i = 0; i < MAXA; ++i)
-      if (i < d) {
-        attention_row<acc_t, MAXA>(q[i], k, k_max, k_min, d, p.scale, a);
-        acc_t r = 0;
-#pragma unroll
-        for (int j = 0; j < MAXA; ++j) {
-          r += a[j] * gz[j];
-          z[j] += v[i] * a[j];
-        }
-        gv[i] = r;
-#pragma unroll
-        for (int j = 0; j < MAXA; ++j) {
-          const acc_t g_score = a[j] * v[i] * (gz[j] - r) * p.scale;
-          gq[i] += g_score * k[j];
-          gk[j] += g_score * q[i];
-        }
-      }
-    acc_t* grow = gs + threadIdx.x * ldg;
-#pragma unroll
-    for (int i = 0; i < MAXA; ++i)
-      if (i < d) {
-        grow[i] = gq[i];
-        grow[d + i] = gk[i];
-        grow[2 * d + i] = gv[i];
-        grow[3 * d + i] = z[i];
-      }
+    acc_t gq[MAXA], gk[MAXA], gv[MAXA];
+    block_backward_row<acc_t, MAXA>(sp, xrow, gyrow, D, d, p.scale, gs + threadIdx.x * ldg, gq, gk, gv);
     __syncthreads();
-    if (my_partial) {
-      const int dD = d * D;
-      for (int e = threadIdx.x; e < np; e += rows) {
-        acc_t sum = 0;
-        if (e < 3 * dD) {  // gWq, gWk, gWv [i][n] = sum_r g*[r][i] x[r][n]
-          const int m = e / dD, i = (e % dD) / D, n = e % D;
-          for (int r = 0; r < rows; ++r) sum += gs[r * ldg + m * d + i] * xs[r * ld + n];
-        } else if (e < 4 * dD) {  // gWo[n][j] = sum_r gy[r][n] z[r][j]
-          const int n = (e - 3 * dD) / d, j = (e - 3 * dD) % d;
-          for (int r = 0; r < rows; ++r) sum += gys[r * ld + n] * gs[r * ldg + 3 * d + j];
-        } else if (e < 4 * dD + 3 * d) {  // gbq, gbk, gbv
-          const int b = e - 4 * dD;
-          for (int r = 0; r < rows; ++r) sum += gs[r * ldg + b];
-        } else {  // gbo
-          const int n = e - 4 * dD - 3 * d;
-          for (int r = 0; r < rows; ++r) sum += gys[r * ld + n];
-        }
-        my_partial[e] += sum;
-      }
-    }
+    if (my_partial) accumulate_partials(my_partial, xs, gys, gs, D, d);
     if (gx) {
       __syncthreads();  // everyone is done reading x before gx overwrites it
-      for (int n = 0; n < D; ++n) {
-        acc_t out = residual ? gyrow[n] : acc_t(0);
-#pragma unroll
-        for (int i = 0; i < MAXA; ++i)
-          if (i < d) out += wq[i * D + n] * gq[i] + wk[i * D + n] * gk[i] + wv[i * D + n] * gv[i];
-        xrow[n] = out;
-      }
+      input_grad_row<acc_t, MAXA>(sp, gyrow, gq, gk, gv, D, d, residual, xrow);
       __syncthreads();
       store_tile(xs, row0, B, D, gx);
+    }
+  }
+}
+
+// The stack: L blocks per launch, their parameters packed (L, np) in the partial-row layout. Shared
+// memory holds one block's parameters at a time, reloaded (from L2) as the tile moves through the
+// blocks: any number of blocks fits, at the cost of np loads per block per tile.
+template <typename scalar_t, typename acc_t, int MAXA>
+__global__ void ultimus_stack_fwd_kernel(const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1,
+                                         scalar_t* __restrict__ y, const acc_t* __restrict__ packed, int L, int D,
+                                         int d, acc_t scale, int64_t B, bool residual) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sp = reinterpret_cast<acc_t*>(smem_raw);
+  const int ld = D + 1, np = num_params(D, d);
+  acc_t* xs = sp + np;
+  for (int64_t row0 = int64_t(blockIdx.x) * blockDim.x; row0 < B; row0 += int64_t(gridDim.x) * blockDim.x) {
+    __syncthreads();  // the previous tile stored
+    load_tile(x, sx0, sx1, row0, B, D, xs);
+    for (int block = 0; block < L; ++block) {
+      __syncthreads();  // the previous block's parameters no longer read
+      load_packed(sp, packed + int64_t(block) * np, np);
+      __syncthreads();
+      block_forward_row<acc_t, MAXA>(sp, xs + threadIdx.x * ld, D, d, scale, residual);
+    }
+    __syncthreads();
+    store_tile(xs, row0, B, D, y);
+  }
+}
+
+// Per tile, the blocks in reverse. Block l's input is recomputed from x through blocks 0..l-1 (about
+// 1.2 kFLOP per block per sample) rather than stored; the gradient flowing back stays in the gys
+// tile. Shared memory: one block's parameters | x tile | block-input tile | gradient tile | gs.
+template <typename scalar_t, typename acc_t, int MAXA>
+__global__ void ultimus_stack_bwd_kernel(const scalar_t* __restrict__ gy, int64_t sg0, int64_t sg1,
+                                         const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1,
+                                         scalar_t* __restrict__ gx, acc_t* __restrict__ partials,
+                                         const acc_t* __restrict__ packed, int L, int D, int d, acc_t scale,
+                                         int64_t B, bool residual) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* sp = reinterpret_cast<acc_t*>(smem_raw);
+  const int ld = D + 1, rows = blockDim.x, np = num_params(D, d), ldg = 4 * d + 1;
+  acc_t* xs = sp + np;
+  acc_t* hs = xs + rows * ld;
+  acc_t* gys = hs + rows * ld;
+  acc_t* gs = gys + rows * ld;
+  acc_t* my_partial = partials ? partials + int64_t(blockIdx.x) * L * np : nullptr;
+  if (my_partial)
+    for (int64_t e = threadIdx.x; e < int64_t(L) * np; e += rows) my_partial[e] = 0;
+  const acc_t* xrow = xs + threadIdx.x * ld;
+  acc_t* hrow = hs + threadIdx.x * ld;
+  acc_t* gyrow = gys + threadIdx.x * ld;
+
+  for (int64_t row0 = int64_t(blockIdx.x) * rows; row0 < B; row0 += int64_t(gridDim.x) * rows) {
+    __syncthreads();
+    load_tile(x, sx0, sx1, row0, B, D, xs);
+    load_tile(gy, sg0, sg1, row0, B, D, gys);  // rows past B load as 0: they add nothing below
+    __syncthreads();
+    for (int r = 0; r < L; ++r) {
+      const int block = L - 1 - r;
+      for (int n = 0; n < D; ++n) hrow[n] = xrow[n];  // this thread's own row: no barrier needed
+      for (int earlier = 0; earlier < block; ++earlier) {
+        __syncthreads();
+        load_packed(sp, packed + int64_t(earlier) * np, np);
+        __syncthreads();
+        block_forward_row<acc_t, MAXA>(sp, hrow, D, d, scale, residual);
+      }
+      __syncthreads();
+      load_packed(sp, packed + int64_t(block) * np, np);
+      __syncthreads();
+      acc_t gq[MAXA], gk[MAXA], gv[MAXA];
+      block_backward_row<acc_t, MAXA>(sp, hrow, gyrow, D, d, scale, gs + threadIdx.x * ldg, gq, gk, gv);
+      __syncthreads();  // every row's gs and block input written
+      if (my_partial) accumulate_partials(my_partial + int64_t(block) * np, hs, gys, gs, D, d);
+      __syncthreads();  // everyone is done reading gys before this block's input gradient replaces it
+      input_grad_row<acc_t, MAXA>(sp, gyrow, gq, gk, gv, D, d, residual, gyrow);
+    }
+    if (gx) {
+      __syncthreads();
+      store_tile(gys, row0, B, D, gx);
     }
   }
 }
@@ -382,6 +501,77 @@ BackwardResult ultimus_bwd_cuda(const at::Tensor& gy, const at::Tensor& x, const
   return backward_result(gx, partials, need_gw);
 }
 
+// A stack's parameters as the kernels read them: (L, np) in the accumulation dtype, each row in the
+// partial-row layout, zeros for absent biases. One cat on the device.
+at::Tensor pack_stack(const std::vector<AccParams>& blocks, int64_t D, int64_t d, const at::Tensor& x) {
+  std::vector<at::Tensor> pieces;
+  for (const auto& b : blocks) {
+    for (const at::Tensor* w : {&b.wq, &b.wk, &b.wv, &b.wo}) pieces.push_back(w->reshape(-1));
+    if (b.bq.defined())
+      for (const at::Tensor* bias : {&b.bq, &b.bk, &b.bv, &b.bo}) pieces.push_back(*bias);
+    else
+      pieces.push_back(at::zeros({3 * d + D}, x.options().dtype(acc_type(x))));
+  }
+  return at::cat(pieces);
+}
+
+at::Tensor ultimus_stack_fwd_cuda(const at::Tensor& x, at::TensorList params, bool bias, bool residual) {
+  const auto [L, D, d] = check_stack_inputs("cuda", x, params, bias);
+  const int64_t B = x.size(0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty({B, D}, x.options());
+  if (B == 0) return y;
+  const at::Tensor packed = pack_stack(stack_acc_params(x, params, bias), D, d, x);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_stack_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto cfg = launch_config(B, D, d, sizeof(acc_t), 1, false, 8);
+    const acc_t scale = acc_t(1.0 / std::sqrt(double(d)));
+    auto launch = [&](auto kernel) {
+      allow_smem(kernel, cfg.smem);
+      kernel<<<cfg.blocks, cfg.rows, cfg.smem, stream>>>(x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+                                                         y.mutable_data_ptr<scalar_t>(), packed.const_data_ptr<acc_t>(),
+                                                         int(L), int(D), int(d), scale, B, residual);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] { launch(ultimus_stack_fwd_kernel<scalar_t, acc_t, MAXA>); });
+  });
+  return y;
+}
+
+BackwardResult ultimus_stack_bwd_cuda(const at::Tensor& gy, const at::Tensor& x, at::TensorList params, bool bias,
+                                      bool residual, bool need_gx, bool need_gw) {
+  const auto [L, D, d] = check_stack_inputs("cuda", x, params, bias);
+  check_grad_output(gy, x);
+  const int64_t B = x.size(0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = acc_type(x);
+  at::Tensor gx = at::empty(need_gx ? std::vector<int64_t>{B, D} : std::vector<int64_t>{0}, x.options());
+  at::Tensor gy_c = gy.to(x.scalar_type());
+  at::Tensor partials = at::empty({0, L * num_params(D, d)}, x.options().dtype(acc));
+  if (B > 0 && (need_gx || need_gw)) {
+    const at::Tensor packed = pack_stack(stack_acc_params(x, params, bias), D, d, x);
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_stack_bwd_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto cfg = launch_config(B, D, d, sizeof(acc_t), 3, true, 2);
+      const acc_t scale = acc_t(1.0 / std::sqrt(double(d)));
+      if (need_gw) partials = at::empty({cfg.blocks, L * num_params(D, d)}, x.options().dtype(acc));
+      auto launch = [&](auto kernel) {
+        allow_smem(kernel, cfg.smem);
+        kernel<<<cfg.blocks, cfg.rows, cfg.smem, stream>>>(
+            gy_c.const_data_ptr<scalar_t>(), gy_c.stride(0), gy_c.stride(1), x.const_data_ptr<scalar_t>(),
+            x.stride(0), x.stride(1), need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+            need_gw ? partials.mutable_data_ptr<acc_t>() : nullptr, packed.const_data_ptr<acc_t>(), int(L), int(D),
+            int(d), scale, B, residual);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] { launch(ultimus_stack_bwd_kernel<scalar_t, acc_t, MAXA>); });
+    });
+  }
+  return backward_result(gx, partials, need_gw);
+}
+
 }  // namespace
 }  // namespace ultimus
 
@@ -395,6 +585,8 @@ extern "C" PyObject* PyInit__C_cuda(void) {
     static torch::Library kernels(torch::Library::IMPL, "ultimus_ext", c10::DispatchKey::CUDA, __FILE__, __LINE__);
     kernels.impl("fwd", &ultimus::ultimus_fwd_cuda);
     kernels.impl("bwd", &ultimus::ultimus_bwd_cuda);
+    kernels.impl("stack_fwd", &ultimus::ultimus_stack_fwd_cuda);
+    kernels.impl("stack_bwd", &ultimus::ultimus_stack_bwd_cuda);
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ImportError, e.what());
     return nullptr;

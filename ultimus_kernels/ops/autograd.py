@@ -38,8 +38,13 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..checks import check_grad_output, check_op_inputs
-from ..reference import ultimus_reference, ultimus_reference_jvp
+from ..checks import check_grad_output, check_op_inputs, check_stack_op_inputs
+from ..reference import (
+    ultimus_reference,
+    ultimus_reference_jvp,
+    ultimus_stack_reference,
+    ultimus_stack_reference_jvp,
+)
 
 PARAM_SLOTS = 8  # wq, bq, wk, bk, wv, bv, wo, bo: inputs 1..8 of fwd
 
@@ -92,7 +97,9 @@ def _differentiable_backward(gy, saved, residual, need):
 class FusedOps(NamedTuple):
     fwd: Callable
     bwd: Callable
-    native_autograd: bool  # the fwd op has its own (C++) autograd kernel: call it directly
+    native_autograd: bool  # the fwd ops have their own (C++) autograd kernel: call them directly
+    stack_fwd: Optional[Callable] = None  # the stack of blocks in one launch (see "The stack" below)
+    stack_bwd: Optional[Callable] = None
 
 
 def _save_inputs(ctx, backend: str, residual: bool, tensors: tuple) -> None:
@@ -188,10 +195,12 @@ def _fwd_vmap(fwd_op):
     return rule
 
 
-def register_fused_ops(backend_names, fwd_op, bwd_op, native_autograd: bool = False) -> None:
-    """Make `fwd_op`/`bwd_op` (OpOverloads or CustomOpDefs) the ops of `backend_names`: vmap rules on
-    the ops, autograd on the fwd op (unless it has its own C++ kernel), and the entries the public
-    path dispatches through."""
+def register_fused_ops(
+    backend_names, fwd_op, bwd_op, native_autograd: bool = False, stack_fwd_op=None, stack_bwd_op=None
+) -> None:
+    """Make `fwd_op`/`bwd_op` (OpOverloads or CustomOpDefs) the ops of `backend_names`, and
+    `stack_fwd_op`/`stack_bwd_op` their stack ops: vmap rules on the single-block ops, autograd on the
+    fwd ops (unless they have their own C++ kernels), and the entries the public path dispatches through."""
 
     def setup_context(ctx, inputs, output):
         *tensors, residual = inputs
@@ -205,17 +214,19 @@ def register_fused_ops(backend_names, fwd_op, bwd_op, native_autograd: bool = Fa
         torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
     torch.library.register_vmap(fwd_op, _fwd_vmap(fwd_op))
     torch.library.register_vmap(bwd_op, _vmap_by_loop(bwd_op))
+    if stack_fwd_op is not None and not native_autograd:
+        _register_stack_autograd(stack_fwd_op, stack_bwd_op)
     for name in backend_names:
-        FUSED_OPS[name] = FusedOps(fwd_op, bwd_op, native_autograd)
+        FUSED_OPS[name] = FusedOps(fwd_op, bwd_op, native_autograd, stack_fwd_op, stack_bwd_op)
 
 
 _libraries = []  # keeps the torch.library.Library objects (and so their registrations) alive
 
 
-def register_differentiable_backward(qualname: str, bwd_op) -> None:
-    """Implement `qualname` (the schema of ultimus_ext::bwd_differentiable): the backward that the C++
-    autograd kernel runs under create_graph. Composite, so autograd records what it does."""
-    namespace, name = qualname.split("::")
+def register_differentiable_backward(namespace: str, bwd_op, stack_bwd_op) -> None:
+    """Implement `<namespace>::bwd_differentiable` and `stack_bwd_differentiable` (schemas in
+    csrc/ultimus_ops.cpp): the backwards that the C++ autograd kernels run under create_graph.
+    Composite, so autograd records what they do."""
     lib = torch.library.Library(namespace, "IMPL")
 
     def bwd_differentiable(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need):
@@ -223,14 +234,135 @@ def register_differentiable_backward(qualname: str, bwd_op) -> None:
         grads = _backward(bwd_op, gy, saved, residual, tuple(need))
         return [g if g is not None else x.new_empty(0) for g in grads]
 
-    lib.impl(name, bwd_differentiable, "CompositeImplicitAutograd")
+    def stack_bwd_differentiable(gy, x, params, bias, residual, need):
+        grads = _stack_backward(stack_bwd_op, gy, x, list(params), bias, residual, tuple(need))
+        return [g if g is not None else x.new_empty(0) for g in grads]
+
+    lib.impl("bwd_differentiable", bwd_differentiable, "CompositeImplicitAutograd")
+    lib.impl("stack_bwd_differentiable", stack_bwd_differentiable, "CompositeImplicitAutograd")
     _libraries.append(lib)
+
+
+# ------------------------------------------------------------------------------------------------
+# The stack: L blocks in one launch
+#
+#   stack_fwd(x, params, bias, residual) -> y
+#   stack_bwd(gy, x, params, bias, residual, need_gx, need_gw) -> (gx, gparams)
+#
+# `params` is flat: every block's (wq, bq, wk, bk, wv, bv, wo, bo) in turn when `bias`, else its
+# (wq, wk, wv, wo). `gparams` is every block's partial-row layout in turn, L * (4dD + 3d + D) numbers
+# (bias entries included, and ignored when there are no biases). The stack's autograd node has x and
+# the flat parameters as its direct inputs: no cat or view nodes between the leaves and the kernel.
+# ------------------------------------------------------------------------------------------------
+
+
+def unflatten_stack(flat, bias: bool) -> list[tuple]:
+    """The stack ops' flat parameter list -> per-block (wq, bq, ..., bo) tuples (None biases if not `bias`)."""
+    if bias:
+        return [tuple(flat[i : i + 8]) for i in range(0, len(flat), 8)]
+    return [(wq, None, wk, None, wv, None, wo, None) for wq, wk, wv, wo in zip(*[iter(flat)] * 4)]
+
+
+def _stack_backward(bwd_op, gy: Tensor, x: Tensor, flat: list, bias: bool, residual: bool, need: tuple):
+    """Gradients for (x, *flat) given `need`; under create_graph, the reference's (double backward)."""
+    if torch.is_grad_enabled() and (gy.requires_grad or x.requires_grad or any(t.requires_grad for t in flat)):
+        grads = _differentiable_stack_backward(gy, x, flat, bias, residual, need)
+        if grads is not None:
+            return grads
+    need_gx, need_gw = need[0], any(need[1:])
+    gx, gparams = bwd_op(gy, x, flat, bias, residual, need_gx, need_gw)
+    out = [gx if need_gx else None]
+    if not need_gw:
+        return tuple(out + [None] * len(flat))
+    D, d = x.shape[1], flat[0].shape[0]
+    rows = gparams.view(-1, 4 * d * D + 3 * d + D)
+    per_block = [param_grads(row, D, d) for row in rows]
+    grads = [g for block in per_block for g in (block if bias else block[0::2])]
+    for g, p, wanted in zip(grads, flat, need[1:]):
+        out.append((g if g.dtype == p.dtype else g.to(p.dtype)) if wanted else None)
+    return tuple(out)
+
+
+def _differentiable_stack_backward(gy, x, flat, bias, residual, need):
+    with torch.enable_grad():
+        y = ultimus_stack_reference(x, unflatten_stack(flat, bias), residual=residual)
+        if not y.requires_grad:
+            return None
+        inputs = (x, *flat)
+        wrt = [t for t, wanted in zip(inputs, need) if wanted]
+        grads = iter(torch.autograd.grad(y, wrt, gy, create_graph=True, allow_unused=True))
+    out = []
+    for t, wanted in zip(inputs, need):
+        g = next(grads) if wanted else None
+        out.append(torch.zeros_like(t) if (wanted and g is None) else g)
+    return tuple(out)
+
+
+class UltimusStackFunction(torch.autograd.Function):
+    """y = ultimus_stack(x, ...) on a fused backend's stack ops, the stack's counterpart of
+    UltimusFunction: `UltimusStackFunction.apply(backend, bias, residual, x, *flat_params)` (the flat
+    order of the stack ops). Backward: the backend's stack_bwd op; forward-mode AD: the reference's rule."""
+
+    @staticmethod
+    def forward(ctx, backend: str, bias: bool, residual: bool, x: Tensor, *flat: Tensor):
+        ctx.backend, ctx.bias, ctx.residual = backend, bias, residual
+        ctx.save_for_backward(x, *flat)
+        ctx.save_for_forward(x, *flat)
+        with torch._C._AutoDispatchBelowAutograd():
+            return FUSED_OPS[backend].stack_fwd(x, list(flat), bias, residual)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, *flat = ctx.saved_tensors
+        bwd_op = FUSED_OPS[ctx.backend].stack_bwd
+        return (
+            None,
+            None,
+            None,
+            *_stack_backward(bwd_op, gy, x, flat, ctx.bias, ctx.residual, ctx.needs_input_grad[3:]),
+        )
+
+    @staticmethod
+    def jvp(ctx, _backend_tangent, _bias_tangent, _residual_tangent, tx, *tflat):
+        x, *flat = ctx.saved_tensors
+        primals = (x, unflatten_stack(flat, ctx.bias))
+        return ultimus_stack_reference_jvp(primals, (tx, unflatten_stack(tflat, ctx.bias)), residual=ctx.residual)
+
+
+def _register_stack_autograd(stack_fwd_op, stack_bwd_op) -> None:
+    """The stack's formula on the stack fwd op itself (torch.compile, exported programs)."""
+
+    def setup_context(ctx, inputs, output):
+        x, flat, bias, residual = inputs
+        ctx.save_for_backward(x, *flat)
+        ctx.bias, ctx.residual = bias, residual
+
+    def backward(ctx, gy):
+        x, *flat = ctx.saved_tensors
+        need_x, need_flat = ctx.needs_input_grad[:2]  # the list's entry is one flag per tensor
+        gx, *gflat = _stack_backward(stack_bwd_op, gy, x, flat, ctx.bias, ctx.residual, (need_x, *need_flat))
+        return gx, gflat, None, None
+
+    torch.library.register_autograd(stack_fwd_op, backward, setup_context=setup_context)
 
 
 def fake_fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual):
     """Shape and dtype of fwd's result, after the same checks as the real op (devices included)."""
     check_op_inputs(_fake_backend_name(x), x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
     return x.new_empty(x.shape)
+
+
+def fake_stack_fwd(x, params, bias, residual):
+    check_stack_op_inputs(_fake_backend_name(x), x, params, bias, residual)
+    return x.new_empty(x.shape)
+
+
+def fake_stack_bwd(gy, x, params, bias, residual, need_gx, need_gw):
+    L, D, d = check_stack_op_inputs(_fake_backend_name(x), x, params, bias, residual)
+    check_grad_output(gy, x)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gx = x.new_empty(x.shape if need_gx else (0,))
+    return gx, x.new_empty(L * (4 * d * D + 3 * d + D) if need_gw else 0, dtype=acc)
 
 
 def fake_bwd(gy, x, wq, bq, wk, bk, wv, bv, wo, bo, residual, need_gx, need_gw):

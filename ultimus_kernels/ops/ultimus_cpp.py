@@ -17,7 +17,14 @@ from typing import Optional
 
 import torch
 
-from .autograd import fake_bwd, fake_fwd, register_differentiable_backward, register_fused_ops
+from .autograd import (
+    fake_bwd,
+    fake_fwd,
+    fake_stack_bwd,
+    fake_stack_fwd,
+    register_differentiable_backward,
+    register_fused_ops,
+)
 
 _BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"
 _load_errors: dict[str, Optional[str]] = {}
@@ -52,11 +59,22 @@ def load() -> None:
     _load_errors["_C"] = _import("_C")
     _load_errors["_C_cuda"] = _import("_C_cuda") if _load_errors["_C"] is None else "needs ultimus_kernels._C"
     if _load_errors["_C"] is None:
-        torch.library.register_fake("ultimus_ext::fwd")(fake_fwd)
-        torch.library.register_fake("ultimus_ext::bwd")(fake_bwd)
-        fwd, bwd = torch.ops.ultimus_ext.fwd.default, torch.ops.ultimus_ext.bwd.default
-        register_fused_ops(("cpu", "cuda"), fwd, bwd, native_autograd=True)  # autograd: csrc/ultimus_ops.cpp
-        register_differentiable_backward("ultimus_ext::bwd_differentiable", bwd)
+        for name, fake in (
+            ("fwd", fake_fwd),
+            ("bwd", fake_bwd),
+            ("stack_fwd", fake_stack_fwd),
+            ("stack_bwd", fake_stack_bwd),
+        ):
+            torch.library.register_fake(f"ultimus_ext::{name}")(fake)
+        ops = torch.ops.ultimus_ext
+        fwd, bwd, stack_fwd, stack_bwd = (
+            getattr(ops, name).default for name in ("fwd", "bwd", "stack_fwd", "stack_bwd")
+        )
+        # autograd: csrc/ultimus_ops.cpp
+        register_fused_ops(
+            ("cpu", "cuda"), fwd, bwd, native_autograd=True, stack_fwd_op=stack_fwd, stack_bwd_op=stack_bwd
+        )
+        register_differentiable_backward("ultimus_ext", bwd, stack_bwd)
 
 
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:

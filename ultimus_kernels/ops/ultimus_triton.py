@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from ..checks import check_grad_output, check_op_inputs, refuse_forward_ad
+from ..checks import check_grad_output, check_op_inputs, check_stack_op_inputs, refuse_forward_ad
 from .autograd import register_fused_ops
 
 
@@ -109,6 +109,81 @@ def _project(
     return out
 
 
+@triton.jit
+def _block_forward(
+    x, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, D, d, scale,
+    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr, RESIDUAL: tl.constexpr,
+    ACC: tl.constexpr, EXACT_EXP: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr,
+):  # fmt: skip
+    """One block on a tile x (BLOCK_B, BLOCK_DIM): its output, same shape (padded columns stay 0)."""
+    cols = tl.arange(0, BLOCK_DIM)
+    a_offs = tl.arange(0, BLOCK_ATT)
+    q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_DIM, BLOCK_ATT)
+    k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_DIM, BLOCK_ATT)
+    v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_DIM, BLOCK_ATT)
+    attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_ATT)
+    z = tl.sum(v[:, :, None] * attn, axis=1)  # (BLOCK_B, BLOCK_ATT)
+
+    # Wo loaded transposed, (BLOCK_ATT, BLOCK_DIM): woT[j, n] = Wo[n, j].
+    wo_t = tl.load(
+        wo_ptr + cols[None, :] * d + a_offs[:, None], mask=(a_offs[:, None] < d) & (cols[None, :] < D), other=0.0
+    ).to(ACC)
+    y = tl.dot(z, wo_t, input_precision="ieee", out_dtype=ACC)
+    if HAS_BO:
+        y += tl.load(bo_ptr + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
+    if RESIDUAL:
+        y += x
+    return y
+
+
+@triton.jit
+def _load_weights(
+    wq_ptr, wk_ptr, wv_ptr, wo_ptr, D, d, ACC: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr
+):
+    """Wq, Wk, Wv (BLOCK_ATT, BLOCK_DIM) and Wo (BLOCK_DIM, BLOCK_ATT) in their natural layouts: the
+    backward multiplies by W (not W^T)."""
+    cols = tl.arange(0, BLOCK_DIM)
+    a_offs = tl.arange(0, BLOCK_ATT)
+    w_offs = a_offs[:, None] * D + cols[None, :]
+    w_mask = (a_offs[:, None] < d) & (cols[None, :] < D)
+    wq = tl.load(wq_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
+    wk = tl.load(wk_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
+    wv = tl.load(wv_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
+    wo = tl.load(
+        wo_ptr + cols[:, None] * d + a_offs[None, :], mask=(cols[:, None] < D) & (a_offs[None, :] < d), other=0.0
+    )
+    return wq, wk, wv, wo.to(ACC)
+
+
+@triton.jit
+def _block_backward(
+    x, gy, wq, wk, wv, wo, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, D, d, scale,
+    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, RESIDUAL: tl.constexpr,
+    ACC: tl.constexpr, EXACT_EXP: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr,
+):  # fmt: skip
+    """One block's backward on a tile: recomputes q, k, v and A from its input x (cheaper than saving
+    them) and returns (gx, gq, gk, gv, z) for the gradient gy of its output; the parameter gradients
+    are outer products of these with x and gy (the callers sum them)."""
+    q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_DIM, BLOCK_ATT)
+    k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_DIM, BLOCK_ATT)
+    v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_DIM, BLOCK_ATT)
+    attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_ATT)
+
+    gz = tl.dot(gy, wo, input_precision="ieee", out_dtype=ACC)  # (BLOCK_B, BLOCK_ATT)
+    gv = tl.sum(attn * gz[:, None, :], axis=2)  # r[i] = sum_j A[i, j] gz[j], and gv = r
+    g_scores = attn * v[:, :, None] * (gz[:, None, :] - gv[:, :, None])
+    gq = scale * tl.sum(g_scores * k[:, None, :], axis=2)
+    gk = scale * tl.sum(g_scores * q[:, :, None], axis=1)
+    z = tl.sum(v[:, :, None] * attn, axis=1)
+
+    gx = tl.dot(gq, wq, input_precision="ieee", out_dtype=ACC)
+    gx += tl.dot(gk, wk, input_precision="ieee", out_dtype=ACC)
+    gx += tl.dot(gv, wv, input_precision="ieee", out_dtype=ACC)
+    if RESIDUAL:
+        gx += gy
+    return gx, gq, gk, gv, z
+
+
 # d is never specialised: Triton would turn d == 1 into a Python constant, and _attn_scale needs a tensor.
 @triton.jit(do_not_specialize=["d"])
 def ultimus_fwd_kernel(
@@ -141,25 +216,13 @@ def ultimus_fwd_kernel(
     scale = _attn_scale(d, ACC)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
     cols = tl.arange(0, BLOCK_DIM)
-    a_offs = tl.arange(0, BLOCK_ATT)
     tile_mask = (rows[:, None] < B) & (cols[None, :] < D)
 
     x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=tile_mask, other=0.0).to(ACC)
-    q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_DIM, BLOCK_ATT)
-    k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_DIM, BLOCK_ATT)
-    v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_DIM, BLOCK_ATT)
-    attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_ATT)
-    z = tl.sum(v[:, :, None] * attn, axis=1)  # (BLOCK_B, BLOCK_ATT)
-
-    # Wo loaded transposed, (BLOCK_ATT, BLOCK_DIM): woT[j, n] = Wo[n, j].
-    wo_t = tl.load(
-        wo_ptr + cols[None, :] * d + a_offs[:, None], mask=(a_offs[:, None] < d) & (cols[None, :] < D), other=0.0
-    ).to(ACC)
-    y = tl.dot(z, wo_t, input_precision="ieee", out_dtype=ACC)
-    if HAS_BO:
-        y += tl.load(bo_ptr + cols, mask=cols < D, other=0.0).to(ACC)[None, :]
-    if RESIDUAL:
-        y += x
+    y = _block_forward(
+        x, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, D, d, scale,
+        HAS_BQ, HAS_BK, HAS_BV, HAS_BO, RESIDUAL, ACC, EXACT_EXP, BLOCK_DIM, BLOCK_ATT,
+    )  # fmt: skip
     tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
@@ -203,15 +266,10 @@ def ultimus_bwd_kernel(
     cols = tl.arange(0, BLOCK_DIM)
     a_offs = tl.arange(0, BLOCK_ATT)
     w_mask = (a_offs[:, None] < d) & (cols[None, :] < D)
-    # Natural layouts, (BLOCK_ATT, BLOCK_DIM) for Wq, Wk, Wv and (BLOCK_DIM, BLOCK_ATT) for Wo: the
-    # backward multiplies by W (not W^T).
     w_offs = a_offs[:, None] * D + cols[None, :]
     wo_offs = cols[:, None] * d + a_offs[None, :]
     wo_mask = (cols[:, None] < D) & (a_offs[None, :] < d)
-    wq = tl.load(wq_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
-    wk = tl.load(wk_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
-    wv = tl.load(wv_ptr + w_offs, mask=w_mask, other=0.0).to(ACC)
-    wo = tl.load(wo_ptr + wo_offs, mask=wo_mask, other=0.0).to(ACC)
+    wq, wk, wv, wo = _load_weights(wq_ptr, wk_ptr, wv_ptr, wo_ptr, D, d, ACC, BLOCK_DIM, BLOCK_ATT)
 
     # Per-program partial sums of the parameter gradients, kept in registers across tiles.
     acc_wq = tl.zeros((BLOCK_ATT, BLOCK_DIM), ACC)
@@ -231,28 +289,14 @@ def ultimus_bwd_kernel(
             ACC
         )
 
-        # Recompute the forward up to z (cheaper than saving it).
-        q = _project(x, wq_ptr, bq_ptr, D, d, HAS_BQ, ACC, BLOCK_DIM, BLOCK_ATT)
-        k = _project(x, wk_ptr, bk_ptr, D, d, HAS_BK, ACC, BLOCK_DIM, BLOCK_ATT)
-        v = _project(x, wv_ptr, bv_ptr, D, d, HAS_BV, ACC, BLOCK_DIM, BLOCK_ATT)
-        attn = _attention(q, k, d, scale, EXACT_EXP, BLOCK_ATT)
-
-        gz = tl.dot(gy, wo, input_precision="ieee", out_dtype=ACC)  # (BLOCK_B, BLOCK_ATT)
-        gv = tl.sum(attn * gz[:, None, :], axis=2)  # r[i] = sum_j A[i, j] gz[j], and gv = r
-        g_scores = attn * v[:, :, None] * (gz[:, None, :] - gv[:, :, None])
-        gq = scale * tl.sum(g_scores * k[:, None, :], axis=2)
-        gk = scale * tl.sum(g_scores * q[:, :, None], axis=1)
-
+        gx, gq, gk, gv, z = _block_backward(
+            x, gy, wq, wk, wv, wo, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, D, d, scale,
+            HAS_BQ, HAS_BK, HAS_BV, RESIDUAL, ACC, EXACT_EXP, BLOCK_DIM, BLOCK_ATT,
+        )  # fmt: skip
         if NEED_GX:
-            gx = tl.dot(gq, wq, input_precision="ieee", out_dtype=ACC)
-            gx += tl.dot(gk, wk, input_precision="ieee", out_dtype=ACC)
-            gx += tl.dot(gv, wv, input_precision="ieee", out_dtype=ACC)
-            if RESIDUAL:
-                gx += gy
             tl.store(gx_ptr + rows[:, None] * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=tile_mask)
         if NEED_GW:
             # Padded rows have gy = 0, hence gq = gk = gv = 0: they add nothing here.
-            z = tl.sum(v[:, :, None] * attn, axis=1)
             acc_wq += tl.dot(tl.trans(gq), x, input_precision="ieee", out_dtype=ACC)
             acc_wk += tl.dot(tl.trans(gk), x, input_precision="ieee", out_dtype=ACC)
             acc_wv += tl.dot(tl.trans(gv), x, input_precision="ieee", out_dtype=ACC)
@@ -274,6 +318,101 @@ def ultimus_bwd_kernel(
         tl.store(row + 4 * dD + d + a_offs, acc_bk, mask=a_offs < d)
         tl.store(row + 4 * dD + 2 * d + a_offs, acc_bv, mask=a_offs < d)
         tl.store(row + 4 * dD + 3 * d + cols, acc_bo, mask=cols < D)
+
+
+# The stack: L blocks per launch. Parameters come packed, (L, NUM_PARAMS) in the accumulation dtype,
+# each row in the partial-row layout [Wq | Wk | Wv | Wo | bq | bk | bv | bo] (zeros for absent biases).
+@triton.jit(do_not_specialize=["d", "L"])
+def ultimus_stack_fwd_kernel(
+    x_ptr, y_ptr, p_ptr, B, D, d, L, stride_xb, stride_xd, NUM_PARAMS,
+    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr,
+):  # fmt: skip
+    scale = _attn_scale(d, ACC)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    cols = tl.arange(0, BLOCK_DIM)
+    tile_mask = (rows[:, None] < B) & (cols[None, :] < D)
+    h = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=tile_mask, other=0.0).to(ACC)
+    dD = d * D
+    for block in range(0, L):  # the activations between blocks stay in registers
+        w = p_ptr + block * NUM_PARAMS
+        b = w + 4 * dD
+        h = _block_forward(
+            h, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD, b + 3 * d, D, d, scale,
+            HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, BLOCK_DIM, BLOCK_ATT,
+        )  # fmt: skip
+    tl.store(y_ptr + rows[:, None] * D + cols[None, :], h.to(y_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _add_to_row(row_ptr, offs, mask, value):
+    """row[offs] += value, for a row only this program touches: deterministic without atomics."""
+    tl.store(row_ptr + offs, tl.load(row_ptr + offs, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit(do_not_specialize=["d", "L"])
+def ultimus_stack_bwd_kernel(
+    gy_ptr, x_ptr, gx_ptr, part_ptr, p_ptr, B, D, d, L, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles,
+    NUM_PARAMS,
+    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
+    EXACT_EXP: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr,
+    BLOCK_ATT: tl.constexpr,
+):  # fmt: skip
+    """Per tile, the blocks in reverse; block l's input is recomputed from x through blocks 0..l-1
+    (about 1.2 kFLOP per block per sample, all on chip) rather than stored. With L blocks' gradients
+    too many to keep in registers, each program adds its tiles' contributions to its own partial row
+    (L * NUM_PARAMS, zeroed by the host; cache-resident): deterministic, no atomics."""
+    pid = tl.program_id(0)
+    scale = _attn_scale(d, ACC)
+    cols = tl.arange(0, BLOCK_DIM)
+    a_offs = tl.arange(0, BLOCK_ATT)
+    dD = d * D
+    w_offs = a_offs[:, None] * D + cols[None, :]
+    w_mask = (a_offs[:, None] < d) & (cols[None, :] < D)
+    wo_offs = cols[:, None] * d + a_offs[None, :]
+    wo_mask = (cols[:, None] < D) & (a_offs[None, :] < d)
+    my_row = part_ptr + pid.to(tl.int64) * L * NUM_PARAMS
+
+    for tile in range(pid, num_tiles, NUM_PROGRAMS):
+        rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+        tile_mask = (rows[:, None] < B) & (cols[None, :] < D)
+        x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=tile_mask, other=0.0).to(ACC)
+        g = tl.load(gy_ptr + rows[:, None] * stride_gyb + cols[None, :] * stride_gyd, mask=tile_mask, other=0.0).to(ACC)
+        for r in range(0, L):
+            block = L - 1 - r
+            h = x
+            for earlier in range(0, block):
+                w = p_ptr + earlier * NUM_PARAMS
+                b = w + 4 * dD
+                h = _block_forward(
+                    h, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD, b + 3 * d, D, d, scale,
+                    HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, BLOCK_DIM, BLOCK_ATT,
+                )  # fmt: skip
+            w = p_ptr + block * NUM_PARAMS
+            b = w + 4 * dD
+            wq, wk, wv, wo = _load_weights(w, w + dD, w + 2 * dD, w + 3 * dD, D, d, ACC, BLOCK_DIM, BLOCK_ATT)
+            gx, gq, gk, gv, z = _block_backward(
+                h, g, wq, wk, wv, wo, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, D, d, scale,
+                HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, BLOCK_DIM, BLOCK_ATT,
+            )  # fmt: skip
+            if NEED_GW:  # padded rows have g = 0, hence gq = gk = gv = 0: they add nothing
+                row = my_row + block * NUM_PARAMS
+                _add_to_row(row, w_offs, w_mask, tl.dot(tl.trans(gq), h, input_precision="ieee", out_dtype=ACC))
+                _add_to_row(row + dD, w_offs, w_mask, tl.dot(tl.trans(gk), h, input_precision="ieee", out_dtype=ACC))
+                _add_to_row(
+                    row + 2 * dD, w_offs, w_mask, tl.dot(tl.trans(gv), h, input_precision="ieee", out_dtype=ACC)
+                )
+                _add_to_row(
+                    row + 3 * dD, wo_offs, wo_mask, tl.dot(tl.trans(g), z, input_precision="ieee", out_dtype=ACC)
+                )
+                _add_to_row(row + 4 * dD, a_offs, a_offs < d, tl.sum(gq, axis=0))
+                _add_to_row(row + 4 * dD + d, a_offs, a_offs < d, tl.sum(gk, axis=0))
+                _add_to_row(row + 4 * dD + 2 * d, a_offs, a_offs < d, tl.sum(gv, axis=0))
+                _add_to_row(row + 4 * dD + 3 * d, cols, cols < D, tl.sum(g, axis=0))
+                tl.debug_barrier()  # the next tile reads back what this one wrote, maybe from other threads
+            g = gx
+        if NEED_GX:
+            tl.store(gx_ptr + rows[:, None] * D + cols[None, :], g.to(gx_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,4 +594,71 @@ def ultimus_triton_bwd(
     return gx, partials.sum(0)
 
 
-register_fused_ops(("triton",), ultimus_triton_fwd, ultimus_triton_bwd)
+def _pack_stack(params: list, bias: bool, D: int, d: int, acc: torch.dtype) -> Tensor:
+    """The stack ops' flat parameter list as the kernels read it: (L, 4dD + 3d + D) in `acc`, each row
+    [Wq | Wk | Wv | Wo | bq | bk | bv | bo], zeros where there are no biases."""
+    per = 8 if bias else 4
+    pieces = []
+    for i in range(0, len(params), per):
+        block = params[i : i + per]
+        weights = block[0::2] if bias else block
+        pieces += [w.reshape(-1) for w in weights]
+        pieces += block[1::2] if bias else [weights[0].new_zeros(3 * d + D)]
+    return torch.cat([p.to(acc) for p in pieces]).view(len(params) // per, -1)
+
+
+@torch.library.triton_op("ultimus_triton::stack_fwd", mutates_args=())
+def ultimus_triton_stack_fwd(x: Tensor, params: list[Tensor], bias: bool, residual: bool) -> Tensor:
+    B = x.shape[0]
+    L, D, d = check_stack_op_inputs("triton", x, params, bias, residual)
+    refuse_forward_ad("ultimus_triton::stack_fwd", (x, *params))
+    y = torch.empty((B, D), dtype=x.dtype, device=x.device)
+    if B == 0:
+        return y
+    packed = _pack_stack(params, bias, D, d, _acc_dtype(x))
+    BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, _ = _tile_config(B, D, d)
+    torch.library.wrap_triton(ultimus_stack_fwd_kernel)[(triton.cdiv(B, BLOCK_B),)](
+        x, y, packed, B, D, d, L, x.stride(0), x.stride(1), packed.shape[1],
+        HAS_BIAS=bias, RESIDUAL=residual, ACC=_TL_ACC[_acc_dtype(x)], EXACT_EXP=_exact_exp(x),
+        BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT, num_warps=num_warps,
+    )  # fmt: skip
+    return y
+
+
+@torch.library.triton_op("ultimus_triton::stack_bwd", mutates_args=())
+def ultimus_triton_stack_bwd(
+    gy: Tensor, x: Tensor, params: list[Tensor], bias: bool, residual: bool, need_gx: bool, need_gw: bool
+) -> tuple[Tensor, Tensor]:
+    B = x.shape[0]
+    L, D, d = check_stack_op_inputs("triton", x, params, bias, residual)
+    check_grad_output(gy, x)
+    refuse_forward_ad("ultimus_triton::stack_bwd", (gy, x, *params))
+    acc, dev = _acc_dtype(x), x.device
+    num_params = 4 * d * D + 3 * d + D
+    gx = torch.empty((B, D) if need_gx else (0,), dtype=x.dtype, device=dev)
+    BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages = _tile_config(B, D, d)
+    num_tiles = triton.cdiv(B, BLOCK_B)
+    P = _num_programs(num_tiles, dev) if (need_gw or need_gx) and B > 0 else 0
+    # One zeroed partial row per program, L * num_params long: the kernel adds into it tile by tile.
+    partials = torch.zeros((P if need_gw else 0, L * num_params), dtype=acc, device=dev)
+    if P > 0:
+        packed = _pack_stack(params, bias, D, d, acc)
+        torch.library.wrap_triton(ultimus_stack_bwd_kernel)[(P,)](
+            gy, x, gx, partials, packed, B, D, d, L, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1),
+            num_tiles, num_params,
+            HAS_BIAS=bias, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
+            EXACT_EXP=_exact_exp(x), NUM_PROGRAMS=P, BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT,
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+    if not need_gw:
+        return gx, torch.empty((0,), dtype=acc, device=dev)
+    return gx, partials.view(-1) if P == 1 else partials.sum(0)  # fixed-order reduction: deterministic
+
+
+register_fused_ops(
+    ("triton",),
+    ultimus_triton_fwd,
+    ultimus_triton_bwd,
+    stack_fwd_op=ultimus_triton_stack_fwd,
+    stack_bwd_op=ultimus_triton_stack_bwd,
+)
