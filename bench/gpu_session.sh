@@ -2,6 +2,7 @@
 # One scripted session on a GPU machine: build (or reuse) the extensions, then any of
 #   test   the test suite on the GPU (PYTEST_ARGS narrows it, e.g. PYTEST_ARGS='-k triton')
 #   bench  bench/attn.py (extra arguments in BENCH_ARGS)
+#   stack  bench/attn.py --stack 4: the fused stack of 4 blocks against 4 single fused calls
 #   model  bench/attn.py --model: one UltimusNet training step per backend
 #   overhead  bench/attn.py --overhead: us per call of each autograd boundary at B = 1 and 128
 #   train  train.py epochs on --dataset synthetic at CIFAR-10's sizes, per backend
@@ -34,6 +35,9 @@ for what in "$@"; do
     bench)
       eval timeout "${BENCH_TIMEOUT:-300}" $py bench/attn.py --no-progress --json "$out/attn.json" \
         --plot "$out/attn.png" "${BENCH_ARGS:-}" 2>&1 | tee "$out/attn.txt" ;;
+    stack)
+      timeout "${BENCH_TIMEOUT:-300}" $py bench/attn.py --stack 4 --dtype float32 --no-progress \
+        --batch-sizes 128,16384,1048576 --json "$out/stack.json" 2>&1 | tee "$out/stack.txt" ;;
     model)
       timeout 120 $py bench/attn.py --model --no-progress --json "$out/model.json" 2>&1 | tee "$out/model.txt" ;;
     overhead)

@@ -53,6 +53,17 @@ def test_model_mode_times_a_training_step(tmp_path):
     assert all(r["mode"] == "train-step" and r["median_ms"] > 0 for r in doc["rows"])
 
 
+def test_stack_mode_times_the_fused_stack_against_single_calls(tmp_path):
+    if "cpu" not in available_backends("cpu"):
+        pytest.skip("cpu backend not built")
+    _, doc = bench(tmp_path, "--stack", "3", "--backends", "reference,cpu,cpu-blocks", "--batch-sizes", "33")
+    rows = doc["rows"]
+    assert {r["provider"] for r in rows} == {"reference", "cpu", "cpu-blocks"} and len(rows) == 9
+    assert all(r["blocks"] == 3 and r["median_ms"] > 0 and math.isfinite(r["gb_per_s"]) for r in rows)
+    assert run_bench("--stack", "2", "--backends", "cpu-fast").returncode == 2
+    assert "--stack times the batch-size sweep" in run_bench("--stack", "2", "--model").stderr
+
+
 def test_help_lists_the_flags():
     out = run_bench("--help").stdout
     for flag in (
