@@ -1,6 +1,8 @@
-"""Train UltimusNet on CIFAR-10: Adam with the one-cycle learning-rate policy, 24 epochs by default.
+"""Train UltimusNet on CIFAR-10: Adam with the one-cycle learning-rate policy, 24 epochs by default; or,
+with --preset, the system one of the write-ups built (listed at the end; explicit flags override it).
 
     python train.py                                   # CIFAR-10 in ./data (downloaded if missing)
+    python train.py --preset assignment               # the assignment's network and training recipe
     python train.py --dataset synthetic --epochs 2    # offline, no download needed
     python train.py --backend triton --amp bf16       # on a GPU, fused Triton kernels, bf16 autocast
     python train.py --lr-find                         # pick --max-lr with an LR range test first
@@ -8,7 +10,8 @@
     torchrun --nproc_per_node=2 train.py ...          # DistributedDataParallel (NCCL on GPUs, gloo on CPU)
 
 Writes to --out (default runs/<timestamp>): history.json, curves.png, misclassified.png,
-lr_find.png (with --lr-find), checkpoint.pt (every epoch, atomically) and final.pt (best weights).
+lr_find.png (with --lr-find), stn.png (with --preset stn), checkpoint.pt (every epoch, atomically) and
+final.pt (best weights).
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model import UltimusNet
-from model.data import DataUnavailable, Split, load_cifar10, load_synthetic
+from model.data import DataUnavailable, Split, load_cifar10, load_synthetic, normalize
+from model.presets import build_model, get_preset, parameter_count
 from training.checkpoints import RUN_FILES, atomic_save, checksum_file, load_verified
-from training.cli import DEFAULT_MAX_LR, KEEP_ON_RESUME, parse_args
+from training.cli import DEFAULT_MAX_LR, KEEP_ON_RESUME, parse_args, resolved_defaults
 from training.loop import RunContext, TrainingDiverged, evaluate, setup_distributed, train_epoch
 from training.lr_find import lr_range_test
-from training.plots import plot_curves, plot_lr_find, plot_misclassified
+from training.optim import describe, make_optimizer, make_schedule
+from training.plots import plot_curves, plot_lr_find, plot_misclassified, plot_stn
 
 DATA_ON_DEVICE_LIMIT = 2 << 30  # keep the data set in GPU memory when it is smaller than this
 
@@ -70,7 +74,7 @@ def main(argv=None) -> list[dict]:
 def _load_checkpoint(args) -> tuple[argparse.Namespace, dict]:
     """The run to resume: its checkpoint (verified) and its settings, with the flags --resume may change."""
     checkpoint = load_verified(Path(args.resume) / "checkpoint.pt", "--resume")
-    saved = checkpoint["args"]
+    saved = {**resolved_defaults(), **checkpoint["args"]}  # a run saved before presets: their defaults
     resumed = argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in KEEP_ON_RESUME}})
     resumed.out = str(Path(args.resume))
     return resumed, checkpoint
@@ -152,6 +156,8 @@ def _train(args, state: RunState) -> list[dict]:
         _, _, wrong = evaluate(ctx, collect_wrong=32)
         if state.main_process:
             plot_misclassified(wrong, ctx.data.classes, out / "misclassified.png")
+            if hasattr(ctx.net, "transform"):  # a spatial transformer: show what it does to test images
+                _plot_transformed(ctx, out / "stn.png")
             say(f"done: best test accuracy {100 * best_acc:.2f}%; outputs in {out}")
     if dist.is_initialized():
         dist.barrier()
@@ -213,16 +219,28 @@ def _build(ctx: RunContext, checkpoint: Optional[dict], out: Path, say):
     returns (history, best accuracy, first epoch, steps per epoch)."""
     args, data, device = ctx.args, ctx.data, ctx.device
     torch.manual_seed(args.seed)
-    net = ctx.net = UltimusNet(batchnorm=args.batchnorm, dropout=args.dropout, backend=args.backend).to(device)
+    preset = get_preset(args.preset)
+    net = ctx.net = build_model(
+        args.preset,
+        batchnorm=args.batchnorm,
+        dropout=args.dropout,
+        conv_dropout=args.conv_dropout,
+        backend=args.backend,
+    ).to(device)
     on_device = data.train.images.device.type == "cuda"
+    runs_on = (
+        f", backend {args.backend} (blocks run on '{_resolved_backend(net, device)}')"
+        if preset.fused
+        else f" ({preset.runs_on})"
+    )
     say(
-        f"UltimusNet: {sum(p.numel() for p in net.parameters()):,} parameters, backend {args.backend} "
-        f"(blocks run on '{_resolved_backend(net, device)}'), device {device}, {ctx.world} process(es); "
-        f"{args.dataset}: {len(data.train.labels):,} train / {len(data.test.labels):,} test images"
-        + (", held on the GPU" if on_device else "")
+        (f"preset {args.preset}: " if args.preset else "")
+        + f"{type(net).__name__}: {parameter_count(net):,} parameters{runs_on}, device {device}, "
+        f"{ctx.world} process(es); {args.dataset}: {len(data.train.labels):,} train / {len(data.test.labels):,} "
+        "test images" + (", held on the GPU" if on_device else "")
     )
     if args.lr_find and checkpoint is None:
-        pick, lrs, losses = lr_range_test(ctx)
+        pick, lrs, losses = lr_range_test(ctx, args.lr_find_steps, args.lr_find_start, args.lr_find_end)
         if dist.is_initialized():  # every process trains with rank 0's pick
             t = torch.tensor([pick], dtype=torch.float64, device=device)
             dist.broadcast(t, 0)
@@ -235,18 +253,18 @@ def _build(ctx: RunContext, checkpoint: Optional[dict], out: Path, say):
 
     model = torch.nn.parallel.DistributedDataParallel(net) if ctx.world > 1 else net
     ctx.model = torch.compile(model) if args.compile else model
-    ctx.opt = torch.optim.Adam(net.parameters(), lr=max_lr / 25, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(data.train.labels) / ctx.world) / args.batch_size)
-    ctx.sched = torch.optim.lr_scheduler.OneCycleLR(
-        ctx.opt, max_lr=max_lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch
-    )
+    ctx.opt = make_optimizer(args, net.parameters(), lr=max_lr / args.div_factor)
+    steps_per_epoch = _steps_per_epoch(ctx)
+    ctx.sched = make_schedule(args, ctx.opt, max_lr, steps_per_epoch)
     ctx.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     history, best_acc, start_epoch = [], -1.0, 1
     if checkpoint is not None:
-        if checkpoint["scheduler"]["total_steps"] != ctx.sched.total_steps:
+        # OneCycleLR keeps its length; a constant schedule's run keeps it beside (total_steps).
+        saved_steps = checkpoint["scheduler"].get("total_steps", checkpoint.get("total_steps"))
+        if saved_steps is not None and saved_steps != args.epochs * steps_per_epoch:
             raise SystemExit(
-                f"error: --resume: the checkpoint's schedule has {checkpoint['scheduler']['total_steps']} "
-                f"steps, this process would run {ctx.sched.total_steps}: resume with the run's number of "
+                f"error: --resume: the checkpoint's schedule has {saved_steps} "
+                f"steps, this process would run {args.epochs * steps_per_epoch}: resume with the run's number of "
                 "processes and the same data set"
             )
         net.load_state_dict(checkpoint["model"])
@@ -259,10 +277,16 @@ def _build(ctx: RunContext, checkpoint: Optional[dict], out: Path, say):
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         say(f"resumed {out} after epoch {checkpoint['epoch']}")
     say(
-        f"Adam + OneCycleLR: max lr {max_lr:.3e}, {args.epochs} epochs x {steps_per_epoch} steps, "
-        f"batch {args.batch_size} per process, amp {args.amp}; writing to {out}"
+        f"{describe(args)}: {'max lr' if args.schedule == 'onecycle' else 'lr'} {max_lr:.3e}, {args.epochs} epochs "
+        f"x {steps_per_epoch} steps, batch {args.batch_size} per process, amp {args.amp}"
+        + (f", augment {args.augment}" if args.preset else "")
+        + f"; writing to {out}"
     )
     return history, best_acc, start_epoch, steps_per_epoch
+
+
+def _steps_per_epoch(ctx: RunContext) -> int:
+    return math.ceil(math.ceil(len(ctx.data.train.labels) / ctx.world) / ctx.args.batch_size)
 
 
 def _save_epoch(ctx: RunContext, out: Path, epoch: int, history: list, best_acc: float) -> None:
@@ -281,10 +305,23 @@ def _save_epoch(ctx: RunContext, out: Path, epoch: int, history: list, best_acc:
             best_acc=best_acc,
             args=vars(ctx.args),
             world_size=ctx.world,
+            total_steps=ctx.args.epochs * _steps_per_epoch(ctx),
             rng=dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if cuda else None),
         ),
         out / "checkpoint.pt",
     )
+
+
+@torch.no_grad()
+def _plot_transformed(ctx: RunContext, path: Path, count: int = 32) -> None:
+    """stn.png: the first `count` test images beside what the spatial transformer makes of them."""
+    data, net = ctx.data, ctx.net
+    images = data.test.images[:count].to(ctx.device)
+    net.eval()
+    transformed = net.transform(normalize(images, data.mean, data.std)).float()
+    mean = torch.tensor(data.mean, device=ctx.device).view(1, 3, 1, 1)
+    std = torch.tensor(data.std, device=ctx.device).view(1, 3, 1, 1)
+    plot_stn(images.float().cpu() / 255, (transformed * std + mean).clamp(0, 1).cpu(), path)
 
 
 def _resolved_backend(net, device) -> str:

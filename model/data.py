@@ -7,9 +7,11 @@ memory and augment there, so an epoch is bounded by the model and not by Python 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -125,9 +127,25 @@ def normalize(images: Tensor, mean, std) -> Tensor:
     return (images.float() / 255 - m) / s
 
 
+# train.py --augment: each name's `augment` arguments (None: the batch is used as it is).
+AUGMENTATIONS = {
+    "crop-flip-cutout8": dict(pad=4, cutout=8),  # the project's recipe (the default)
+    "crop-flip-cutout16": dict(pad=4, cutout=16),  # coarse dropout of half the image's side (the no-bias preset)
+    "crop-flip": dict(pad=4, cutout=0),
+    "none": None,
+}
+
+
+def augmentation(name: str) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """The training-batch transform AUGMENTATIONS[name] names: (normalised batch, generator) -> batch."""
+    params = AUGMENTATIONS[name]
+    return (lambda x, gen: x) if params is None else functools.partial(augment, **params)
+
+
 def augment(x: Tensor, gen: torch.Generator, pad: int = 4, cutout: int = 8) -> Tensor:
     """Random crop with zero padding (zero is the mean after normalisation), horizontal flip, and
-    cutout of one cutout x cutout square with probability 1/2: the CIFAR-10 recipe, for a batch."""
+    cutout of one cutout x cutout square with probability 1/2 (none when cutout is 0): the CIFAR-10
+    recipe, for a batch."""
     B, C, H, W = x.shape
     dev = x.device
     rand = lambda *shape: torch.rand(*shape, generator=gen, device=dev)  # noqa: E731

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 # The files a run writes into --out.
-RUN_FILES = ("checkpoint.pt", "final.pt", "history.json", "curves.png", "misclassified.png", "lr_find.png")
+RUN_FILES = ("checkpoint.pt", "final.pt", "history.json", "curves.png", "misclassified.png", "lr_find.png", "stn.png")
 
 
 def sha256(path: Path) -> str:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.data import Dataset, Split, augment, normalize
+from model.data import Dataset, Split, augmentation, normalize
 
 
 @dataclass
@@ -131,6 +131,7 @@ def train_epoch(ctx: RunContext, epoch: int, bar) -> tuple[float, float]:
     # The first step whose loss was not finite (-1: none yet), tracked on the device.
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     lrs = []
+    augment = augmentation(args.augment)
     idx = epoch_indices(len(data.train.labels), epoch, args, rank, ctx.world)
     step = -1
     for step, (images, labels) in enumerate(batches(data.train, idx, args.batch_size, device, args.workers)):
@@ -188,7 +189,9 @@ def evaluate(ctx: RunContext, collect_wrong: int = 0):
     idx = torch.arange(rank, n, world)
     stats = torch.zeros(3, dtype=torch.float64, device=device)
     wrong = []
-    for images, labels in batches(data.test, idx, 1000, device, args.workers):
+    # Batches of --test-batch-size: a model that mixes the samples of a batch (the batch-attention
+    # preset) gives results that depend on it.
+    for images, labels in batches(data.test, idx, args.test_batch_size, device, args.workers):
         logits = model(normalize(images, data.mean, data.std)).float()
         pred = logits.argmax(1)
         stats += torch.stack(

@@ -7,16 +7,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model.data import augment, normalize
+from model.data import augmentation, normalize
 
 from .loop import RunContext, batches
+from .optim import make_optimizer
 
 
 def lr_range_test(ctx: RunContext, steps: int = 100, start: float = 1e-6, end: float = 1.0):
-    """Exponential LR sweep on a copy of ctx.net's starting weights; returns (pick, lrs, smoothed losses)."""
+    """Exponential LR sweep on a copy of ctx.net's starting weights, with the run's optimiser and
+    augmentation; returns (pick, lrs, smoothed losses)."""
     net, data, args, device = ctx.net, ctx.data, ctx.args, ctx.device
     initial = {k: v.clone() for k, v in net.state_dict().items()}
-    opt = torch.optim.Adam(net.parameters(), lr=start, weight_decay=args.weight_decay)
+    opt = make_optimizer(args, net.parameters(), lr=start)
+    augment = augmentation(args.augment)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.randperm(len(data.train.labels), generator=torch.Generator().manual_seed(args.seed))
     idx = idx.repeat(math.ceil(steps * args.batch_size / len(idx)) + 1)[: steps * args.batch_size]
@@ -40,8 +43,8 @@ def lr_range_test(ctx: RunContext, steps: int = 100, start: float = 1e-6, end: f
     net.load_state_dict(initial)
     lo = max(1, len(losses) // 10)  # the first steps are noise
     i_min = min(range(lo, len(losses)), key=losses.__getitem__) if len(losses) > lo else len(losses) - 1
-    if args.lr_find_pick == "min10":
-        pick = lrs[i_min] / 10
+    if args.lr_find_pick in ("min10", "min"):
+        pick = lrs[i_min] / 10 if args.lr_find_pick == "min10" else lrs[i_min]
     else:
         logs = [math.log(lr) for lr in lrs]
         slopes = [(losses[i + 1] - losses[i - 1]) / (logs[i + 1] - logs[i - 1]) for i in range(lo, max(lo + 1, i_min))]

@@ -1,4 +1,5 @@
-"""The plots a run writes: training curves, misclassified test images, the LR range test."""
+"""The plots a run writes: training curves, misclassified test images, the LR range test, and what a
+spatial transformer does to test images."""
 
 from __future__ import annotations
 
@@ -44,6 +45,23 @@ def plot_misclassified(wrong, classes, path: Path) -> None:
         ax.imshow(img.permute(1, 2, 0).numpy())
         ax.set_title(f"{classes[pred]}\n(true: {classes[true]})", fontsize=7, color="crimson")
     fig.suptitle("misclassified test images: prediction (true class)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_stn(images, transformed, path: Path, cols: int = 8) -> None:
+    """Two grids side by side, as in PyTorch's STN tutorial: test images (N, 3, H, W) in [0, 1], and the
+    same images after the spatial transformer."""
+    from torchvision.utils import make_grid
+
+    plt = _pyplot()
+    rows = max(1, math.ceil(len(images) / cols))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6 * rows / cols + 0.6))  # each panel 6 inches wide
+    for ax, batch, title in ((axes[0], images, "test images"), (axes[1], transformed, "transformed by the STN")):
+        ax.imshow(make_grid(batch, nrow=cols, padding=2, pad_value=1.0).permute(1, 2, 0).numpy())
+        ax.set_title(title)
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
