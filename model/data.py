@@ -164,5 +164,8 @@ def augment(x: Tensor, gen: torch.Generator, pad: int = 4, cutout: int = 8) -> T
     yy = torch.arange(H, device=dev)[None, :, None]
     xx = torch.arange(W, device=dev)[None, None, :]
     half = cutout // 2
-    hole = ((yy - cy[:, None, None]).abs() < half) & ((xx - cx[:, None, None]).abs() < half) & use[:, None, None]
+    dy, dx = yy - cy[:, None, None], xx - cx[:, None, None]
+    # Offsets -half .. cutout - half - 1 around the centre: exactly cutout x cutout (odd sizes too).
+    inside = (dy >= -half) & (dy < cutout - half) & (dx >= -half) & (dx < cutout - half)
+    hole = inside & use[:, None, None]
     return x.masked_fill(hole[:, None], 0.0)

@@ -69,3 +69,16 @@ def test_net_on_each_backend_matches_reference(backend):
     assert rel_err(out, out_ref) < 1e-12
     for g, g_ref in zip(grads, grads_ref):
         assert rel_err(g, g_ref) < 1e-10
+
+
+@pytest.mark.parametrize("cutout", [8, 16, 5])
+def test_cutout_hole_is_cutout_by_cutout(cutout):
+    """The hole is exactly cutout x cutout where it lies inside the image (clipped at the edges)."""
+    from model.data import augment
+
+    images = torch.ones(400, 3, 32, 32)
+    out = augment(images, torch.Generator().manual_seed(0), pad=0, cutout=cutout)
+    holes = (out[:, 0] == 0).sum((1, 2))
+    assert holes.max().item() == cutout * cutout
+    assert set(holes.unique().tolist()) <= set(range(cutout * cutout + 1))
+    assert (holes == 0).any() and (holes == cutout * cutout).sum() > 50
