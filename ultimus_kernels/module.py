@@ -33,9 +33,7 @@ class UltimusBlock(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name != "auto" and name not in BACKENDS:
-            raise ValueError(f"UltimusBlock: unknown backend '{name}'; choose one of {('auto',) + BACKENDS}")
-        self._backend = name
+        self._backend = _known_backend("UltimusBlock", name)
 
     def forward(self, x: Tensor) -> Tensor:
         # The parameters straight from the submodules' dicts: nn.Module.__getattr__ costs ~1 us per
@@ -83,9 +81,7 @@ class UltimusStack(nn.Sequential):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name != "auto" and name not in BACKENDS:
-            raise ValueError(f"UltimusStack: unknown backend '{name}'; choose one of {('auto',) + BACKENDS}")
-        self._backend = name
+        self._backend = _known_backend("UltimusStack", name)
         for block in self:
             block.backend = name
 
@@ -118,6 +114,12 @@ class UltimusStack(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, attn_dim={self.attn_dim}, residual={self.residual}, backend={self.backend!r}"
+
+
+def _known_backend(owner: str, name: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{owner}: unknown backend '{name}'; choose one of {('auto',) + BACKENDS}")
+    return name
 
 
 def _weight_and_bias(linear: nn.Module) -> tuple:

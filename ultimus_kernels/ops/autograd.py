@@ -78,17 +78,22 @@ def _backward(bwd_op, gy: Tensor, saved: tuple, residual: bool, need: tuple) -> 
 
 
 def _differentiable_backward(gy, saved, residual, need):
-    """The backward under create_graph: the reference's autograd, itself differentiable. None when
-    no graph can be built here (torch.func's transforms run every backward with create_graph, on
-    tensors that do not track gradients at this level): then the fused backward is the answer."""
+    """The backward under create_graph: the reference's autograd, itself differentiable."""
+    return _reference_grads(gy, saved, lambda: ultimus_reference(*saved, residual=residual), need)
+
+
+def _reference_grads(gy, inputs, forward, need):
+    """Gradients of `forward()` (the reference on `inputs`) for the inputs `need` asks for, with a graph.
+    None when no graph can be built here (torch.func's transforms run every backward with create_graph,
+    on tensors that do not track gradients at this level): then the fused backward is the answer."""
     with torch.enable_grad():
-        y = ultimus_reference(*saved, residual=residual)
+        y = forward()
         if not y.requires_grad:
             return None
-        wrt = [t for t, wanted in zip(saved, need) if wanted]
+        wrt = [t for t, wanted in zip(inputs, need) if wanted]
         grads = iter(torch.autograd.grad(y, wrt, gy, create_graph=True, allow_unused=True))
     out = []
-    for t, wanted in zip(saved, need):
+    for t, wanted in zip(inputs, need):
         g = next(grads) if wanted else None
         out.append(torch.zeros_like(t) if (wanted and g is None) else g)
     return tuple(out)
@@ -284,18 +289,8 @@ def _stack_backward(bwd_op, gy: Tensor, x: Tensor, flat: list, bias: bool, resid
 
 
 def _differentiable_stack_backward(gy, x, flat, bias, residual, need):
-    with torch.enable_grad():
-        y = ultimus_stack_reference(x, unflatten_stack(flat, bias), residual=residual)
-        if not y.requires_grad:
-            return None
-        inputs = (x, *flat)
-        wrt = [t for t, wanted in zip(inputs, need) if wanted]
-        grads = iter(torch.autograd.grad(y, wrt, gy, create_graph=True, allow_unused=True))
-    out = []
-    for t, wanted in zip(inputs, need):
-        g = next(grads) if wanted else None
-        out.append(torch.zeros_like(t) if (wanted and g is None) else g)
-    return tuple(out)
+    forward = lambda: ultimus_stack_reference(x, unflatten_stack(flat, bias), residual=residual)  # noqa: E731
+    return _reference_grads(gy, (x, *flat), forward, need)
 
 
 class UltimusStackFunction(torch.autograd.Function):
