@@ -19,10 +19,9 @@ from torch import Tensor, nn
 from .net import conv_features
 
 
-class ElementwiseUltimusBlock(nn.Module):
-    """(B, dim) -> (B, dim): q, k, v = Linear(x); am = softmax(q * k / sqrt(attn_dim)) over the attn_dim
-    features; z = v * am; y = Out(z) + x. Submodules q, k, v, out as in UltimusBlock, so the state_dict
-    keys are the same."""
+class _QKVOut(nn.Module):
+    """The Linears every variant block has, named as in UltimusBlock (so the state_dict keys match):
+    q, k, v (dim -> attn_dim) and out (attn_dim -> dim)."""
 
     summary_as_one_layer = True  # model/summary.py reports it as one layer, as it does UltimusBlock
 
@@ -34,6 +33,12 @@ class ElementwiseUltimusBlock(nn.Module):
         self.v = nn.Linear(dim, attn_dim)
         self.out = nn.Linear(attn_dim, dim)
 
+
+class ElementwiseUltimusBlock(_QKVOut):
+    """(B, dim) -> (B, dim): q, k, v = Linear(x); am = softmax(q * k / sqrt(attn_dim)) over the attn_dim
+    features; z = v * am; y = Out(z) + x. Submodules q, k, v, out as in UltimusBlock, so the state_dict
+    keys are the same."""
+
     def forward(self, x: Tensor) -> Tensor:
         am = torch.softmax(self.q(x) * self.k(x) / math.sqrt(self.attn_dim), dim=-1)
         return self.out(self.v(x) * am) + x
@@ -42,20 +47,10 @@ class ElementwiseUltimusBlock(nn.Module):
         return f"dim={self.dim}, attn_dim={self.attn_dim}, elementwise softmax, residual"
 
 
-class BatchAttentionBlock(nn.Module):
+class BatchAttentionBlock(_QKVOut):
     """(B, dim) -> (B, dim), attention across the batch: q, k, v = Linear(x) (each (B, attn_dim));
     scores = softmax(q k^T / sqrt(attn_dim)) over the batch's samples (B x B); y = Out(scores v).
     No skip connection inside (BatchAttentionNet adds it)."""
-
-    summary_as_one_layer = True
-
-    def __init__(self, dim: int = 48, attn_dim: int = 8):
-        super().__init__()
-        self.dim, self.attn_dim = dim, attn_dim
-        self.q = nn.Linear(dim, attn_dim)
-        self.k = nn.Linear(dim, attn_dim)
-        self.v = nn.Linear(dim, attn_dim)
-        self.out = nn.Linear(attn_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         scores = torch.softmax(self.q(x) @ self.k(x).T / math.sqrt(self.attn_dim), dim=-1)  # (B, B)
