@@ -353,8 +353,9 @@ __global__ void ultimus_stack_bwd_kernel(const scalar_t* __restrict__ gy, int64_
   acc_t* gys = hs + rows * ld;
   acc_t* gs = gys + rows * ld;
   acc_t* my_partial = partials ? partials + int64_t(blockIdx.x) * L * np : nullptr;
-  if (my_partial)
-    for (int64_t e = threadIdx.x; e < int64_t(L) * np; e += rows) my_partial[e] = 0;
+  if (my_partial)  // block by block, with accumulate_partials' mapping of elements to threads
+    for (int block = 0; block < L; ++block)
+      for (int e = threadIdx.x; e < np; e += rows) my_partial[int64_t(block) * np + e] = 0;
   const acc_t* xrow = xs + threadIdx.x * ld;
   acc_t* hrow = hs + threadIdx.x * ld;
   acc_t* gyrow = gys + threadIdx.x * ld;
