@@ -129,8 +129,11 @@ inline at::ScalarType acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Parameters as contiguous tensors of the accumulation dtype (no copy in the common fp32 case).
-inline at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+// Parameters as contiguous tensors of the accumulation dtype (no copy in the common fp32 case, and
+// no dispatcher call either: at the training batch the op's host path is what a call costs).
+inline at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) {
+  return t.scalar_type() == acc && t.is_contiguous() ? t : t.to(acc).contiguous();
+}
 inline at::Tensor as_acc(const OptTensor& t, at::ScalarType acc) {
   return t ? as_acc(*t, acc) : at::Tensor();
 }

@@ -8,8 +8,9 @@
 // transposed: x[n] is a Vec holding feature n of every sample of the chunk, so each step of the math
 // is one vector operation across the chunk's samples. The batch is split into a number of tasks that
 // depends only on B; within a task the parameter gradients accumulate per lane (Vec partial sums),
-// then each task writes one row of partials (its lanes summed in order) and the rows are summed in
-// a fixed order: the gradients depend neither on the thread count nor on the schedule.
+// then each task writes one row of partials (its lanes summed in order; a task of one chunk writes
+// its row directly) and the rows are summed in a fixed order: the gradients depend neither on the
+// thread count nor on the schedule. Working memory is per thread and kept between calls.
 //
 // The ops' schemas and autograd are in ultimus_ops.cpp.
 #include <ATen/Parallel.h>
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <type_traits>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "ultimus.h"
@@ -165,14 +167,28 @@ void attention_row(const Params<acc_t>& p, Chunk<acc_t>& s, int64_t i) {
 }
 
 // One block on the chunk: s.x holds its input and, after, its output.
+// What a block's backward reuses from the forward that the stack's backward runs before it, for one
+// chunk: q, k, v, the extremes of k, and A, (3d + 2 + d^2) vectors. Keeping them instead of
+// recomputing leaves the stack's backward one extra output projection per block (Wo z) over L single
+// backwards, which get their inputs from memory.
+inline int64_t kept_size(int64_t d) { return 3 * d + 2 + d * d; }
+
+// One block on the chunk: s.x holds its input and, after, its output. `kept` (null: not needed)
+// receives what block_backward reuses.
 template <typename acc_t>
-void block_forward(const Params<acc_t>& p, bool residual, Chunk<acc_t>& s) {
+void block_forward(const Params<acc_t>& p, bool residual, Chunk<acc_t>& s, Vec<acc_t>* kept = nullptr) {
   using V = Vec<acc_t>;
+  const int64_t d = p.d;
   project_qkv(p, s);
-  for (int64_t j = 0; j < p.d; ++j) s.z[j] = V{};
-  for (int64_t i = 0; i < p.d; ++i) {
+  if (kept) {
+    std::copy(s.q, s.q + d, kept), std::copy(s.k, s.k + d, kept + d), std::copy(s.v, s.v + d, kept + 2 * d);
+    kept[3 * d] = s.k_max, kept[3 * d + 1] = s.k_min;
+  }
+  for (int64_t j = 0; j < d; ++j) s.z[j] = V{};
+  for (int64_t i = 0; i < d; ++i) {
     attention_row(p, s, i);
-    for (int64_t j = 0; j < p.d; ++j) s.z[j] += s.v[i] * s.attn_row[j];
+    if (kept) std::copy(s.attn_row, s.attn_row + d, kept + 3 * d + 2 + i * d);
+    for (int64_t j = 0; j < d; ++j) s.z[j] += s.v[i] * s.attn_row[j];
   }
   for (int64_t n = 0; n < p.D; ++n) {  // y overwrites x feature by feature
     V out = splat<acc_t>(p.bo ? p.bo[n] : 0) + (residual ? s.x[n] : V{});
@@ -201,51 +217,81 @@ struct GradChunk {
   V gz[kMaxAttnDim], gq[kMaxAttnDim], gk[kMaxAttnDim], gv[kMaxAttnDim];
 };
 
-// acc[i * N + n] += a[i] * b[n]: per-lane partial sums of a block of a parameter gradient.
-template <typename V>
-void accumulate_outer(const V* a, int64_t I, const V* b, int64_t N, V* acc) {
+// Where a chunk's parameter gradients go, element e of the partial-row layout (ultimus.h) at a time.
+// LaneSums: per-lane partial sums for a task of several chunks, summed over the lanes when the task
+// ends. RowSums: a task of one chunk (B <= kChunk) writes its partial row directly, each element the
+// sum of the chunk's `active` lanes in lane order: the same numbers without clearing, accumulating and
+// reducing np vectors (100 KB at D = 48, d = 8), which would dominate the kernel at B = 1. A chunk adds
+// to each element of a block's range exactly once.
+template <typename acc_t>
+struct LaneSums {
+  Vec<acc_t>* lanes;
+  void add(int64_t e, Vec<acc_t> v) const { lanes[e] += v; }
+  LaneSums at(int64_t offset) const { return {lanes + offset}; }
+};
+template <typename acc_t>
+struct RowSums {
+  acc_t* row;
+  int64_t active;
+  void add(int64_t e, Vec<acc_t> v) const {
+    acc_t sum = 0;
+    for (int64_t c = 0; c < active; ++c) sum += v[c];
+    row[e] = sum;
+  }
+  RowSums at(int64_t offset) const { return {row + offset, active}; }
+};
+
+// sink[offset + i * N + n] += a[i] * b[n]: a block of a parameter gradient.
+template <typename V, typename Sink>
+void accumulate_outer(const V* a, int64_t I, const V* b, int64_t N, const Sink& sink, int64_t offset) {
   for (int64_t i = 0; i < I; ++i)
-    for (int64_t n = 0; n < N; ++n) acc[i * N + n] += a[i] * b[n];
+    for (int64_t n = 0; n < N; ++n) sink.add(offset + i * N + n, a[i] * b[n]);
 }
 
 // One block's backward on the chunk: s.x holds the block's input and g.gy the gradient of its output.
-// Adds the parameter gradients to `lanes` (per-lane partial sums in the partial-row layout of
-// ultimus.h; null when not needed) and, if `need_gx`, leaves the gradient of the input in s.x.
-template <typename acc_t>
-void block_backward(const Params<acc_t>& p, bool residual, Vec<acc_t>* lanes, bool need_gx, Chunk<acc_t>& s,
-                    GradChunk<acc_t>& g) {
+// Adds the parameter gradients to `*sink` (null: not needed) and, if `need_gx`, leaves the gradient of
+// the input in s.x.
+template <typename acc_t, typename Sink>
+void block_backward(const Params<acc_t>& p, bool residual, const Sink* sink, bool need_gx, Chunk<acc_t>& s,
+                    GradChunk<acc_t>& g, const Vec<acc_t>* kept = nullptr) {
   using V = Vec<acc_t>;
   const int64_t D = p.D, d = p.d;
-  project_qkv(p, s);
+  if (kept) {  // the forward's q, k, v and extremes of k (see kept_size)
+    std::copy(kept, kept + d, s.q), std::copy(kept + d, kept + 2 * d, s.k), std::copy(kept + 2 * d, kept + 3 * d, s.v);
+    s.k_max = kept[3 * d], s.k_min = kept[3 * d + 1];
+  } else {
+    project_qkv(p, s);
+  }
   for (int64_t j = 0; j < d; ++j) s.z[j] = g.gk[j] = g.gz[j] = V{};
   for (int64_t n = 0; n < D; ++n) {  // gz[j] = sum_n Wo[n][j] gy[n]
     const acc_t* wo = p.wo + n * d;
     for (int64_t j = 0; j < d; ++j) g.gz[j] += wo[j] * g.gy[n];
   }
   for (int64_t i = 0; i < d; ++i) {
-    attention_row(p, s, i);
+    const V* attn_row = kept ? kept + 3 * d + 2 + i * d : (attention_row(p, s, i), s.attn_row);
     V r = V{}, gqi = V{};
     for (int64_t j = 0; j < d; ++j) {
-      r += s.attn_row[j] * g.gz[j];
-      s.z[j] += s.v[i] * s.attn_row[j];
+      r += attn_row[j] * g.gz[j];
+      s.z[j] += s.v[i] * attn_row[j];
     }
     const V vi = p.scale * s.v[i];
     for (int64_t j = 0; j < d; ++j) {
-      const V g_score = s.attn_row[j] * vi * (g.gz[j] - r);  // includes the scale s
+      const V g_score = attn_row[j] * vi * (g.gz[j] - r);  // includes the scale s
       gqi += g_score * s.k[j];
       g.gk[j] += g_score * s.q[i];
     }
     g.gv[i] = r;
     g.gq[i] = gqi;
   }
-  if (lanes) {  // rows past the batch have gy = 0, hence gq = gk = gv = 0: they add nothing
-    accumulate_outer(g.gq, d, s.x, D, lanes);
-    accumulate_outer(g.gk, d, s.x, D, lanes + d * D);
-    accumulate_outer(g.gv, d, s.x, D, lanes + 2 * d * D);
-    accumulate_outer(g.gy, D, s.z, d, lanes + 3 * d * D);
-    V* biases = lanes + 4 * d * D;
-    for (int64_t i = 0; i < d; ++i) biases[i] += g.gq[i], biases[d + i] += g.gk[i], biases[2 * d + i] += g.gv[i];
-    for (int64_t n = 0; n < D; ++n) biases[3 * d + n] += g.gy[n];
+  if (sink) {  // rows past the batch have gy = 0, hence gq = gk = gv = 0: they add nothing
+    accumulate_outer(g.gq, d, s.x, D, *sink, 0);
+    accumulate_outer(g.gk, d, s.x, D, *sink, d * D);
+    accumulate_outer(g.gv, d, s.x, D, *sink, 2 * d * D);
+    accumulate_outer(g.gy, D, s.z, d, *sink, 3 * d * D);
+    const int64_t biases = 4 * d * D;
+    for (int64_t i = 0; i < d; ++i)
+      sink->add(biases + i, g.gq[i]), sink->add(biases + d + i, g.gk[i]), sink->add(biases + 2 * d + i, g.gv[i]);
+    for (int64_t n = 0; n < D; ++n) sink->add(biases + 3 * d + n, g.gy[n]);
   }
   if (need_gx) {  // gx overwrites x, after the parameter gradients have used it
     for (int64_t n = 0; n < D; ++n) {
@@ -258,27 +304,60 @@ void block_backward(const Params<acc_t>& p, bool residual, Vec<acc_t>* lanes, bo
 }
 
 // The backward of rows [row0, row0 + rows) through `blocks` (one block, or a whole stack). The forward
-// runs first, keeping each block's input in `inputs` (L * D vectors, a few KB: on chip); then the
-// blocks in reverse, the gradient of each block's input becoming the next one's gy. Block l's
-// parameter gradients go to lanes + l * num_params(D, d).
-template <typename scalar_t, typename acc_t>
+// runs first through all blocks but the last, keeping in `kept` each block's input and what its
+// backward reuses (stack_kept_size vectors per block, tens of KB: in cache); then the blocks in
+// reverse, the gradient of each block's input becoming the next one's gy. Block l's parameter
+// gradients go to sink->at(l * num_params(D, d)) (sink null: not needed).
+inline int64_t stack_kept_size(int64_t D, int64_t d) { return D + kept_size(d); }
+
+template <typename scalar_t, typename acc_t, typename Sink>
 void backward_rows(const scalar_t* gy, int64_t sg0, int64_t sg1, const scalar_t* x, int64_t sx0, int64_t sx1,
-                   scalar_t* gx, Vec<acc_t>* lanes, int64_t row0, int64_t rows,
-                   const std::vector<Params<acc_t>>& blocks, bool residual, Vec<acc_t>* inputs, Chunk<acc_t>& s,
+                   scalar_t* gx, const Sink* sink, int64_t row0, int64_t rows,
+                   const std::vector<Params<acc_t>>& blocks, bool residual, Vec<acc_t>* kept, Chunk<acc_t>& s,
                    GradChunk<acc_t>& g) {
-  const int64_t L = static_cast<int64_t>(blocks.size()), D = blocks[0].D, np = num_params(D, blocks[0].d);
+  const int64_t L = static_cast<int64_t>(blocks.size()), D = blocks[0].D, d = blocks[0].d;
+  const int64_t np = num_params(D, d), per_block = stack_kept_size(D, d);
   load_transposed(x, sx0, sx1, row0, rows, D, s.x);
   for (int64_t l = 0; l + 1 < L; ++l) {
-    std::copy(s.x, s.x + D, inputs + l * D);
-    block_forward(blocks[l], residual, s);
+    std::copy(s.x, s.x + D, kept + l * per_block);
+    block_forward(blocks[l], residual, s, kept + l * per_block + D);
   }
   load_transposed(gy, sg0, sg1, row0, rows, D, g.gy);  // rows past the batch load as 0: they add nothing
   for (int64_t l = L - 1; l >= 0; --l) {
-    if (l + 1 < L) std::copy(inputs + l * D, inputs + (l + 1) * D, s.x);  // (the last block's input is in s.x)
-    block_backward(blocks[l], residual, lanes ? lanes + l * np : nullptr, l > 0 || gx, s, g);
+    const Vec<acc_t>* block_kept = l + 1 < L ? kept + l * per_block : nullptr;  // (the last block: s.x)
+    if (block_kept) std::copy(block_kept, block_kept + D, s.x);
+    const Sink block_sink = sink ? sink->at(l * np) : Sink{};
+    block_backward(blocks[l], residual, sink ? &block_sink : nullptr, l > 0 || gx, s, g,
+                   block_kept ? block_kept + D : nullptr);
     if (l > 0) std::copy(s.x, s.x + D, g.gy);  // this block's gx is the previous block's gy
   }
   if (gx) store_transposed(s.x, row0, rows, D, gx);
+}
+
+// Each thread's working memory, kept from call to call: allocating and freeing it per call (chunk
+// states and lanes, tens to hundreds of KB) costs malloc, page faults when the heap is trimmed, and a
+// memset where value-initialised, as much as the whole kernel at the training batch. Nothing in it is
+// read before the kernel writes it. A kernel never re-enters itself on one thread, so one per thread.
+template <typename acc_t>
+struct Scratch {
+  Chunk<acc_t> state;
+  GradChunk<acc_t> grad;
+  std::unique_ptr<Vec<acc_t>[]> lanes, kept;  // backward: per-lane gradient sums, backward_rows' kept
+  int64_t lanes_capacity = 0, kept_capacity = 0;
+  Vec<acc_t>* lanes_for(int64_t n) { return grown(lanes, lanes_capacity, n); }
+  Vec<acc_t>* kept_for(int64_t n) { return grown(kept, kept_capacity, n); }
+
+ private:
+  static Vec<acc_t>* grown(std::unique_ptr<Vec<acc_t>[]>& buf, int64_t& size, int64_t n) {
+    if (n > size) buf.reset(new Vec<acc_t>[n]), size = n;
+    return buf.get();
+  }
+};
+template <typename acc_t>
+Scratch<acc_t>& thread_scratch() {
+  static thread_local std::unique_ptr<Scratch<acc_t>> scratch;
+  if (!scratch) scratch.reset(new Scratch<acc_t>);
+  return *scratch;
 }
 
 // The split of the batch into tasks depends on B alone (see the header comment).
@@ -315,11 +394,11 @@ at::Tensor forward(const at::Tensor& x, const std::vector<AccParams>& blocks, in
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t num_chunks = (B + kChunk - 1) / kChunk;
     at::parallel_for(0, num_chunks, 16, [&](int64_t begin, int64_t end) {
-      auto state = std::make_unique<Chunk<acc_t>>();
+      Chunk<acc_t>& state = thread_scratch<acc_t>().state;
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t row0 = chunk * kChunk;
         forward_rows(xp, x.stride(0), x.stride(1), yp, row0, std::min<int64_t>(kChunk, B - row0), p, residual,
-                     *state);
+                     state);
       }
     });
   });
@@ -335,7 +414,7 @@ BackwardResult backward(const at::Tensor& gy, const at::Tensor& x, const std::ve
   const TaskSplit split = split_batch(B);
   const int64_t np = L * num_params(D, d);
   at::Tensor partials = at::empty({need_gw && B > 0 ? split.num_tasks : 0, np}, x.options().dtype(acc));
-  at::Tensor gy_c = gy.to(x.scalar_type());
+  at::Tensor gy_c = gy.scalar_type() == x.scalar_type() ? gy : gy.to(x.scalar_type());
   if (B > 0 && (need_gx || need_gw)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -345,23 +424,31 @@ BackwardResult backward(const at::Tensor& gy, const at::Tensor& x, const std::ve
       scalar_t* gxp = need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr;
       acc_t* part = need_gw ? partials.mutable_data_ptr<acc_t>() : nullptr;
       at::parallel_for(0, split.num_tasks, 1, [&](int64_t begin, int64_t end) {
-        auto state = std::make_unique<Chunk<acc_t>>();
-        auto grad_state = std::make_unique<GradChunk<acc_t>>();
-        std::vector<Vec<acc_t>> lanes(part ? np : 0), inputs(L * D);
+        Scratch<acc_t>& scratch = thread_scratch<acc_t>();
+        Vec<acc_t>* kept = scratch.kept_for(L * stack_kept_size(D, d));
+        Vec<acc_t>* lanes = part ? scratch.lanes_for(np) : nullptr;
         for (int64_t task = begin; task < end; ++task) {
-          std::fill(lanes.begin(), lanes.end(), Vec<acc_t>{});
-          const int64_t task_end = std::min(B, (task + 1) * split.rows_per_task);
-          for (int64_t row0 = task * split.rows_per_task; row0 < task_end; row0 += kChunk)
-            backward_rows(gyp, gy_c.stride(0), gy_c.stride(1), xp, x.stride(0), x.stride(1), gxp,
-                          part ? lanes.data() : nullptr, row0, std::min<int64_t>(kChunk, task_end - row0), p,
-                          residual, inputs.data(), *state, *grad_state);
-          if (part) {  // the task's partial row: its lanes summed in a fixed order
-            acc_t* row = part + task * np;
-            for (int64_t e = 0; e < np; ++e) {
-              acc_t sum = 0;
-              for (int c = 0; c < kChunk; ++c) sum += lanes[e][c];
-              row[e] = sum;
-            }
+          const int64_t task_begin = task * split.rows_per_task;
+          const int64_t task_end = std::min(B, task_begin + split.rows_per_task);
+          acc_t* row = part ? part + task * np : nullptr;  // the task's partial row
+          auto rows_through = [&](const auto* sink) {
+            for (int64_t row0 = task_begin; row0 < task_end; row0 += kChunk)
+              backward_rows(gyp, gy_c.stride(0), gy_c.stride(1), xp, x.stride(0), x.stride(1), gxp, sink, row0,
+                            std::min<int64_t>(kChunk, task_end - row0), p, residual, kept, scratch.state,
+                            scratch.grad);
+          };
+          if (task_end - task_begin <= kChunk) {  // one chunk: straight into the row (see RowSums)
+            const RowSums<acc_t> sink{row, task_end - task_begin};
+            rows_through(row ? &sink : nullptr);
+            continue;
+          }
+          const LaneSums<acc_t> sink{lanes};
+          if (row) std::fill(lanes, lanes + np, Vec<acc_t>{});
+          rows_through(row ? &sink : nullptr);
+          for (int64_t e = 0; row && e < np; ++e) {  // the lanes summed in a fixed order
+            acc_t sum = 0;
+            for (int c = 0; c < kChunk; ++c) sum += lanes[e][c];
+            row[e] = sum;
           }
         }
       });

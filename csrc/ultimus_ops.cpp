@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <typeinfo>
 
 #include "ultimus.h"
 
@@ -80,6 +81,25 @@ std::vector<at::Tensor> call_stack_bwd_differentiable(const at::Tensor& gy, cons
   return op.call(gy, x, params, bias, residual, need);
 }
 
+// The backward hands out each parameter's gradient as a view of the bwd op's flat gparams. For a
+// plain dense tensor the view is made directly, one TensorImpl on the same storage: two dispatcher
+// calls per gradient (narrow, view) with autograd's view tracking cost more than the whole CPU kernel
+// at B = 1. Anything else (a FakeTensor or a functional wrapper while compiling, symbolic sizes) is
+// sliced by the ops, which know how to.
+bool is_plain_dense(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return typeid(*impl) == typeid(c10::TensorImpl) && impl->has_storage() && !impl->key_set().has_any(c10::python_ks) &&
+         t.layout() == at::kStrided && t.is_contiguous();
+}
+at::Tensor view_of(const at::Tensor& plain, int64_t offset, at::IntArrayRef shape) {
+  const c10::TensorImpl* impl = plain.unsafeGetTensorImpl();
+  auto view = at::detail::make_tensor<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(impl->storage()),
+                                                       impl->key_set(), impl->dtype());
+  view.unsafeGetTensorImpl()->set_storage_offset(plain.storage_offset() + offset);
+  view.unsafeGetTensorImpl()->set_sizes_contiguous(shape);
+  return view;
+}
+
 class UltimusAutograd : public torch::autograd::Function<UltimusAutograd> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& wq, const OptTensor& bq,
@@ -121,25 +141,20 @@ class UltimusAutograd : public torch::autograd::Function<UltimusAutograd> {
     }
     if (need[0]) out[0] = gx;
     if (need_gw) {
-      // Plain slices of one vector, without autograd's view tracking (this is the backward: nothing here
-      // is differentiated), which costs more than the slicing itself on the small-batch hot path.
-      at::AutoDispatchBelowADInplaceOrView below_view_tracking;
       const int64_t D = saved[0].size(1), d = saved[1].size(0), dD = d * D;
-      // Slot i of the forward's arguments -> (offset, shape) in the flat vector (ultimus.h's layout).
-      const std::array<std::pair<int64_t, std::vector<int64_t>>, 9> where = {{{0, {}},
-                                                                              {0, {d, D}},
-                                                                              {4 * dD, {d}},
-                                                                              {dD, {d, D}},
-                                                                              {4 * dD + d, {d}},
-                                                                              {2 * dD, {d, D}},
-                                                                              {4 * dD + 2 * d, {d}},
-                                                                              {3 * dD, {D, d}},
-                                                                              {4 * dD + 3 * d, {D}}}};
+      // Slot i of the forward's arguments -> its offset in the flat vector (ultimus.h's layout); the shape
+      // is the parameter's own.
+      const std::array<int64_t, 9> offset = {0, 0, 4 * dD, dD, 4 * dD + d, 2 * dD, 4 * dD + 2 * d, 3 * dD, 4 * dD + 3 * d};
+      const bool plain = is_plain_dense(gparams);
       for (int i = 1; i < 9; ++i) {
         if (!need[i]) continue;
-        int64_t n = 1;
-        for (int64_t e : where[i].second) n *= e;
-        at::Tensor g = gparams.narrow(0, where[i].first, n).view(where[i].second);
+        at::Tensor g;
+        if (plain) {
+          g = view_of(gparams, offset[i], saved[i].sizes());
+        } else {
+          at::AutoDispatchBelowADInplaceOrView below_view_tracking;  // (the backward: nothing is differentiated)
+          g = gparams.narrow_symint(0, offset[i], saved[i].sym_numel()).view_symint(saved[i].sym_sizes());
+        }
         out[i] = g.scalar_type() == saved[i].scalar_type() ? g : g.to(saved[i].scalar_type());
       }
     }
@@ -212,7 +227,8 @@ class UltimusStackAutograd : public torch::autograd::Function<UltimusStackAutogr
     }
     if (need[0]) out[0] = gx;
     if (need_gw) {
-      at::AutoDispatchBelowADInplaceOrView below_view_tracking;  // plain slices (see UltimusAutograd)
+      const bool plain = is_plain_dense(gparams);  // (see view_of)
+      at::AutoDispatchBelowADInplaceOrView below_view_tracking;  // (the backward: nothing is differentiated)
       // Symbolic sizes: under torch.compile with dynamic shapes this runs on tensors without concrete sizes.
       const c10::SymInt D = x.sym_size(1), d = params[0].sym_size(0), dD = d * D, np = 4 * dD + 3 * d + D;
       // Offsets in a block's partial row, in the order of the block's flat parameters.
@@ -225,7 +241,8 @@ class UltimusStackAutograd : public torch::autograd::Function<UltimusStackAutogr
         const size_t block = (i - 1) / per, slot = (i - 1) % per;
         const c10::SymInt offset = np * static_cast<int64_t>(block) + (bias ? with_bias[slot] : weights_only[slot]);
         const at::Tensor& p = saved[i];
-        at::Tensor g = gparams.narrow_symint(0, offset, p.sym_numel()).view_symint(p.sym_sizes());
+        at::Tensor g = plain ? view_of(gparams, offset.expect_int(), p.sizes())
+                             : gparams.narrow_symint(0, offset, p.sym_numel()).view_symint(p.sym_sizes());
         out[i] = g.scalar_type() == p.scalar_type() ? g : g.to(p.scalar_type());
       }
     }
