@@ -341,9 +341,9 @@ def overhead_sweep(args, device) -> list[dict]:
                 lambda fn=fn: fn(x),
                 lambda fn=fn, own=own: torch.autograd.grad(fn(x), [x, *own], gy),
             )
-        for label, (fwd_run, both_run) in timed.items():
-            for mode, run in (("fwd", fwd_run), ("fwd+bwd", both_run)):
-                med, p20, p80 = time_wall_us(run, device, args.min_run_time)
+        for mode, index in (("fwd", 0), ("fwd+bwd", 1)):
+            timings = time_wall_us({label: runs[index] for label, runs in timed.items()}, device, args.min_run_time)
+            for label, (med, p20, p80) in timings.items():
                 rows.append(
                     dict(
                         provider=label,

@@ -55,32 +55,41 @@ def copy_bandwidth_gbs(device) -> Optional[float]:
     return 2 * (1 << 30) / (ms * 1e-3) / 1e9
 
 
-def time_wall_us(run: Callable, device, min_run_time: float) -> tuple[float, float, float]:
-    """(median, p20, p80) wall-clock microseconds per call: what a caller waits for, host path included
-    (on a GPU the calls are queued back to back and the device synchronised once per block of calls)."""
+def time_wall_us(runs: dict[str, Callable], device, min_run_time: float) -> dict[str, tuple[float, float, float]]:
+    """{label: (median, p20, p80)} wall-clock microseconds per call: what a caller waits for, host path
+    included (on a GPU the calls are queued back to back and the device synchronised once per sample).
+
+    The runs are timed interleaved, one sample of each per round for about `min_run_time` seconds per
+    run, so that a slow spell of a shared machine lands on all of them alike and their ratios hold."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        run()
-    sync()
-    n, t = 1, 0.0
-    while t < min_run_time / 20:  # calls per sample: enough to time, ~20 samples in min_run_time
-        n *= 2
+
+    def sample(run: Callable, n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
             run()
         sync()
-        t = time.perf_counter() - t0
-    samples = []
-    deadline = time.perf_counter() + min_run_time
-    while len(samples) < 7 or (time.perf_counter() < deadline and len(samples) < 200):
-        t0 = time.perf_counter()
-        for _ in range(n):
+        return time.perf_counter() - t0
+
+    calls = {}
+    for label, run in runs.items():
+        for _ in range(3):
             run()
-        sync()
-        samples.append((time.perf_counter() - t0) / n * 1e6)
-    samples.sort()
-    q = lambda f: samples[min(len(samples) - 1, int(f * len(samples)))]  # noqa: E731
-    return q(0.5), q(0.2), q(0.8)
+        n = 1
+        while sample(run, n) < min_run_time / 20:  # calls per sample: ~20 samples in min_run_time
+            n *= 2
+        calls[label] = n
+    samples: dict[str, list[float]] = {label: [] for label in runs}
+    deadline, rounds = time.perf_counter() + min_run_time * len(runs), 0
+    while rounds < 7 or (time.perf_counter() < deadline and rounds < 200):
+        for label, run in runs.items():
+            samples[label].append(sample(run, calls[label]) / calls[label] * 1e6)
+        rounds += 1
+    result = {}
+    for label, values in samples.items():
+        values.sort()
+        q = lambda f: values[min(len(values) - 1, int(f * len(values)))]  # noqa: E731
+        result[label] = (q(0.5), q(0.2), q(0.8))
+    return result
 
 
 def add_speedups(rows: list[dict], group: tuple, time_key: str = "median_ms") -> None:

@@ -62,13 +62,18 @@ BAD_INPUT = {
     "bq too long": ("bq", lambda a: torch.randn(4), ValueError, "bq must have shape"),
     "bk on meta": ("bk", lambda a: a["bk"].to("meta"), ValueError, "one device"),
     "bo too short": ("bo", lambda a: torch.randn(3), ValueError, "bo must have shape"),
+    "bq not a tensor": ("bq", lambda a: [0.0] * 3, TypeError, "bq must be a torch.Tensor"),
+    "wk a number": ("wk", lambda a: 1.0, TypeError, "wk must be a torch.Tensor"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_gets_a_clear_error(case):
+    """Also after good calls with these sizes: then "auto" and "cpu" take the hot path, which leaves
+    the checking to the C++ op (the same messages), and must name what is wrong just the same."""
     name, make_bad, exc, match = BAD_INPUT[case]
-    for backend in ["reference", "auto"]:
+    for backend in ["reference", "auto", "cpu"]:
+        call(good_args(), backend=backend)
         args = dict(zip(NAMES, good_args()))
         args[name] = make_bad(args)
         with pytest.raises(exc, match=match):

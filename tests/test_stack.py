@@ -4,6 +4,7 @@ applied block by block: values, every gradient, gradcheck, determinism, the cont
 opcheck, the module and the network."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -196,27 +197,35 @@ def test_double_backward_and_forward_mode(fused_backend):
 # --- errors: the public function and the raw ops -------------------------------------------------
 
 
-def test_bad_blocks_are_named_by_index():
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_bad_blocks_are_named_by_index(backend):
+    """After a good call, so that the hot path (the C++ op checks) is the one refusing."""
     x, params = make_stack(3, 4, 12, 3)
+    run = functools.partial(ultimus_stack, backend=backend)
+    run(x, params)
+    bad = list(params)
+    bad[0] = bad[0]._replace(wk="wk")
+    with pytest.raises(TypeError, match="ultimus: block 0: wk must be a torch.Tensor"):
+        run(x, bad)
     bad = list(params)
     bad[2] = bad[2]._replace(wq=bad[2].wq[:, :5])
     with pytest.raises(ValueError, match=r"ultimus: block 2: wq must have shape \(3, 12\)"):
-        ultimus_stack(x, bad)
+        run(x, bad)
     bad = list(params)
     bad[1] = bad[1]._replace(bo=bad[1].bo.to(torch.int32))
     with pytest.raises(TypeError, match="ultimus: block 1: bo must be a floating-point tensor"):
-        ultimus_stack(x, bad)
+        run(x, bad)
     other_width = make_stack(1, 4, 12, 5)[1][0]
     with pytest.raises(ValueError, match="block 1 has d=5 but block 0 has d=3"):
-        ultimus_stack(x, [params[0], other_width])
+        run(x, [params[0], other_width])
     with pytest.raises(TypeError, match="params must be a sequence of per-block"):
-        ultimus_stack(x, params[0].wq)
+        run(x, params[0].wq)
     with pytest.raises(TypeError, match="block 0: expected the 8 parameters"):
-        ultimus_stack(x, [params[0][:7]])
+        run(x, [params[0][:7]])
     with pytest.raises(TypeError, match="residual must be a bool"):
-        ultimus_stack(x, params, residual="yes")
+        run(x, params, residual="yes")
     with pytest.raises(ValueError, match="x must be 2-D"):
-        ultimus_stack(x[0], params)
+        run(x[0], params)
 
 
 def test_sizes_past_the_fused_limits_are_refused_and_auto_falls_back():

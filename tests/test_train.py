@@ -385,7 +385,7 @@ def test_ctrl_c_ends_with_one_line_that_says_how_to_resume(tmp_path):
             "--batch-size",
             "64",
             "--epochs",
-            "50",
+            "100000",  # never reached: the run must still be training when interrupted (50 was not enough)
             "--no-progress",
             "--workers",
             "0",
