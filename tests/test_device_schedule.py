@@ -24,7 +24,9 @@ def test_lr_and_beta1_follow_one_cycle_lr_step_by_step(case, total_steps):
     kw = dict(CASES[case])
     max_lr = float(torch.empty(()).uniform_(1e-3, 1e-1))
     ref_opt, dev_opt = adam(), adam()
-    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=max_lr, total_steps=total_steps, anneal_strategy=kw.pop("anneal"), **kw)
+    ref = torch.optim.lr_scheduler.OneCycleLR(
+        ref_opt, max_lr=max_lr, total_steps=total_steps, anneal_strategy=kw.pop("anneal"), **kw
+    )
     dev = DeviceOneCycle(dev_opt, max_lr=max_lr, total_steps=total_steps, anneal=CASES[case]["anneal"], **kw)
     for step in range(total_steps):
         ref_lr, ref_beta1 = ref_opt.param_groups[0]["lr"], ref_opt.param_groups[0]["betas"][0]
