@@ -122,9 +122,18 @@ def load_synthetic(train_size: int | None = None, test_size: int | None = None) 
 
 def normalize(images: Tensor, mean, std) -> Tensor:
     """uint8 (B, 3, 32, 32) -> float32, scaled to [0, 1] and standardised per channel."""
-    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    m, s = _channel_stats(images.device, tuple(mean), tuple(std))
     return (images.float() / 255 - m) / s
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(device: torch.device, mean: tuple, std: tuple) -> tuple[Tensor, Tensor]:
+    """The per-channel mean and std as (1, 3, 1, 1) tensors on `device`, made once: a copy from the host
+    per batch is a synchronising transfer on a GPU, and cannot be captured in a CUDA graph."""
+    return (
+        torch.tensor(mean, device=device).view(1, 3, 1, 1),
+        torch.tensor(std, device=device).view(1, 3, 1, 1),
+    )
 
 
 # train.py --augment: each name's `augment` arguments (None: the batch is used as it is).

@@ -119,50 +119,71 @@ class TrainingDiverged(RuntimeError):
 CHECK_EVERY = 20  # steps between looks at the device-side sums (progress bar, divergence): no sync per step
 
 
+@dataclass
+class StepState:
+    """What a training step updates besides the model and the optimiser, all on the device and updated
+    in place, so that the step has no host synchronisation and can be captured as a CUDA graph and
+    replayed: its index in the epoch, the first step whose loss was not finite (-1: none yet), and the
+    epoch's sums (loss, correct, count)."""
+
+    index: torch.Tensor
+    first_bad: torch.Tensor
+    stats: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device) -> "StepState":
+        return cls(
+            index=torch.zeros((), dtype=torch.int64, device=device),
+            first_bad=torch.full((), -1, dtype=torch.int64, device=device),
+            stats=torch.zeros(3, dtype=torch.float64, device=device),
+        )
+
+
+def train_step(ctx: RunContext, images, labels, gen, state: StepState, augment, amp_dtype) -> None:
+    """One optimisation step on a batch of uint8 images: augment, forward, loss, backward, optimiser and
+    schedule step, the running sums. Device work only (no .item(), no tensor made from a host value),
+    so the eager loop and a captured CUDA graph run the same code."""
+    data, device = ctx.data, ctx.device
+    x = augment(normalize(images, data.mean, data.std), gen)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = ctx.model(x)
+        loss = F.cross_entropy(logits.float(), labels)
+    ctx.opt.zero_grad(set_to_none=True)
+    ctx.scaler.scale(loss).backward()
+    ctx.scaler.step(ctx.opt)
+    ctx.scaler.update()
+    ctx.sched.step()
+    with torch.no_grad():
+        loss = loss.detach()
+        state.first_bad.copy_(torch.where((state.first_bad < 0) & ~torch.isfinite(loss), state.index, state.first_bad))
+        count = torch.full((), len(labels), dtype=torch.float64, device=device)
+        state.stats += torch.stack([loss.double() * count, (logits.argmax(1) == labels).sum().double(), count])
+        state.index += 1
+
+
 def train_epoch(ctx: RunContext, epoch: int, bar) -> tuple[float, float]:
     """One epoch of training; returns (mean loss, accuracy) over every process's samples."""
     args, data, device, rank = ctx.args, ctx.data, ctx.device, ctx.rank
-    model, opt, sched, scaler = ctx.model, ctx.opt, ctx.sched, ctx.scaler
-    model.train()
+    ctx.model.train()
     torch.manual_seed(args.seed * 100_003 + epoch * 1009 + rank)  # dropout: reseeded per epoch
     gen = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    # The first step whose loss was not finite (-1: none yet), tracked on the device.
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    state = StepState.zeros(device)
     lrs = []
     augment = augmentation(args.augment)
     idx = epoch_indices(len(data.train.labels), epoch, args, rank, ctx.world)
     step = -1
     for step, (images, labels) in enumerate(batches(data.train, idx, args.batch_size, device, args.workers)):
-        x = augment(normalize(images, data.mean, data.std), gen)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        lrs.append(sched.get_last_lr()[0])
-        sched.step()
-        with torch.no_grad():
-            loss = loss.detach()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            stats += torch.stack(
-                [
-                    loss.double() * len(labels),
-                    (logits.argmax(1) == labels).sum().double(),
-                    torch.tensor(len(labels), dtype=torch.float64, device=device),
-                ]
-            )
+        lrs.append(ctx.sched.get_last_lr()[0])
+        train_step(ctx, images, labels, gen, state, augment, amp_dtype)
         bar.update(1)
         if step % CHECK_EVERY == 0:
-            _stop_if_diverged(first_bad, epoch, lrs)
+            _stop_if_diverged(state.first_bad, epoch, lrs)
             if not bar.disable:
-                s = stats.tolist()
+                s = state.stats.tolist()
                 bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{100 * s[1] / s[2]:.1f}%", lr=f"{lrs[-1]:.2e}")
-    _stop_if_diverged(first_bad, epoch, lrs)
-    s = all_reduce_sum(stats).tolist()
+    _stop_if_diverged(state.first_bad, epoch, lrs)
+    s = all_reduce_sum(state.stats).tolist()
     return s[0] / s[2], s[1] / s[2]
 
 
