@@ -251,6 +251,8 @@ def _build(ctx: RunContext, checkpoint: Optional[dict], out: Path, say):
         say(f"LR range test ({args.lr_find_pick}): max lr {pick:.3e}  (plot: {out / 'lr_find.png'})")
     args.max_lr = max_lr = DEFAULT_MAX_LR if args.max_lr is None else args.max_lr
 
+    if getattr(args, "cuda_graph", False) and ctx.world > 1:
+        raise SystemExit("error: --cuda-graph does not run under torchrun (one graph per process is not built yet)")
     model = torch.nn.parallel.DistributedDataParallel(net) if ctx.world > 1 else net
     ctx.model = torch.compile(model) if args.compile else model
     ctx.opt = make_optimizer(args, net.parameters(), lr=max_lr / args.div_factor)

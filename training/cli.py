@@ -176,6 +176,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help=f"dropout after each convolution, in [0, 1) ({_default('conv_dropout')})",
     )
     m.add_argument("--compile", action="store_true", help="torch.compile the model")
+    m.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="on a GPU, replay the whole training step (augmentation, forward, loss, backward, Adam, the "
+        "schedule, the running sums) as a CUDA graph after 3 eager warm-up steps; the schedule is computed on "
+        "the device and Adam is capturable. An epoch's last, smaller batch runs eagerly. Not with --amp fp16, "
+        "--compile, SGD or torchrun (experimental: not yet measured on a GPU)",
+    )
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=POSITIVE_INT, default=None, help=f"epochs ({_default('epochs')})")
     o.add_argument(
@@ -348,6 +356,17 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     if not args.resume:  # a resumed run takes its settings from its checkpoint
         resolve(args, parser)
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if getattr(args, "cuda_graph", False):
+        if args.amp == "fp16":
+            parser.error("--cuda-graph: --amp fp16's loss scaler reads the gradients on the host every step; use bf16")
+        if args.compile:
+            parser.error(
+                "--cuda-graph and --compile: give one (torch.compile has its own graphs: mode reduce-overhead)"
+            )
+        if args.optimizer == "sgd":
+            parser.error("--cuda-graph replays Adam (capturable); it does not support --optimizer sgd")
+        if torch.device(device).type != "cuda":
+            parser.error("--cuda-graph needs a CUDA device")
     if args.amp != "off" and device.type != "cuda":
         parser.error("--amp needs a CUDA device")
     if args.stop_after_epoch is not None and not args.resume and args.stop_after_epoch > args.epochs:

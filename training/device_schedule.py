@@ -120,13 +120,22 @@ class DeviceOneCycle:
         self.step_count += 1
         self._write(self.step_count)
 
-    def get_last_lr(self) -> list[Tensor]:
-        """The learning rate the last optimiser step used, as OneCycleLR's get_last_lr (tensors here)."""
-        return [group["lr"] for group in self.opt.param_groups]
+    def get_last_lr(self) -> list[float]:
+        """The learning rate the next optimiser step uses, as OneCycleLR's get_last_lr (a host sync: for
+        reports, not for the step)."""
+        return [float(group["lr"]) for group in self.opt.param_groups]
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step `step` of the run (a host sync: for reports)."""
+        return float(self.values(step)[0])
 
     def state_dict(self) -> dict:
-        return {"step_count": int(self.step_count)}
+        return {"step_count": int(self.step_count), "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("total_steps", self.total_steps) != self.total_steps:
+            raise ValueError(
+                f"DeviceOneCycle: the saved schedule has {state['total_steps']} steps, this one {self.total_steps}"
+            )
         self.step_count.fill_(int(state["step_count"]))
         self._write(self.step_count)

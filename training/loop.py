@@ -29,6 +29,7 @@ class RunContext:
     opt: Any = None
     sched: Any = None
     scaler: Any = None
+    graphed: Any = None  # --cuda-graph: (GraphedTrainStep, its StepState, its generator), made once
 
     @property
     def main_process(self) -> bool:
@@ -162,43 +163,65 @@ def train_step(ctx: RunContext, images, labels, gen, state: StepState, augment, 
 
 
 def train_epoch(ctx: RunContext, epoch: int, bar) -> tuple[float, float]:
-    """One epoch of training; returns (mean loss, accuracy) over every process's samples."""
+    """One epoch of training; returns (mean loss, accuracy) over every process's samples. With
+    --cuda-graph the step is replayed as a CUDA graph (training/cuda_graph.py)."""
     args, data, device, rank = ctx.args, ctx.data, ctx.device, ctx.rank
     ctx.model.train()
-    torch.manual_seed(args.seed * 100_003 + epoch * 1009 + rank)  # dropout: reseeded per epoch
-    gen = torch.Generator(device=device).manual_seed(args.seed * 100_003 + epoch * 1009 + rank)
+    seed = args.seed * 100_003 + epoch * 1009 + rank
+    torch.manual_seed(seed)  # dropout: reseeded per epoch
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    state = StepState.zeros(device)
-    lrs = []
     augment = augmentation(args.augment)
+    if getattr(args, "cuda_graph", False):  # (absent from the settings of runs saved before it existed)
+        # One graph for the whole run: its state and generator are made once and reset in place.
+        if ctx.graphed is None:
+            from .cuda_graph import GraphedTrainStep
+
+            state, gen = StepState.zeros(device), torch.Generator(device=device)
+            step = GraphedTrainStep(lambda i, t: train_step(ctx, i, t, gen, state, augment, amp_dtype), gen)
+            ctx.graphed = step, state, gen
+        run_step, state, gen = ctx.graphed
+        state.index.zero_(), state.first_bad.fill_(-1), state.stats.zero_()
+        gen.manual_seed(seed)
+        first_step = int(ctx.sched.step_count)
+        lr_of = lambda i: ctx.sched.lr_at(first_step + i)  # noqa: E731
+    else:
+        state, gen = StepState.zeros(device), torch.Generator(device=device).manual_seed(seed)
+        lrs = []
+
+        def run_step(images, labels):
+            lrs.append(ctx.sched.get_last_lr()[0])  # the lr this step uses
+            train_step(ctx, images, labels, gen, state, augment, amp_dtype)
+
+        lr_of = lrs.__getitem__
     idx = epoch_indices(len(data.train.labels), epoch, args, rank, ctx.world)
-    step = -1
+    steps = 0
     for step, (images, labels) in enumerate(batches(data.train, idx, args.batch_size, device, args.workers)):
-        lrs.append(ctx.sched.get_last_lr()[0])
-        train_step(ctx, images, labels, gen, state, augment, amp_dtype)
+        run_step(images, labels)
+        steps = step + 1
         bar.update(1)
         if step % CHECK_EVERY == 0:
-            _stop_if_diverged(state.first_bad, epoch, lrs)
+            _stop_if_diverged(state.first_bad, epoch, steps, lr_of)
             if not bar.disable:
                 s = state.stats.tolist()
-                bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{100 * s[1] / s[2]:.1f}%", lr=f"{lrs[-1]:.2e}")
-    _stop_if_diverged(state.first_bad, epoch, lrs)
-    s = all_reduce_sum(state.stats).tolist()
+                bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", acc=f"{100 * s[1] / s[2]:.1f}%", lr=f"{lr_of(step):.2e}")
+    _stop_if_diverged(state.first_bad, epoch, steps, lr_of)
+    s = all_reduce_sum(state.stats.clone()).tolist()
     return s[0] / s[2], s[1] / s[2]
 
 
-def _stop_if_diverged(first_bad: torch.Tensor, epoch: int, lrs: list) -> None:
+def _stop_if_diverged(first_bad: torch.Tensor, epoch: int, steps: int, lr_of) -> None:
     """Raise TrainingDiverged if any process has seen a non-finite loss (every process checks at the
-    same steps, so under DDP they stop together)."""
+    same steps, so under DDP they stop together). `steps`: the steps run so far this epoch; `lr_of`:
+    step -> its learning rate."""
     bad = first_bad.clone()
     if dist.is_initialized():
         flag = (bad >= 0).to(torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and bad.item() < 0:
-            bad.fill_(len(lrs) - 1)  # another process diverged: this one stops at the same point
+            bad.fill_(steps - 1)  # another process diverged: this one stops at the same point
     step = int(bad.item())
     if step >= 0:
-        raise TrainingDiverged(epoch, step + 1, lrs[step])
+        raise TrainingDiverged(epoch, step + 1, lr_of(step))
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .cli import DEFAULTS
+from .device_schedule import DeviceOneCycle
 
 ONE_CYCLE_FLAGS = ("pct_start", "div_factor", "final_div_factor", "anneal", "three_phase")
 
@@ -13,11 +14,27 @@ ONE_CYCLE_FLAGS = ("pct_start", "div_factor", "final_div_factor", "anneal", "thr
 def make_optimizer(args, params, lr: float) -> torch.optim.Optimizer:
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=args.weight_decay)
+    # --cuda-graph: the step is replayed as a graph, so Adam keeps its step count on the device.
+    capturable = bool(getattr(args, "cuda_graph", False))
+    return torch.optim.Adam(params, lr=lr, weight_decay=args.weight_decay, capturable=capturable)
 
 
 def make_schedule(args, opt: torch.optim.Optimizer, max_lr: float, steps_per_epoch: int):
-    """OneCycleLR over the whole run (stepped once per batch), or a constant learning rate."""
+    """OneCycleLR over the whole run (stepped once per batch), or a constant learning rate; with
+    --cuda-graph the same schedule computed on the device (DeviceOneCycle)."""
+    if getattr(args, "cuda_graph", False):
+        return DeviceOneCycle(
+            opt,
+            max_lr=max_lr,
+            total_steps=args.epochs * steps_per_epoch,
+            pct_start=args.pct_start,
+            anneal=args.anneal,
+            div_factor=args.div_factor,
+            final_div_factor=args.final_div_factor,
+            three_phase=args.three_phase,
+            cycle_momentum=args.optimizer == "adam",
+            constant=args.schedule == "constant",
+        )
     if args.schedule == "constant":
         for group in opt.param_groups:
             group["lr"] = max_lr
