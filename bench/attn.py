@@ -278,11 +278,15 @@ def model_sweep(args, device) -> list[dict]:
     for B in args.model_batch_sizes:
         images = torch.randn(B, 3, 32, 32, device=device)
         labels = torch.randint(0, 10, (B,), device=device)
-        for prov in providers:
+        # On a GPU each fused backend's step is also timed replayed as a CUDA graph ("<backend>+graph").
+        graphed = [(prov, False) for prov in providers] + [
+            (prov, True) for prov in providers if device.type == "cuda" and prov in FUSED
+        ]
+        for prov, as_graph in graphed:
             torch._dynamo.reset()  # a fresh compile per (B, provider); see sweep()
             torch.manual_seed(0)
             net = UltimusNet(backend="reference" if prov.startswith("compile") else prov).to(device)
-            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3, capturable=as_graph)
             step_net = torch.compile(net) if prov.startswith("compile") else net
 
             def step():
@@ -291,12 +295,36 @@ def model_sweep(args, device) -> list[dict]:
                 opt.step()
 
             step()
-            med, p20, p80 = time_run(step, device, args)
+            run = graph_of(step) if as_graph else step
+            med, p20, p80 = time_run(run, device, args)
             rows.append(
-                dict(provider=prov, mode="train-step", B=B, dtype="float32", median_ms=med, p20_ms=p20, p80_ms=p80)
+                dict(
+                    provider=prov + ("+graph" if as_graph else ""),
+                    mode="train-step",
+                    B=B,
+                    dtype="float32",
+                    median_ms=med,
+                    p20_ms=p20,
+                    p80_ms=p80,
+                )
             )
     add_speedups(rows, ("B",))
     return rows
+
+
+def graph_of(step: Callable) -> Callable:
+    """`step` captured as a CUDA graph (PyTorch's whole-network recipe: warm-up on a side stream, then
+    capture); returns the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 #   stack  bench/attn.py --stack 4: the fused stack of 4 blocks against 4 single fused calls
 #   model  bench/attn.py --model: one UltimusNet training step per backend
 #   overhead  bench/attn.py --overhead: us per call of each autograd boundary at B = 1 and 128
-#   train  train.py epochs on --dataset synthetic at CIFAR-10's sizes, per backend
+#   train  train.py epochs on --dataset synthetic at CIFAR-10's sizes, per backend (and --cuda-graph)
+#   graph  train.py --cuda-graph against eager: 24 epochs each, the issue-13 run (history.json kept)
 # Results go to $OUT (default bench/results/latest/).   Example:
 #   BENCH_ARGS="--batch-sizes 128,4096,1048576" bash bench/gpu_session.sh test bench model train
 set -uo pipefail
@@ -43,11 +44,20 @@ for what in "$@"; do
     overhead)
       timeout 300 $py bench/attn.py --overhead --no-progress --json "$out/overhead.json" 2>&1 | tee "$out/overhead.txt" ;;
     train)
-      for cfg in "reference" "triton" "cuda" "cuda --amp bf16"; do
+      for cfg in "reference" "triton" "cuda" "cuda --amp bf16" "cuda --cuda-graph"; do
         echo "== train.py --backend $cfg"
         run_dir="$(mktemp -d)/run"  # a fresh folder per run: train.py refuses one that holds a run
         timeout 100 $py train.py --dataset synthetic --epochs 2 --no-progress --backend $cfg --out "$run_dir" \
           2>&1 | grep -E "epoch|UltimusNet|error" ;
       done 2>&1 | tee "$out/train.txt" ;;
+    graph)
+      for cfg in "--cuda-graph" ""; do
+        run_dir="$out/train24${cfg:+-graph}"
+        rm -rf "$run_dir"
+        start=$(date +%s)
+        timeout 280 $py train.py --dataset synthetic --backend cuda $cfg --no-progress --out "$run_dir" \
+          2>&1 | grep -E "epoch|UltimusNet|error|done|warn" ;
+        echo "== train.py --backend cuda $cfg: $(( $(date +%s) - start )) s wall, 24 epochs"
+      done 2>&1 | tee "$out/graph.txt" ;;
   esac
 done
