@@ -22,36 +22,24 @@ def make_optimizer(args, params, lr: float) -> torch.optim.Optimizer:
 def make_schedule(args, opt: torch.optim.Optimizer, max_lr: float, steps_per_epoch: int):
     """OneCycleLR over the whole run (stepped once per batch), or a constant learning rate; with
     --cuda-graph the same schedule computed on the device (DeviceOneCycle)."""
-    if getattr(args, "cuda_graph", False):
-        return DeviceOneCycle(
-            opt,
-            max_lr=max_lr,
-            total_steps=args.epochs * steps_per_epoch,
-            pct_start=args.pct_start,
-            anneal=args.anneal,
-            div_factor=args.div_factor,
-            final_div_factor=args.final_div_factor,
-            three_phase=args.three_phase,
-            cycle_momentum=args.optimizer == "adam",
-            constant=args.schedule == "constant",
-        )
-    if args.schedule == "constant":
-        for group in opt.param_groups:
-            group["lr"] = max_lr
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt,
+    one_cycle = dict(
         max_lr=max_lr,
-        epochs=args.epochs,
-        steps_per_epoch=steps_per_epoch,
         pct_start=args.pct_start,
-        anneal_strategy=args.anneal,
         div_factor=args.div_factor,
         final_div_factor=args.final_div_factor,
         three_phase=args.three_phase,
         # Adam's beta1 is cycled (0.95 -> 0.85 -> 0.95) as it always was here; SGD keeps --momentum.
         cycle_momentum=args.optimizer == "adam",
     )
+    total_steps = args.epochs * steps_per_epoch
+    if getattr(args, "cuda_graph", False):
+        constant = args.schedule == "constant"
+        return DeviceOneCycle(opt, total_steps=total_steps, anneal=args.anneal, constant=constant, **one_cycle)
+    if args.schedule == "constant":
+        for group in opt.param_groups:
+            group["lr"] = max_lr
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, total_steps=total_steps, anneal_strategy=args.anneal, **one_cycle)
 
 
 def describe(args) -> str:
