@@ -61,7 +61,7 @@ def test_adam_with_the_device_schedule_matches_adam_with_one_cycle_lr(device):
     grads = [torch.randn(20, device=device) for _ in range(30)]
     ref_w, dev_w = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
     ref_opt = torch.optim.Adam([ref_w], lr=1e-3)
-    dev_opt = torch.optim.Adam([dev_w], lr=1e-3, capturable=device == "cuda", foreach=device == "cuda")
+    dev_opt = torch.optim.Adam([dev_w], lr=1e-3, capturable=device == "cuda", foreach=False)  # as train.py's
     ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.05, total_steps=len(grads))
     dev = DeviceOneCycle(dev_opt, max_lr=0.05, total_steps=len(grads))
     for g in grads:

@@ -6,8 +6,8 @@ step (`loop.train_step`) is written for it: every counter it updates is a device
 place, and it makes no tensor from a host value. What else a replayed step needs, and where it is:
 
 - the learning rate and Adam's beta1 computed on the device (training/device_schedule.py), read by
-  `Adam(capturable=True)` from tensors (a Python float written into a param group would be frozen at
-  its capture-time value);
+  `Adam(capturable=True, foreach=False)` from tensors (a Python float written into a param group would
+  be frozen at its capture-time value; foreach Adam reads a tensor beta1 back to the host);
 - the same input tensors at every replay: each batch is copied into the graph's own;
 - the augmentation's generator registered with the graph, so each replay draws fresh numbers (the
   default generator, which dropout uses, is registered by PyTorch itself);

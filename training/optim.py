@@ -14,9 +14,12 @@ ONE_CYCLE_FLAGS = ("pct_start", "div_factor", "final_div_factor", "anneal", "thr
 def make_optimizer(args, params, lr: float) -> torch.optim.Optimizer:
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    # --cuda-graph: the step is replayed as a graph, so Adam keeps its step count on the device.
-    capturable = bool(getattr(args, "cuda_graph", False))
-    return torch.optim.Adam(params, lr=lr, weight_decay=args.weight_decay, capturable=capturable)
+    if getattr(args, "cuda_graph", False):
+        # The step is replayed as a graph: Adam keeps its step count on the device (capturable) and reads
+        # lr and beta1 from the schedule's tensors. Per tensor, not foreach: foreach Adam turns a tensor
+        # beta1 into a host number (a sync, which cannot be captured); per tensor it stays a tensor.
+        return torch.optim.Adam(params, lr=lr, weight_decay=args.weight_decay, capturable=True, foreach=False)
+    return torch.optim.Adam(params, lr=lr, weight_decay=args.weight_decay)
 
 
 def make_schedule(args, opt: torch.optim.Optimizer, max_lr: float, steps_per_epoch: int):
