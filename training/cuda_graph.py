@@ -41,10 +41,6 @@ class GraphedTrainStep:
         self.calls = 0
         self.failed = False
 
-    @property
-    def captured(self) -> bool:
-        return self.graph is not None
-
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.calls += 1
         if self.graph is not None and images.shape == self.images.shape and labels.shape == self.labels.shape:

@@ -82,11 +82,6 @@ def available_backends(device: DeviceLike = None) -> list[str]:
 # (backend, device, D, d) -> concrete backend; only successful resolutions are cached (errors are
 # not on the hot path, and are raised afresh every time).
 _resolved: dict[tuple, str] = {}
-# The same keys -> the FusedOps of a C++ backend (cpu, cuda). Its ops check every input themselves,
-# with check_inputs's messages word for word, so a call that finds its key here skips the Python
-# check (a few us per block, as much as the CPU kernel at B = 1) and goes straight to the op; the
-# Python check then runs only to name what the op refused in its own terms (not a tensor, say).
-_native: dict[tuple, object] = {}
 
 
 def resolve_backend(backend: str, device: torch.device, D: int, d: int) -> str:
@@ -156,8 +151,6 @@ def ultimus(
         return ultimus_reference(x, wq, bq, wk, bk, wv, bv, wo, bo, residual=residual)
     # The cheapest autograd boundary that supports what is being asked (see ops/autograd.py).
     ops = FUSED_OPS[name]
-    if ops.native_autograd and not compiling:
-        _native[(backend, x.device, D, d)] = ops
     if compiling:  # torch.compile traces the op and its registered autograd
         return ops.fwd(x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
     if torch._C._are_functorch_transforms_active():
@@ -168,11 +161,16 @@ def ultimus(
 
 
 def _native_ops(backend: str, x, wq):
-    """The C++ backend's ops that `backend` resolved to before for x's device and sizes, else None."""
+    """The hot path's ops: those of a C++ backend (cpu, cuda) that `backend` has already resolved to for
+    x's device and sizes, else None. The C++ ops check every input themselves, with check_inputs's
+    messages word for word, so such a call skips the Python check (a few us per block, as much as the
+    CPU kernel at B = 1); the Python check runs only to name what the op refused in its own terms (an
+    argument that is not a tensor, say)."""
     try:
-        return _native.get((backend, x.device, x.shape[1], wq.shape[0]))
+        ops = FUSED_OPS.get(_resolved.get((backend, x.device, x.shape[1], wq.shape[0])))
     except (AttributeError, IndexError, TypeError):  # not tensors, or x or wq of too few dimensions
         return None
+    return ops if ops is not None and ops.native_autograd else None
 
 
 def ultimus_stack(x: Tensor, params, *, residual: bool = True, backend: str = "auto") -> Tensor:
@@ -187,7 +185,7 @@ def ultimus_stack(x: Tensor, params, *, residual: bool = True, backend: str = "a
     check_residual(residual)
     compiling = torch.compiler.is_compiling()
     if not compiling and forward_ad._current_level < 0 and not torch._C._are_functorch_transforms_active():
-        # The hot path (see _native): every block's eight tensors, biases included, to a C++ stack op.
+        # The hot path (see _native_ops): every block's eight tensors, biases included, to a C++ stack op.
         ops = _native_ops(backend, x, params[0][0]) if isinstance(params, (list, tuple)) and params else None
         if ops is not None and all(isinstance(b, (list, tuple)) and len(b) == 8 for b in params):
             flat = [t for block in params for t in block]
@@ -214,8 +212,6 @@ def ultimus_stack(x: Tensor, params, *, residual: bool = True, backend: str = "a
     ops = FUSED_OPS[name]
     if compiling:
         return ops.stack_fwd(x, flat, bias, residual)
-    if ops.native_autograd and not compiling:
-        _native[(backend, x.device, D, d)] = ops
     if torch._C._are_functorch_transforms_active():  # torch.func: block by block, through their rules
         for block in unflatten_stack(flat, bias):
             x = ultimus(x, *block, residual=residual, backend=name)
