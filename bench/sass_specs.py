@@ -37,38 +37,31 @@ def sass_stats_specs(ctx) -> list:
         config = f"BLOCK_B={BLOCK_B} BLOCK_DIM={BLOCK_DIM} BLOCK_ATT={BLOCK_ATT} num_warps={num_warps}"
         weights = ("wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "wo_ptr", "bo_ptr")
 
-        # forward: see ultimus_triton_fwd
-        grid = cdiv(B, BLOCK_B)
+        # forward: see ultimus_triton_fwd (one sample per thread, D and d compile-time constants)
+        rows = ut._rows_config(B, D, d)
+        rows_kwargs = dict(ACC=acc, EXACT_EXP=False, EXP2=dt != torch.float64, D=D, d=d, WIDTH=rows["WIDTH"])
+        rows_kwargs["BLOCK_B"] = rows["BLOCK_B"]
+        fwd_grid = cdiv(B, rows["BLOCK_B"])
+        rows_config = f"BLOCK_B={rows['BLOCK_B']} WIDTH={rows['WIDTH']} num_warps={rows['num_warps']}"
         specs.append(
             dict(
                 kind="triton",
                 name=f"triton fwd {dtype_name}",
                 fn=ut.ultimus_fwd_kernel,
-                args=[x, y, w, b, w, b, w, b, wo, bo, B, D, d, D, 1],
-                kwargs=dict(
-                    HAS_BQ=True,
-                    HAS_BK=True,
-                    HAS_BV=True,
-                    HAS_BO=True,
-                    RESIDUAL=True,
-                    ACC=acc,
-                    EXACT_EXP=False,
-                    BLOCK_B=BLOCK_B,
-                    BLOCK_DIM=BLOCK_DIM,
-                    BLOCK_ATT=BLOCK_ATT,
-                ),
-                options=dict(num_warps=num_warps),
+                args=[x, y, w, b, w, b, w, b, wo, bo, B, D, 1],
+                kwargs=dict(HAS_BQ=True, HAS_BK=True, HAS_BV=True, HAS_BO=True, RESIDUAL=True, **rows_kwargs),
+                options=dict(num_warps=rows["num_warps"]),
                 roles={"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **{n: ("weight", es) for n in weights}},
-                values=lambda tiles: dict(B=B, D=D, d=d, stride_xb=D),
-                grid=grid,
-                grid_emu=lambda tiles, g=grid: g,
-                samples_per_tile=BLOCK_B,
+                values=lambda tiles: dict(B=B, stride_xb=D),
+                grid=fwd_grid,
+                grid_emu=lambda tiles, g=fwd_grid: g,
+                samples_per_tile=rows["BLOCK_B"],
                 persistent=False,
-                tiles_real=grid,
+                tiles_real=fwd_grid,
                 B=B,
                 dram_bytes_per_sample=2 * D * es,
                 bench=("triton", "fwd", dtype_name),
-                config=config + " num_stages=default",
+                config=rows_config,
             )
         )
 
@@ -135,28 +128,20 @@ def sass_stats_specs(ctx) -> list:
                 kind="triton",
                 name=f"triton stack fwd L={L} {dtype_name}",
                 fn=ut.ultimus_stack_fwd_kernel,
-                args=[x, y, packed, B, D, d, L, D, 1, num_params],
-                kwargs=dict(
-                    HAS_BIAS=True,
-                    RESIDUAL=True,
-                    ACC=acc,
-                    EXACT_EXP=False,
-                    BLOCK_B=BLOCK_B,
-                    BLOCK_DIM=BLOCK_DIM,
-                    BLOCK_ATT=BLOCK_ATT,
-                ),
-                options=dict(num_warps=num_warps),
-                roles={"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **stack_weights},
-                values=lambda tiles, L=L: dict(B=B, D=D, d=d, L=L, stride_xb=D, NUM_PARAMS=num_params),
-                grid=grid,
-                grid_emu=lambda tiles, g=grid: g,
-                samples_per_tile=BLOCK_B,
+                args=[x, y if dt == packed.dtype else packed, y, packed, B, L, D, 1],
+                kwargs=dict(HAS_BIAS=True, RESIDUAL=True, H_IS_Y=dt == packed.dtype, **rows_kwargs),
+                options=dict(num_warps=rows["num_warps"]),
+                roles={"x_ptr": ("act_in", es), "h_ptr": ("act_out", es), "y_ptr": ("act_out", es), **stack_weights},
+                values=lambda tiles, L=L: dict(B=B, L=L, stride_xb=D),
+                grid=fwd_grid,
+                grid_emu=lambda tiles, g=fwd_grid: g,
+                samples_per_tile=rows["BLOCK_B"],
                 persistent=False,
-                tiles_real=grid,
+                tiles_real=fwd_grid,
                 B=B,
                 dram_bytes_per_sample=2 * D * es,
                 bench=("triton-stack", "fwd", dtype_name),
-                config=config + f" L={L}",
+                config=rows_config + f" L={L}",
             )
         )
         stack_partials = t(P, L * num_params, dtype=partials.dtype)

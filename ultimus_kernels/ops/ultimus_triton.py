@@ -66,6 +66,218 @@ def _attn_scale(d, ACC: tl.constexpr):
     return 1.0 / tl.sqrt(d.to(ACC))
 
 
+# ------------------------------------------------------------------------------------------------
+# The forward: one sample per thread
+# ------------------------------------------------------------------------------------------------
+# Each thread owns whole rows (samples). x arrives as (BLOCK_B, WIDTH) vector loads, one row per thread,
+# split into WIDTH column vectors of shape (BLOCK_B,) without moving data; q, k, v, the attention and z
+# are d-tuples of such vectors. The block is then elementwise FMAs: no shuffles, no shared memory, no
+# padding of D to a power of two or of d to tl.dot's 16 (the tile kernels below pay all three: the
+# offline SASS analysis put them at ~490 warp-instructions per sample, these at ~100). Every weight is a
+# scalar load, one per warp for 32 * SAMPLES_PER_THREAD samples, served by L1. D and d are compile-time
+# constants: the d-loops unroll, the D-loop stays a loop over WIDTH columns (short code, quick compiles).
+
+
+@triton.jit
+def _split_columns(tile, WIDTH: tl.constexpr):
+    """(BLOCK_B, WIDTH), WIDTH in {1, 2, 4} -> a tuple of its WIDTH columns, each (BLOCK_B,)."""
+    if WIDTH == 1:
+        return (tl.reshape(tile, (tile.shape[0],)),)
+    elif WIDTH == 2:
+        c0, c1 = tl.split(tile)
+        return (c0, c1)
+    else:
+        even, odd = tl.split(tl.reshape(tile, (tile.shape[0], 2, 2)))  # even = columns 0, 2; odd = 1, 3
+        c0, c2 = tl.split(even)
+        c1, c3 = tl.split(odd)
+        return (c0, c1, c2, c3)
+
+
+@triton.jit
+def _join_columns(cols, WIDTH: tl.constexpr):
+    """The inverse of _split_columns."""
+    if WIDTH == 1:
+        return tl.reshape(cols[0], (cols[0].shape[0], 1))
+    elif WIDTH == 2:
+        return tl.join(cols[0], cols[1])
+    else:
+        return tl.reshape(tl.join(tl.join(cols[0], cols[2]), tl.join(cols[1], cols[3])), (cols[0].shape[0], 4))
+
+
+@triton.jit
+def _load_columns(row_ptrs, c, stride_d, row_ok, ACC: tl.constexpr, WIDTH: tl.constexpr):
+    """Columns c .. c + WIDTH - 1 of the rows at row_ptrs: one vector load per row when stride_d is 1."""
+    offs = c + tl.arange(0, WIDTH)
+    tile = tl.load(row_ptrs[:, None] + offs[None, :] * stride_d, mask=row_ok[:, None], other=0.0)
+    return _split_columns(tile.to(ACC), WIDTH)
+
+
+@triton.jit
+def _bias_or_zeros(b_ptr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, d: tl.constexpr, BLOCK_B: tl.constexpr):
+    out = ()
+    for i in tl.static_range(d):
+        if HAS_BIAS:
+            out = out + (tl.full((BLOCK_B,), 0.0, ACC) + tl.load(b_ptr + i).to(ACC),)
+        else:
+            out = out + (tl.full((BLOCK_B,), 0.0, ACC),)
+    return out
+
+
+@triton.jit
+def _add_columns_times_w(acc, cols, w_ptr, c, ACC: tl.constexpr, D: tl.constexpr, d: tl.constexpr, WIDTH: tl.constexpr):
+    """acc[i] += sum_t cols[t] * W[i, c + t] for W in (d, D) nn.Linear layout."""
+    out = ()
+    for i in tl.static_range(d):
+        a = acc[i]
+        for t in tl.static_range(WIDTH):
+            a += cols[t] * tl.load(w_ptr + i * D + c + t).to(ACC)
+        out = out + (a,)
+    return out
+
+
+@triton.jit
+def _attend_rows(q, k, v, scale, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, d: tl.constexpr):
+    """z[j] = sum_i v[i] softmax_j(s q[i] k[j]) for d-tuples of (BLOCK_B,) vectors, as in _attention: the
+    exponent is s q_i (k_j - k_ext), k_ext = max_j k_j where q_i >= 0 else min_j k_j, so it is <= 0 and
+    exactly 0 at the row's largest entry, and the row maximum costs O(d)."""
+    k_max = k[0]
+    k_min = k[0]
+    for j in tl.static_range(1, d):
+        k_max = tl.maximum(k_max, k[j])
+        k_min = tl.minimum(k_min, k[j])
+    below_max = ()
+    above_min = ()
+    z = ()
+    for j in tl.static_range(d):
+        below_max = below_max + (k[j] - k_max,)
+        above_min = above_min + (k[j] - k_min,)
+        z = z + (tl.zeros_like(k[j]),)
+    for i in tl.static_range(d):
+        if EXP2:  # float32: exp(t) = exp2(t log2(e)), log2(e) folded into the scale (0 stays exactly 0)
+            sq = (scale * 1.4426950408889634) * q[i]
+        else:
+            sq = scale * q[i]
+        p = ()
+        total = tl.zeros_like(sq)
+        for j in tl.static_range(d):
+            # sq = 0: the logit is 0 * k_j (k_j - k_ext may overflow for |k| near the dtype's limit)
+            dk = tl.where(sq >= 0, tl.where(sq == 0, k[j], below_max[j]), above_min[j])
+            if EXACT_EXP:  # float64 on a GPU: libdevice's exp
+                pj = libdevice.exp(sq * dk)
+            elif EXP2:
+                pj = tl.exp2(sq * dk)
+            else:
+                pj = tl.exp(sq * dk)
+            total += pj
+            p = p + (pj,)
+        weight = v[i] / total
+        new_z = ()
+        for j in tl.static_range(d):
+            new_z = new_z + (z[j] + weight * p[j],)
+        z = new_z
+    return z
+
+
+@triton.jit
+def _block_forward_rows(
+    src_rows, src_stride_d, dst_rows, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, scale,
+    HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr, RESIDUAL: tl.constexpr,
+    ACC: tl.constexpr, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, D: tl.constexpr, d: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """One block for the rows of a tile: reads each input row at src_rows (once for q, k, v, again chunk by
+    chunk for the residual, from L1), writes each output row at dst_rows (contiguous). dst may be src: a
+    thread reads a chunk of its own row before it writes that chunk."""
+    q = _bias_or_zeros(bq_ptr, HAS_BQ, ACC, d, BLOCK_B)
+    k = _bias_or_zeros(bk_ptr, HAS_BK, ACC, d, BLOCK_B)
+    v = _bias_or_zeros(bv_ptr, HAS_BV, ACC, d, BLOCK_B)
+    for c in tl.range(0, D, WIDTH):
+        cols = _load_columns(src_rows, c, src_stride_d, row_ok, ACC, WIDTH)
+        q = _add_columns_times_w(q, cols, wq_ptr, c, ACC, D, d, WIDTH)
+        k = _add_columns_times_w(k, cols, wk_ptr, c, ACC, D, d, WIDTH)
+        v = _add_columns_times_w(v, cols, wv_ptr, c, ACC, D, d, WIDTH)
+    z = _attend_rows(q, k, v, scale, EXACT_EXP, EXP2, d)
+    for c in tl.range(0, D, WIDTH):
+        if RESIDUAL:
+            cols = _load_columns(src_rows, c, src_stride_d, row_ok, ACC, WIDTH)
+        out = ()
+        for t in tl.static_range(WIDTH):
+            if RESIDUAL:
+                y = cols[t]
+            else:
+                y = tl.zeros_like(z[0])
+            if HAS_BO:
+                y += tl.load(bo_ptr + c + t).to(ACC)
+            for j in tl.static_range(d):
+                y += z[j] * tl.load(wo_ptr + (c + t) * d + j).to(ACC)
+            out = out + (y,)
+        offs = c + tl.arange(0, WIDTH)
+        tl.store(
+            dst_rows[:, None] + offs[None, :],
+            _join_columns(out, WIDTH).to(dst_rows.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+
+
+@triton.jit
+def ultimus_fwd_kernel(
+    x_ptr, y_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, B, stride_xb, stride_xd,
+    D: tl.constexpr, d: tl.constexpr, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
+    HAS_BO: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
+    row_ok = rows < B
+    scale = 1.0 / tl.sqrt(tl.full((), d, ACC))
+    _block_forward_rows(
+        x_ptr + rows * stride_xb, stride_xd, y_ptr + rows * D, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+        wo_ptr, bo_ptr, scale, HAS_BQ, HAS_BK, HAS_BV, HAS_BO, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B,
+    )  # fmt: skip
+
+
+# The stack: L blocks per launch. Parameters come packed, (L, NUM_PARAMS) in the accumulation dtype,
+# each row in the partial-row layout [Wq | Wk | Wv | Wo | bq | bk | bv | bo] (zeros for absent biases).
+@triton.jit(do_not_specialize=["L"])
+def ultimus_stack_fwd_kernel(
+    x_ptr, h_ptr, y_ptr, p_ptr, B, L, stride_xb, stride_xd,
+    D: tl.constexpr, d: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr,
+    EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, H_IS_Y: tl.constexpr, WIDTH: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """The activations go to h, (B, D) in the accumulation dtype: y itself when y has that dtype (H_IS_Y),
+    else a scratch copied into y at the end. Block 0 reads x, each later block reads the rows of h its
+    thread wrote and overwrites them in place (see _block_forward_rows): they stay in L1/L2 between blocks."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    row_ok = rows < B
+    scale = 1.0 / tl.sqrt(tl.full((), d, ACC))
+    NUM_PARAMS: tl.constexpr = 4 * d * D + 3 * d + D
+    dD: tl.constexpr = d * D
+    h_rows = h_ptr + rows * D
+    w = p_ptr
+    b = w + 4 * dD
+    _block_forward_rows(
+        x_ptr + rows * stride_xb, stride_xd, h_rows, row_ok, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD,
+        b + 3 * d, scale, HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B,
+    )  # fmt: skip
+    for block in range(1, L):
+        w = p_ptr + block * NUM_PARAMS
+        b = w + 4 * dD
+        _block_forward_rows(
+            h_rows, 1, h_rows, row_ok, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD, b + 3 * d, scale,
+            HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B,
+        )  # fmt: skip
+    if not H_IS_Y:
+        y_rows = y_ptr + rows * D
+        for c in tl.range(0, D, WIDTH):
+            offs = c + tl.arange(0, WIDTH)
+            tile = tl.load(h_rows[:, None] + offs[None, :], mask=row_ok[:, None], other=0.0)
+            tl.store(y_rows[:, None] + offs[None, :], tile.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------
+# The backward (and the stack backward's recomputation): tiles and tl.dot
+# ------------------------------------------------------------------------------------------------
+
+
 @triton.jit
 def _attention(q, k, d, scale, EXACT_EXP: tl.constexpr, BLOCK_ATT: tl.constexpr):
     """A = softmax_j(s q[i] k[j]) for every row of the tile: (BLOCK_B, BLOCK_ATT, BLOCK_ATT).
@@ -186,47 +398,6 @@ def _block_backward(
 
 # d is never specialised: Triton would turn d == 1 into a Python constant, and _attn_scale needs a tensor.
 @triton.jit(do_not_specialize=["d"])
-def ultimus_fwd_kernel(
-    x_ptr,
-    y_ptr,
-    wq_ptr,
-    bq_ptr,
-    wk_ptr,
-    bk_ptr,
-    wv_ptr,
-    bv_ptr,
-    wo_ptr,
-    bo_ptr,
-    B,
-    D,
-    d,
-    stride_xb,
-    stride_xd,
-    HAS_BQ: tl.constexpr,
-    HAS_BK: tl.constexpr,
-    HAS_BV: tl.constexpr,
-    HAS_BO: tl.constexpr,
-    RESIDUAL: tl.constexpr,
-    ACC: tl.constexpr,
-    EXACT_EXP: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_DIM: tl.constexpr,
-    BLOCK_ATT: tl.constexpr,
-):
-    scale = _attn_scale(d, ACC)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
-    cols = tl.arange(0, BLOCK_DIM)
-    tile_mask = (rows[:, None] < B) & (cols[None, :] < D)
-
-    x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=tile_mask, other=0.0).to(ACC)
-    y = _block_forward(
-        x, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, D, d, scale,
-        HAS_BQ, HAS_BK, HAS_BV, HAS_BO, RESIDUAL, ACC, EXACT_EXP, BLOCK_DIM, BLOCK_ATT,
-    )  # fmt: skip
-    tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=tile_mask)
-
-
-@triton.jit(do_not_specialize=["d"])
 def ultimus_bwd_kernel(
     gy_ptr,
     x_ptr,
@@ -318,30 +489,6 @@ def ultimus_bwd_kernel(
         tl.store(row + 4 * dD + d + a_offs, acc_bk, mask=a_offs < d)
         tl.store(row + 4 * dD + 2 * d + a_offs, acc_bv, mask=a_offs < d)
         tl.store(row + 4 * dD + 3 * d + cols, acc_bo, mask=cols < D)
-
-
-# The stack: L blocks per launch. Parameters come packed, (L, NUM_PARAMS) in the accumulation dtype,
-# each row in the partial-row layout [Wq | Wk | Wv | Wo | bq | bk | bv | bo] (zeros for absent biases).
-@triton.jit(do_not_specialize=["d", "L"])
-def ultimus_stack_fwd_kernel(
-    x_ptr, y_ptr, p_ptr, B, D, d, L, stride_xb, stride_xd, NUM_PARAMS,
-    HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr,
-):  # fmt: skip
-    scale = _attn_scale(d, ACC)
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    cols = tl.arange(0, BLOCK_DIM)
-    tile_mask = (rows[:, None] < B) & (cols[None, :] < D)
-    h = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=tile_mask, other=0.0).to(ACC)
-    dD = d * D
-    for block in range(0, L):  # the activations between blocks stay in registers
-        w = p_ptr + block * NUM_PARAMS
-        b = w + 4 * dD
-        h = _block_forward(
-            h, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD, b + 3 * d, D, d, scale,
-            HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, BLOCK_DIM, BLOCK_ATT,
-        )  # fmt: skip
-    tl.store(y_ptr + rows[:, None] * D + cols[None, :], h.to(y_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
@@ -446,6 +593,23 @@ def _tile_config(B: int, D: int, d: int) -> tuple[int, int, int, int, int]:
     return BLOCK_B, BLOCK_DIM, BLOCK_ATT, 4, num_stages
 
 
+def _rows_config(B: int, D: int, d: int) -> dict:
+    """Launch settings of the one-sample-per-thread forward kernels: BLOCK_B, WIDTH, num_warps."""
+    WIDTH = 4 if D % 4 == 0 else 2 if D % 2 == 0 else 1  # columns per vector load (16 B for float32)
+    if interpreter_active():
+        return dict(BLOCK_B=max(16, min(1024, triton.next_power_of_2(max(B, 1)))), WIDTH=WIDTH, num_warps=4)
+    # Two samples per thread halve the weight loads per sample (they bound the kernel on the load/store
+    # pipe) and fit in 128 registers at d <= 8, so 16 warps stay resident per SM to hide DRAM latency.
+    samples_per_thread = 2 if d <= 8 else 1
+    return dict(BLOCK_B=128 * samples_per_thread, WIDTH=WIDTH, num_warps=4)
+
+
+def _exp_flags(x: Tensor) -> dict:
+    """EXACT_EXP: float64 on a GPU takes libdevice's exp. EXP2: float32 computes exp as exp2 with log2(e)
+    folded into the scale (one multiply fewer per exponential)."""
+    return dict(EXACT_EXP=_exact_exp(x), EXP2=x.dtype != torch.float64)
+
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -487,36 +651,12 @@ def ultimus_triton_fwd(
         return y
     wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
     (bq, bk, bv, bo), (has_bq, has_bk, has_bv, has_bo) = _bias_args(bq, bk, bv, bo, fallback=wq)
-    BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, _ = _tile_config(B, D, d)
-    grid = (triton.cdiv(B, BLOCK_B),)
-    torch.library.wrap_triton(ultimus_fwd_kernel)[grid](
-        x,
-        y,
-        wq,
-        bq,
-        wk,
-        bk,
-        wv,
-        bv,
-        wo,
-        bo,
-        B,
-        D,
-        d,
-        x.stride(0),
-        x.stride(1),
-        HAS_BQ=has_bq,
-        HAS_BK=has_bk,
-        HAS_BV=has_bv,
-        HAS_BO=has_bo,
-        RESIDUAL=residual,
-        ACC=_TL_ACC[_acc_dtype(x)],
-        EXACT_EXP=_exact_exp(x),
-        BLOCK_B=BLOCK_B,
-        BLOCK_DIM=BLOCK_DIM,
-        BLOCK_ATT=BLOCK_ATT,
-        num_warps=num_warps,
-    )
+    config = _rows_config(B, D, d)
+    torch.library.wrap_triton(ultimus_fwd_kernel)[(triton.cdiv(B, config["BLOCK_B"]),)](
+        x, y, wq, bq, wk, bk, wv, bv, wo, bo, B, x.stride(0), x.stride(1),
+        D=D, d=d, HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo, RESIDUAL=residual,
+        ACC=_TL_ACC[_acc_dtype(x)], **_exp_flags(x), **config,
+    )  # fmt: skip
     return y
 
 
@@ -616,11 +756,14 @@ def ultimus_triton_stack_fwd(x: Tensor, params: list[Tensor], bias: bool, residu
     if B == 0:
         return y
     packed = _pack_stack(params, bias, D, d, _acc_dtype(x))
-    BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, _ = _tile_config(B, D, d)
-    torch.library.wrap_triton(ultimus_stack_fwd_kernel)[(triton.cdiv(B, BLOCK_B),)](
-        x, y, packed, B, D, d, L, x.stride(0), x.stride(1), packed.shape[1],
-        HAS_BIAS=bias, RESIDUAL=residual, ACC=_TL_ACC[_acc_dtype(x)], EXACT_EXP=_exact_exp(x),
-        BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT, num_warps=num_warps,
+    config = _rows_config(B, D, d)
+    # Between blocks the activations stay in the accumulation dtype: a half-precision y cannot hold them.
+    h_is_y = y.dtype == packed.dtype
+    h = y if h_is_y else torch.empty((B, D), dtype=packed.dtype, device=x.device)
+    torch.library.wrap_triton(ultimus_stack_fwd_kernel)[(triton.cdiv(B, config["BLOCK_B"]),)](
+        x, h, y, packed, B, L, x.stride(0), x.stride(1),
+        D=D, d=d, HAS_BIAS=bias, RESIDUAL=residual, ACC=_TL_ACC[_acc_dtype(x)], H_IS_Y=h_is_y, **_exp_flags(x),
+        **config,
     )  # fmt: skip
     return y
 
