@@ -65,7 +65,61 @@ def sass_stats_specs(ctx) -> list:
             )
         )
 
-        # backward: see ultimus_triton_bwd (one partial row of 4dD + 3d + D numbers per program)
+        # backward for small blocks: see ultimus_triton_bwd and _rows_backward_config
+        rows_bwd = ut._rows_backward_config(B, D, d, torch.float64 if dt == torch.float64 else torch.float32)
+        if rows_bwd is not None:
+            rows_tiles = cdiv(B, rows_bwd["BLOCK_B"])
+            rows_P = ut._num_programs(rows_tiles, torch.device("cuda", 0))
+            num_params = 4 * d * D + 3 * d + D
+            rows_partials = t(rows_P, num_params, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+            launch = {k: v for k, v in rows_bwd.items() if k != "num_warps"}
+
+            def rows_bwd_values(tiles, P=rows_P, BLOCK_B=rows_bwd["BLOCK_B"]):
+                return dict(B=P * tiles * BLOCK_B, stride_xb=D, stride_gyb=D, num_tiles=P * tiles)
+
+            specs.append(
+                dict(
+                    kind="triton",
+                    name=f"triton bwd {dtype_name}",
+                    fn=ut.ultimus_bwd_rows_kernel,
+                    args=[y, x, y, rows_partials, w, b, w, b, w, b, wo, B, D, 1, D, 1, rows_tiles],
+                    kwargs=dict(
+                        D=D,
+                        d=d,
+                        HAS_BQ=True,
+                        HAS_BK=True,
+                        HAS_BV=True,
+                        RESIDUAL=True,
+                        NEED_GX=True,
+                        NEED_GW=True,
+                        ACC=acc,
+                        EXACT_EXP=False,
+                        EXP2=dt != torch.float64,
+                        NUM_PROGRAMS=rows_P,
+                        **launch,
+                    ),  # fmt: skip
+                    options=dict(num_warps=rows_bwd["num_warps"]),
+                    roles={
+                        "gy_ptr": ("act_in", es),
+                        "x_ptr": ("act_in", es),
+                        "gx_ptr": ("act_out", es),
+                        "part_ptr": ("partial", 4),
+                        **{n: ("weight", es) for n in weights[:-1]},
+                    },
+                    values=rows_bwd_values,
+                    grid=rows_P,
+                    grid_emu=lambda tiles, P=rows_P: P,
+                    samples_per_tile=rows_bwd["BLOCK_B"],
+                    persistent=True,
+                    tiles_real=rows_tiles,
+                    B=B,
+                    dram_bytes_per_sample=3 * D * es,
+                    bench=("triton", "bwd", dtype_name),
+                    config=" ".join(f"{k}={v}" for k, v in rows_bwd.items()) + f" NUM_PROGRAMS={rows_P}",
+                )
+            )
+
+        # backward for larger blocks, tiles (the stack backward shares its helpers): see ultimus_triton_bwd
         num_tiles = cdiv(B, BLOCK_B)
         P = ut._num_programs(num_tiles, torch.device("cuda", 0))
         num_params = 4 * d * D + 3 * d + D
@@ -80,7 +134,7 @@ def sass_stats_specs(ctx) -> list:
         specs.append(
             dict(
                 kind="triton",
-                name=f"triton bwd {dtype_name}",
+                name=f"triton bwd (tiles) {dtype_name}",
                 fn=ut.ultimus_bwd_kernel,
                 args=[gy, x, gx, partials, w, b, w, b, w, b, wo, B, D, d, D, 1, D, 1, num_tiles, num_params],
                 kwargs=dict(

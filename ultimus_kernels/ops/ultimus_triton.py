@@ -274,7 +274,213 @@ def ultimus_stack_fwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------
-# The backward (and the stack backward's recomputation): tiles and tl.dot
+# The backward for small blocks: one sample per thread, products over the batch on tensor cores
+# ------------------------------------------------------------------------------------------------
+# Per sample, as in the forward: q, k, v and gz = Wo^T gy from column vectors and scalar weights, then
+# the attention backward in registers. The products that sum over samples or need whole rows at once
+# go through tl.dot on a tile made of those columns, [gq | gk | gv | 0] (BLOCK_B, 4 * ATT):
+# gx = [gq | gk | gv] [Wq; Wk; Wv], the weight gradients [gq | gk | gv]^T x and z^T gy, kept per program
+# across its tiles. float32 dots use tf32x3 (three tensor-core products of split operands: fp32
+# accuracy, emulated at ~2e-7 relative against fp32's ~2e-7 and one-pass tf32's ~3e-4). For blocks whose
+# gradient accumulators would not fit in registers, the tile kernel further below is used instead.
+
+
+@triton.jit
+def _add_columns_times_wo(acc, cols, wo_ptr, c, ACC: tl.constexpr, d: tl.constexpr, WIDTH: tl.constexpr):
+    """acc[j] += sum_t cols[t] * Wo[c + t, j] for Wo in (D, d) nn.Linear layout: gz = Wo^T gy."""
+    out = ()
+    for j in tl.static_range(d):
+        a = acc[j]
+        for t in tl.static_range(WIDTH):
+            a += cols[t] * tl.load(wo_ptr + (c + t) * d + j).to(ACC)
+        out = out + (a,)
+    return out
+
+
+@triton.jit
+def _attend_rows_backward(q, k, v, gz, scale, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, d: tl.constexpr):
+    """(gq, gk, gv, z) for d-tuples of (BLOCK_B,) vectors, row i of the attention at a time
+    (docs/ULTIMUS_MATH.md): gv_i = sum_j A_ij gz_j, gS_ij = A_ij v_i (gz_j - gv_i),
+    gq_i = s sum_j gS_ij k_j, gk_j = s sum_i gS_ij q_i; A recomputed exactly as in _attend_rows."""
+    k_max = k[0]
+    k_min = k[0]
+    for j in tl.static_range(1, d):
+        k_max = tl.maximum(k_max, k[j])
+        k_min = tl.minimum(k_min, k[j])
+    below_max = ()
+    above_min = ()
+    z = ()
+    gk = ()
+    for j in tl.static_range(d):
+        below_max = below_max + (k[j] - k_max,)
+        above_min = above_min + (k[j] - k_min,)
+        z = z + (tl.zeros_like(k[j]),)
+        gk = gk + (tl.zeros_like(k[j]),)
+    gq = ()
+    gv = ()
+    for i in tl.static_range(d):
+        if EXP2:
+            sq = (scale * 1.4426950408889634) * q[i]
+        else:
+            sq = scale * q[i]
+        p = ()
+        total = tl.zeros_like(sq)
+        for j in tl.static_range(d):
+            dk = tl.where(sq >= 0, tl.where(sq == 0, k[j], below_max[j]), above_min[j])
+            if EXACT_EXP:
+                pj = libdevice.exp(sq * dk)
+            elif EXP2:
+                pj = tl.exp2(sq * dk)
+            else:
+                pj = tl.exp(sq * dk)
+            total += pj
+            p = p + (pj,)
+        inv_total = 1.0 / total
+        gv_i = tl.zeros_like(sq)
+        attn = ()
+        for j in tl.static_range(d):
+            a_ij = p[j] * inv_total
+            gv_i += a_ij * gz[j]
+            attn = attn + (a_ij,)
+        gq_i = tl.zeros_like(sq)
+        new_z = ()
+        new_gk = ()
+        for j in tl.static_range(d):
+            va = v[i] * attn[j]
+            new_z = new_z + (z[j] + va,)
+            g_score = va * (gz[j] - gv_i)
+            gq_i += g_score * k[j]
+            new_gk = new_gk + (gk[j] + g_score * q[i],)
+        z = new_z
+        gk = new_gk
+        gq = gq + (scale * gq_i,)
+        gv = gv + (gv_i,)
+    scaled_gk = ()
+    for j in tl.static_range(d):
+        scaled_gk = scaled_gk + (scale * gk[j],)
+    return gq, scaled_gk, gv, z
+
+
+@triton.jit
+def _columns_to_tile(cols, LOG2_WIDTH: tl.constexpr):
+    """A tuple of 2^LOG2_WIDTH (BLOCK_B,) vectors -> the (BLOCK_B, 2^LOG2_WIDTH) tile with them as its
+    columns, in order: pairs (t, t + half) joined level by level, so the reshape reads them back in order."""
+    level = cols
+    for lvl in tl.static_range(LOG2_WIDTH):
+        nxt = ()
+        for t in tl.static_range(1 << (LOG2_WIDTH - lvl - 1)):
+            nxt = nxt + (tl.join(level[t], level[t + (1 << (LOG2_WIDTH - lvl - 1))]),)
+        level = nxt
+    return tl.reshape(level[0], (cols[0].shape[0], 1 << LOG2_WIDTH))
+
+
+@triton.jit
+def _zero_padded(cols, n: tl.constexpr, width: tl.constexpr, like):
+    """cols[:n] followed by zero vectors up to `width` entries."""
+    out = ()
+    for t in tl.static_range(width):
+        if t < n:
+            out = out + (cols[t],)
+        else:
+            out = out + (tl.zeros_like(like),)
+    return out
+
+
+@triton.jit
+def _bias_added(cols, b_ptr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, d: tl.constexpr):
+    if not HAS_BIAS:
+        return cols
+    out = ()
+    for i in tl.static_range(d):
+        out = out + (cols[i] + tl.load(b_ptr + i).to(ACC),)
+    return out
+
+
+@triton.jit
+def ultimus_bwd_rows_kernel(
+    gy_ptr, x_ptr, gx_ptr, part_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr,
+    B, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles,
+    D: tl.constexpr, d: tl.constexpr, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
+    RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
+    EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr,
+    LOG2_ZW: tl.constexpr,
+):  # fmt: skip
+    ATT: tl.constexpr = 1 << LOG2_ATT  # q, k, v padded to ATT >= 4 columns each: [gq | gk | gv | 0] >= 16
+    ZW: tl.constexpr = 1 << LOG2_ZW  # z padded to ZW >= 16 columns (tl.dot's minimum)
+    pid = tl.program_id(0)
+    scale = 1.0 / tl.sqrt(tl.full((), d, ACC))
+    cols = tl.arange(0, BLOCK_DIM)
+    col_ok = cols < D
+    # Row m of the stacked [Wq; Wk; Wv; 0] (4 * ATT, BLOCK_DIM): matrix m // ATT, its row m % ATT.
+    m = tl.arange(0, 4 * ATT)
+    which = m // ATT
+    i_of_m = m % ATT
+    m_ok = (i_of_m < d) & (which < 3)
+    w3_rows = tl.where(which == 0, wq_ptr, tl.where(which == 1, wk_ptr, wv_ptr)) + i_of_m * D
+    w3 = tl.load(w3_rows[:, None] + cols[None, :], mask=m_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
+    j = tl.arange(0, ZW)
+
+    acc_w3 = tl.zeros((4 * ATT, BLOCK_DIM), ACC)  # [gWq; gWk; gWv; 0]
+    acc_wo_t = tl.zeros((ZW, BLOCK_DIM), ACC)  # gWo^T
+    acc_b3 = tl.zeros((4 * ATT,), ACC)
+    acc_bo = tl.zeros((BLOCK_DIM,), ACC)
+    for tile in range(pid, num_tiles, NUM_PROGRAMS):
+        rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
+        row_ok = rows < B
+        x_rows = x_ptr + rows * stride_xb
+        gy_rows = gy_ptr + rows * stride_gyb
+        zero = tl.zeros((BLOCK_B,), ACC)
+        q = _zero_padded((zero,), 0, d, zero)
+        k = q
+        v = q
+        gz = q
+        for c in tl.range(0, D, WIDTH):
+            x_cols = _load_columns(x_rows, c, stride_xd, row_ok, ACC, WIDTH)
+            q = _add_columns_times_w(q, x_cols, wq_ptr, c, ACC, D, d, WIDTH)
+            k = _add_columns_times_w(k, x_cols, wk_ptr, c, ACC, D, d, WIDTH)
+            v = _add_columns_times_w(v, x_cols, wv_ptr, c, ACC, D, d, WIDTH)
+            gz = _add_columns_times_wo(
+                gz, _load_columns(gy_rows, c, stride_gyd, row_ok, ACC, WIDTH), wo_ptr, c, ACC, d, WIDTH
+            )
+        q = _bias_added(q, bq_ptr, HAS_BQ, ACC, d)
+        k = _bias_added(k, bk_ptr, HAS_BK, ACC, d)
+        v = _bias_added(v, bv_ptr, HAS_BV, ACC, d)
+        gq, gk, gv, z = _attend_rows_backward(q, k, v, gz, scale, EXACT_EXP, EXP2, d)
+        # Rows past B have gy = 0, hence gz = gq = gk = gv = 0: they add nothing below.
+        g3 = _columns_to_tile(
+            _zero_padded(gq, d, ATT, zero) + _zero_padded(gk, d, ATT, zero) + _zero_padded(gv, d, ATT, zero)
+            + _zero_padded(gq, 0, ATT, zero),
+            LOG2_ATT + 2,
+        )  # fmt: skip
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        gy = tl.load(gy_rows[:, None] + cols[None, :] * stride_gyd, mask=tile_ok, other=0.0).to(ACC)
+        if NEED_GX:
+            gx = tl.dot(g3, w3, input_precision=PRECISION, out_dtype=ACC)
+            if RESIDUAL:
+                gx += gy
+            tl.store(gx_ptr + rows[:, None] * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=tile_ok)
+        if NEED_GW:
+            x = tl.load(x_rows[:, None] + cols[None, :] * stride_xd, mask=tile_ok, other=0.0).to(ACC)
+            z_tile = _columns_to_tile(_zero_padded(z, d, ZW, zero), LOG2_ZW)
+            acc_w3 += tl.dot(tl.trans(g3), x, input_precision=PRECISION, out_dtype=ACC)
+            acc_wo_t += tl.dot(tl.trans(z_tile), gy, input_precision=PRECISION, out_dtype=ACC)
+            acc_b3 += tl.sum(g3, axis=0)
+            acc_bo += tl.sum(gy, axis=0)
+
+    if NEED_GW:
+        # This program's partial row, [gWq | gWk | gWv | gWo | gbq | gbk | gbv | gbo] (see ops/autograd.py).
+        row = part_ptr + pid * (4 * d * D + 3 * d + D)
+        w3_offs = which[:, None] * (d * D) + i_of_m[:, None] * D + cols[None, :]
+        tl.store(row + w3_offs, acc_w3, mask=m_ok[:, None] & col_ok[None, :])
+        wo_offs = 3 * d * D + cols[None, :] * d + j[:, None]
+        tl.store(row + wo_offs, acc_wo_t, mask=(j[:, None] < d) & col_ok[None, :])
+        tl.store(row + 4 * d * D + which * d + i_of_m, acc_b3, mask=m_ok)
+        tl.store(row + 4 * d * D + 3 * d + cols, acc_bo, mask=col_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# The backward for larger blocks and the stack backward: tiles and tl.dot
 # ------------------------------------------------------------------------------------------------
 
 
@@ -604,6 +810,25 @@ def _rows_config(B: int, D: int, d: int) -> dict:
     return dict(BLOCK_B=128 * samples_per_thread, WIDTH=WIDTH, num_warps=4)
 
 
+def _rows_backward_config(B: int, D: int, d: int, acc: torch.dtype) -> Optional[dict]:
+    """Settings of ultimus_bwd_rows_kernel, or None where its per-program gradient accumulators
+    ((4 ATT + ZW) x BLOCK_DIM numbers) would not fit in registers: the tile kernel runs instead."""
+    BLOCK_DIM = max(16, triton.next_power_of_2(D))
+    ATT = max(4, triton.next_power_of_2(d))
+    ZW = max(16, ATT)
+    if (4 * ATT + ZW) * BLOCK_DIM > 3072:  # D = 48, d = 8 is exactly 3072
+        return None
+    WIDTH = 4 if D % 4 == 0 else 2 if D % 2 == 0 else 1
+    if interpreter_active():
+        BLOCK_B = max(16, min(1024, triton.next_power_of_2(max(B, 1))))
+    else:
+        BLOCK_B = 128  # one sample per thread
+    return dict(
+        BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, LOG2_ATT=ATT.bit_length() - 1, LOG2_ZW=ZW.bit_length() - 1,
+        WIDTH=WIDTH, PRECISION="tf32x3" if acc == torch.float32 else "ieee", num_warps=4,
+    )  # fmt: skip
+
+
 def _exp_flags(x: Tensor) -> dict:
     """EXACT_EXP: float64 on a GPU takes libdevice's exp. EXP2: float32 computes exp as exp2 with log2(e)
     folded into the scale (one multiply fewer per exponential)."""
@@ -684,12 +909,24 @@ def ultimus_triton_bwd(
     dev = x.device
     num_params = 4 * d * D + 3 * d + D
     gx = torch.empty((B, D) if need_gx else (0,), dtype=x.dtype, device=dev)
+    rows_config = _rows_backward_config(B, D, d, acc)
     BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages = _tile_config(B, D, d)
+    if rows_config is not None:
+        BLOCK_B = rows_config["BLOCK_B"]
     num_tiles = triton.cdiv(B, BLOCK_B)
     P = _num_programs(num_tiles, dev) if (need_gw or need_gx) and B > 0 else 0
     # Parameter-gradient partials, one row per program (see ops/autograd.py for the layout).
     partials = torch.empty((P if need_gw else 0, num_params), dtype=acc, device=dev)
-    if P > 0:
+    if P > 0 and rows_config is not None:
+        wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
+        (bq, bk, bv), (has_bq, has_bk, has_bv) = _bias_args(bq, bk, bv, fallback=wq)
+        torch.library.wrap_triton(ultimus_bwd_rows_kernel)[(P,)](
+            gy, x, gx, partials, wq, bq, wk, bk, wv, bv, wo,
+            B, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
+            D=D, d=d, HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, RESIDUAL=residual, NEED_GX=need_gx,
+            NEED_GW=need_gw, ACC=_TL_ACC[acc], **_exp_flags(x), NUM_PROGRAMS=P, **rows_config,
+        )  # fmt: skip
+    elif P > 0:
         wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
         (bq, bk, bv), (has_bq, has_bk, has_bv) = _bias_args(bq, bk, bv, fallback=wq)
         torch.library.wrap_triton(ultimus_bwd_kernel)[(P,)](
