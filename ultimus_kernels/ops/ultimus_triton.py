@@ -4,15 +4,21 @@ Math (docs/ULTIMUS_MATH.md): q, k, v = W* x + b*; A = softmax_j(s q_i k_j); z = 
 The backward recomputes q, k, v and A from x; the softmax exponent is s q_i (k_j - k_ext), exact.
 
 Memory layout. x and y are (B, D) row-major (x may have any strides). Weights are made contiguous in
-nn.Linear layout: Wq, Wk, Wv (d, D), Wo (D, d). One program owns a tile of BLOCK_B rows; D and d are
-padded to powers of two, BLOCK_DIM and BLOCK_ATT (each >= 16, the smallest tl.dot the GPU compiler
-accepts), with masks, so every intermediate (q, k, v: BLOCK_B x BLOCK_ATT; A: BLOCK_B x BLOCK_ATT x BLOCK_ATT) stays in
-registers and only x, gy are read and y, gx written. Row offsets are 64-bit: B * D passes 2^31 at
-B ~ 45 M for D = 48.
+nn.Linear layout: Wq, Wk, Wv (d, D), Wo (D, d). Only x, gy are read and y, gx written; every
+intermediate stays on chip. Row offsets are 64-bit: B * D passes 2^31 at B ~ 45 M for D = 48.
+Two designs, each described at its section below:
+- one sample per thread (the forward, the stack forward, and the backward of blocks up to D = 48,
+  d = 8 in size): each thread owns whole rows, and everything per sample is elementwise on column
+  vectors; the backward's sums over the batch go through tl.dot;
+- tiles (the backward of larger blocks, the stack backward): D and d padded to powers of two,
+  BLOCK_DIM and BLOCK_ATT (each >= 16, the smallest tl.dot), with masks; the attention is a
+  (BLOCK_B, BLOCK_ATT, BLOCK_ATT) tile.
 
 Precision. Everything is computed in float32 (float64 for float64 inputs); half inputs are upcast on
-load and the result is cast back to x's dtype on store. float32 dots use input_precision="ieee" (no
-tf32). The softmax exponents are s q_i (k_j - k_ext), exact by construction (see _attention).
+load and the result is cast back to x's dtype on store. float32 dots use input_precision="tf32x3" in
+the one-sample-per-thread backward (float32 accuracy from three tensor-core products) and "ieee" in
+the tile kernels. The softmax exponents are s q_i (k_j - k_ext), exact by construction (see
+_attend_rows).
 
 Determinism. The backward runs a persistent grid of NUM_PROGRAMS programs; each sums the weight and
 bias gradients of its tiles in registers and writes one partial row, and the host sums the partial
@@ -72,8 +78,8 @@ def _attn_scale(d, ACC: tl.constexpr):
 # Each thread owns whole rows (samples). x arrives as (BLOCK_B, WIDTH) vector loads, one row per thread,
 # split into WIDTH column vectors of shape (BLOCK_B,) without moving data; q, k, v, the attention and z
 # are d-tuples of such vectors. The block is then elementwise FMAs: no shuffles, no shared memory, no
-# padding of D to a power of two or of d to tl.dot's 16 (the tile kernels below pay all three: the
-# offline SASS analysis put them at ~490 warp-instructions per sample, these at ~100). Every weight is a
+# padding of D to a power of two or of d to tl.dot's 16 (the tile forward this replaced paid all three:
+# ~490 warp-instructions per sample in the offline SASS analysis against ~100 here). Every weight is a
 # scalar load, one per warp for 32 * SAMPLES_PER_THREAD samples, served by L1. D and d are compile-time
 # constants: the d-loops unroll, the D-loop stays a loop over WIDTH columns (short code, quick compiles).
 
