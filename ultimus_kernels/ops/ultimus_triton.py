@@ -18,7 +18,7 @@ Precision. Everything is computed in float32 (float64 for float64 inputs); half 
 load and the result is cast back to x's dtype on store. float32 dots use input_precision="tf32x3" in
 the one-sample-per-thread backward (float32 accuracy from three tensor-core products) and "ieee" in
 the tile kernels. The softmax exponents are s q_i (k_j - k_ext), exact by construction (see
-_attend_rows).
+_softmax_row).
 
 Determinism. The backward runs a persistent grid of NUM_PROGRAMS programs; each sums the weight and
 bias gradients of its tiles in registers and writes one partial row, and the host sums the partial
@@ -142,10 +142,8 @@ def _add_columns_times_w(acc, cols, w_ptr, c, ACC: tl.constexpr, D: tl.constexpr
 
 
 @triton.jit
-def _attend_rows(q, k, v, scale, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, d: tl.constexpr):
-    """z[j] = sum_i v[i] softmax_j(s q[i] k[j]) for d-tuples of (BLOCK_B,) vectors, as in _attention: the
-    exponent is s q_i (k_j - k_ext), k_ext = max_j k_j where q_i >= 0 else min_j k_j, so it is <= 0 and
-    exactly 0 at the row's largest entry, and the row maximum costs O(d)."""
+def _key_offsets(k, d: tl.constexpr):
+    """(k_j - max k, k_j - min k) for every j: the two candidates for k_j - k_ext (see _softmax_row)."""
     k_max = k[0]
     k_min = k[0]
     for j in tl.static_range(1, d):
@@ -153,29 +151,46 @@ def _attend_rows(q, k, v, scale, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, d:
         k_min = tl.minimum(k_min, k[j])
     below_max = ()
     above_min = ()
-    z = ()
     for j in tl.static_range(d):
         below_max = below_max + (k[j] - k_max,)
         above_min = above_min + (k[j] - k_min,)
+    return below_max, above_min
+
+
+@triton.jit
+def _softmax_row(q_i, k, below_max, above_min, scale, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, d: tl.constexpr):
+    """Row i of the attention, unnormalised: (p_j = exp(s q_i (k_j - k_ext)) for every j, sum_j p_j), with
+    k_ext = max_j k_j where q_i >= 0 else min_j k_j, so every exponent is <= 0 and exactly 0 at the row's
+    largest entry (as in _attention), and the row maximum costs O(d)."""
+    if EXP2:  # float32: exp(t) = exp2(t log2(e)), log2(e) folded into the scale (0 stays exactly 0)
+        sq = (scale * 1.4426950408889634) * q_i
+    else:
+        sq = scale * q_i
+    p = ()
+    total = tl.zeros_like(sq)
+    for j in tl.static_range(d):
+        # sq = 0: the logit is 0 * k_j (k_j - k_ext may overflow for |k| near the dtype's limit)
+        dk = tl.where(sq >= 0, tl.where(sq == 0, k[j], below_max[j]), above_min[j])
+        if EXACT_EXP:  # float64 on a GPU: libdevice's exp
+            pj = libdevice.exp(sq * dk)
+        elif EXP2:
+            pj = tl.exp2(sq * dk)
+        else:
+            pj = tl.exp(sq * dk)
+        total += pj
+        p = p + (pj,)
+    return p, total
+
+
+@triton.jit
+def _attend_rows(q, k, v, scale, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, d: tl.constexpr):
+    """z[j] = sum_i v[i] softmax_j(s q[i] k[j]) for d-tuples of (BLOCK_B,) vectors."""
+    below_max, above_min = _key_offsets(k, d)
+    z = ()
+    for j in tl.static_range(d):
         z = z + (tl.zeros_like(k[j]),)
     for i in tl.static_range(d):
-        if EXP2:  # float32: exp(t) = exp2(t log2(e)), log2(e) folded into the scale (0 stays exactly 0)
-            sq = (scale * 1.4426950408889634) * q[i]
-        else:
-            sq = scale * q[i]
-        p = ()
-        total = tl.zeros_like(sq)
-        for j in tl.static_range(d):
-            # sq = 0: the logit is 0 * k_j (k_j - k_ext may overflow for |k| near the dtype's limit)
-            dk = tl.where(sq >= 0, tl.where(sq == 0, k[j], below_max[j]), above_min[j])
-            if EXACT_EXP:  # float64 on a GPU: libdevice's exp
-                pj = libdevice.exp(sq * dk)
-            elif EXP2:
-                pj = tl.exp2(sq * dk)
-            else:
-                pj = tl.exp(sq * dk)
-            total += pj
-            p = p + (pj,)
+        p, total = _softmax_row(q[i], k, below_max, above_min, scale, EXACT_EXP, EXP2, d)
         weight = v[i] / total
         new_z = ()
         for j in tl.static_range(d):
@@ -307,48 +322,25 @@ def _add_columns_times_wo(acc, cols, wo_ptr, c, ACC: tl.constexpr, d: tl.constex
 def _attend_rows_backward(q, k, v, gz, scale, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, d: tl.constexpr):
     """(gq, gk, gv, z) for d-tuples of (BLOCK_B,) vectors, row i of the attention at a time
     (docs/ULTIMUS_MATH.md): gv_i = sum_j A_ij gz_j, gS_ij = A_ij v_i (gz_j - gv_i),
-    gq_i = s sum_j gS_ij k_j, gk_j = s sum_i gS_ij q_i; A recomputed exactly as in _attend_rows."""
-    k_max = k[0]
-    k_min = k[0]
-    for j in tl.static_range(1, d):
-        k_max = tl.maximum(k_max, k[j])
-        k_min = tl.minimum(k_min, k[j])
-    below_max = ()
-    above_min = ()
+    gq_i = s sum_j gS_ij k_j, gk_j = s sum_i gS_ij q_i; A recomputed exactly as in the forward."""
+    below_max, above_min = _key_offsets(k, d)
     z = ()
     gk = ()
     for j in tl.static_range(d):
-        below_max = below_max + (k[j] - k_max,)
-        above_min = above_min + (k[j] - k_min,)
         z = z + (tl.zeros_like(k[j]),)
         gk = gk + (tl.zeros_like(k[j]),)
     gq = ()
     gv = ()
     for i in tl.static_range(d):
-        if EXP2:
-            sq = (scale * 1.4426950408889634) * q[i]
-        else:
-            sq = scale * q[i]
-        p = ()
-        total = tl.zeros_like(sq)
-        for j in tl.static_range(d):
-            dk = tl.where(sq >= 0, tl.where(sq == 0, k[j], below_max[j]), above_min[j])
-            if EXACT_EXP:
-                pj = libdevice.exp(sq * dk)
-            elif EXP2:
-                pj = tl.exp2(sq * dk)
-            else:
-                pj = tl.exp(sq * dk)
-            total += pj
-            p = p + (pj,)
+        p, total = _softmax_row(q[i], k, below_max, above_min, scale, EXACT_EXP, EXP2, d)
         inv_total = 1.0 / total
-        gv_i = tl.zeros_like(sq)
+        gv_i = tl.zeros_like(inv_total)
         attn = ()
         for j in tl.static_range(d):
             a_ij = p[j] * inv_total
             gv_i += a_ij * gz[j]
             attn = attn + (a_ij,)
-        gq_i = tl.zeros_like(sq)
+        gq_i = tl.zeros_like(inv_total)
         new_z = ()
         new_gk = ()
         for j in tl.static_range(d):
