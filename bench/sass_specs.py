@@ -66,6 +66,14 @@ def sass_stats_specs(ctx) -> list:
         )
 
         # backward for small blocks: see ultimus_triton_bwd and _rows_backward_config
+        bwd_flags = dict(HAS_BQ=True, HAS_BK=True, HAS_BV=True, RESIDUAL=True, NEED_GX=True, NEED_GW=True)
+        bwd_roles = {
+            "gy_ptr": ("act_in", es),
+            "x_ptr": ("act_in", es),
+            "gx_ptr": ("act_out", es),
+            "part_ptr": ("partial", 4),
+            **{n: ("weight", es) for n in weights[:-1]},
+        }
         rows_bwd = ut._rows_backward_config(B, D, d, torch.float64 if dt == torch.float64 else torch.float32)
         if rows_bwd is not None:
             rows_tiles = cdiv(B, rows_bwd["BLOCK_B"])
@@ -86,26 +94,15 @@ def sass_stats_specs(ctx) -> list:
                     kwargs=dict(
                         D=D,
                         d=d,
-                        HAS_BQ=True,
-                        HAS_BK=True,
-                        HAS_BV=True,
-                        RESIDUAL=True,
-                        NEED_GX=True,
-                        NEED_GW=True,
+                        **bwd_flags,
                         ACC=acc,
                         EXACT_EXP=False,
                         EXP2=dt != torch.float64,
                         NUM_PROGRAMS=rows_P,
                         **launch,
-                    ),  # fmt: skip
+                    ),
                     options=dict(num_warps=rows_bwd["num_warps"]),
-                    roles={
-                        "gy_ptr": ("act_in", es),
-                        "x_ptr": ("act_in", es),
-                        "gx_ptr": ("act_out", es),
-                        "part_ptr": ("partial", 4),
-                        **{n: ("weight", es) for n in weights[:-1]},
-                    },
+                    roles=bwd_roles,
                     values=rows_bwd_values,
                     grid=rows_P,
                     grid_emu=lambda tiles, P=rows_P: P,
@@ -138,12 +135,7 @@ def sass_stats_specs(ctx) -> list:
                 fn=ut.ultimus_bwd_kernel,
                 args=[gy, x, gx, partials, w, b, w, b, w, b, wo, B, D, d, D, 1, D, 1, num_tiles, num_params],
                 kwargs=dict(
-                    HAS_BQ=True,
-                    HAS_BK=True,
-                    HAS_BV=True,
-                    RESIDUAL=True,
-                    NEED_GX=True,
-                    NEED_GW=True,
+                    **bwd_flags,
                     ACC=acc,
                     EXACT_EXP=False,
                     NUM_PROGRAMS=P,
@@ -152,13 +144,7 @@ def sass_stats_specs(ctx) -> list:
                     BLOCK_ATT=BLOCK_ATT,
                 ),
                 options=dict(num_warps=num_warps, num_stages=num_stages),
-                roles={
-                    "gy_ptr": ("act_in", es),
-                    "x_ptr": ("act_in", es),
-                    "gx_ptr": ("act_out", es),
-                    "part_ptr": ("partial", 4),
-                    **{n: ("weight", es) for n in weights[:-1]},
-                },
+                roles=bwd_roles,
                 values=bwd_values,
                 grid=P,
                 grid_emu=lambda tiles, P=P: P,
