@@ -39,7 +39,8 @@ def sass_stats_specs(ctx) -> list:
 
         # forward: see ultimus_triton_fwd (one sample per thread, D and d compile-time constants)
         rows = ut._rows_config(B, D, d)
-        rows_kwargs = dict(ACC=acc, EXACT_EXP=False, EXP2=dt != torch.float64, D=D, d=d, WIDTH=rows["WIDTH"])
+        pairs = ut._weight_pairs(D, d, rows["WIDTH"], (w, w, w), wo)
+        rows_kwargs = dict(ACC=acc, EXACT_EXP=False, EXP2=dt != torch.float64, D=D, d=d, WIDTH=rows["WIDTH"], **pairs)
         rows_kwargs["BLOCK_B"] = rows["BLOCK_B"]
         fwd_grid = cdiv(B, rows["BLOCK_B"])
         rows_config = f"BLOCK_B={rows['BLOCK_B']} WIDTH={rows['WIDTH']} num_warps={rows['num_warps']}"
@@ -100,6 +101,7 @@ def sass_stats_specs(ctx) -> list:
                         EXP2=dt != torch.float64,
                         NUM_PROGRAMS=rows_P,
                         **launch,
+                        **pairs,
                     ),
                     options=dict(num_warps=rows_bwd["num_warps"]),
                     roles=bwd_roles,
@@ -169,7 +171,12 @@ def sass_stats_specs(ctx) -> list:
                 name=f"triton stack fwd L={L} {dtype_name}",
                 fn=ut.ultimus_stack_fwd_kernel,
                 args=[x, y if dt == packed.dtype else packed, y, packed, B, L, D, 1],
-                kwargs=dict(HAS_BIAS=True, RESIDUAL=True, H_IS_Y=dt == packed.dtype, **rows_kwargs),
+                kwargs=dict(
+                    HAS_BIAS=True,
+                    RESIDUAL=True,
+                    H_IS_Y=dt == packed.dtype,
+                    **{**rows_kwargs, **ut._weight_pairs(D, d, rows["WIDTH"], (packed,), packed)},
+                ),
                 options=dict(num_warps=rows["num_warps"]),
                 roles={"x_ptr": ("act_in", es), "h_ptr": ("act_out", es), "y_ptr": ("act_out", es), **stack_weights},
                 values=lambda tiles, L=L: dict(B=B, L=L, stride_xb=D),

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from _util import assert_rel_close, gpu_backend_or_skip, make_inputs, per_sample_norms, rel_err
+from _util import assert_rel_close, backend_or_skip, gpu_backend_or_skip, make_inputs, per_sample_norms, rel_err
 from ultimus_kernels import UltimusBlock, ultimus, ultimus_reference
 
 SHAPES = [(1, 48, 8), (7, 48, 8), (33, 20, 3), (130, 7, 1), (5, 17, 32), (3, 256, 5)]
@@ -319,3 +319,34 @@ def test_torch_compile_fullgraph_on_gpu(backend):
     assert rel_err(out, out_ref) < 1e-4
     for g, p in zip(grads, net.parameters()):
         assert rel_err(g, p.grad) < 1e-3
+
+
+def test_triton_reads_weights_two_at_a_time_only_where_that_is_safe():
+    """The per-sample Triton kernels read float32 weights two per 8-byte load. The launcher allows that
+    only for float32 weights at 8-byte-aligned addresses with rows of even length (on a GPU a misaligned
+    8-byte load faults), and the results match the reference either way."""
+    device = backend_or_skip("triton")
+    from ultimus_kernels.ops import ultimus_triton
+
+    w, wo = torch.randn(8, 48, device=device), torch.randn(48, 8, device=device)
+    shifted = torch.randn(8 * 48 + 1, device=device)[1:].view(8, 48)  # 4 bytes past an aligned address
+    pairs = ultimus_triton._weight_pairs
+    assert pairs(48, 8, 4, (w, w, w), wo) == dict(W_PAIRS=True, WO_PAIRS=True)
+    assert pairs(48, 8, 4, (w, shifted, w), wo) == dict(W_PAIRS=False, WO_PAIRS=True)
+    assert pairs(48, 8, 4, (w, w, w), wo.half()) == dict(W_PAIRS=True, WO_PAIRS=False)
+    assert pairs(48, 8, 1, (w, w, w), wo)["W_PAIRS"] is False  # odd vector width: pairs would straddle loads
+    assert pairs(47, 7, 1, (w[:, :47],) * 3, wo[:47, :7]) == dict(W_PAIRS=False, WO_PAIRS=False)
+
+    args = make_inputs(9, 48, 8, dtype=torch.float32, device=device)
+    buffer = torch.randn(8 * 48 + 1, device=device)
+    buffer[1:].view(8, 48).copy_(args.wk.detach())
+    args = args._replace(wk=buffer[1:].view(8, 48).requires_grad_())  # misaligned for 8-byte loads
+    y = ultimus(*args, backend="triton")
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, args.tensors(), gy)
+    args64 = type(args)(*(t.detach().double().requires_grad_() for t in args))
+    y64 = ultimus_reference(*args64)
+    grads64 = torch.autograd.grad(y64, args64.tensors(), gy.double())
+    assert rel_err(y, y64) < TOL[torch.float32]
+    for g, g64 in zip(grads, grads64):
+        assert rel_err(g, g64) < TOL[torch.float32]

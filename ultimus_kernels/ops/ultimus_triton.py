@@ -130,13 +130,34 @@ def _bias_or_zeros(b_ptr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, d: tl.const
 
 
 @triton.jit
-def _add_columns_times_w(acc, cols, w_ptr, c, ACC: tl.constexpr, D: tl.constexpr, d: tl.constexpr, WIDTH: tl.constexpr):
+def _weights(w_ptr, offset, COUNT: tl.constexpr, ACC: tl.constexpr, PAIRS: tl.constexpr):
+    """w[offset : offset + COUNT] as a tuple of scalars. PAIRS (float32 weights, 8-byte aligned at an even
+    offset, COUNT even): two per 8-byte load, which halves the loads that bound these kernels."""
+    out = ()
+    if PAIRS:
+        pairs = (w_ptr + offset).to(tl.pointer_type(tl.uint64), bitcast=True)
+        for t in tl.static_range(COUNT // 2):
+            bits = tl.load(pairs + t)  # little-endian: the low half is the first weight
+            first = (bits & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+            second = (bits >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+            out = out + (first.to(ACC), second.to(ACC))
+    else:
+        for t in tl.static_range(COUNT):
+            out = out + (tl.load(w_ptr + offset + t).to(ACC),)
+    return out
+
+
+@triton.jit
+def _add_columns_times_w(
+    acc, cols, w_ptr, c, ACC: tl.constexpr, D: tl.constexpr, d: tl.constexpr, WIDTH: tl.constexpr, PAIRS: tl.constexpr
+):
     """acc[i] += sum_t cols[t] * W[i, c + t] for W in (d, D) nn.Linear layout."""
     out = ()
     for i in tl.static_range(d):
         a = acc[i]
+        w = _weights(w_ptr, i * D + c, WIDTH, ACC, PAIRS)
         for t in tl.static_range(WIDTH):
-            a += cols[t] * tl.load(w_ptr + i * D + c + t).to(ACC)
+            a += cols[t] * w[t]
         out = out + (a,)
     return out
 
@@ -204,7 +225,7 @@ def _block_forward_rows(
     src_rows, src_stride_d, dst_rows, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, scale,
     HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr, RESIDUAL: tl.constexpr,
     ACC: tl.constexpr, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, D: tl.constexpr, d: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
 ):  # fmt: skip
     """One block for the rows of a tile: reads each input row at src_rows (once for q, k, v, again chunk by
     chunk for the residual, from L1), writes each output row at dst_rows (contiguous). dst may be src: a
@@ -214,9 +235,9 @@ def _block_forward_rows(
     v = _bias_or_zeros(bv_ptr, HAS_BV, ACC, d, BLOCK_B)
     for c in tl.range(0, D, WIDTH):
         cols = _load_columns(src_rows, c, src_stride_d, row_ok, ACC, WIDTH)
-        q = _add_columns_times_w(q, cols, wq_ptr, c, ACC, D, d, WIDTH)
-        k = _add_columns_times_w(k, cols, wk_ptr, c, ACC, D, d, WIDTH)
-        v = _add_columns_times_w(v, cols, wv_ptr, c, ACC, D, d, WIDTH)
+        q = _add_columns_times_w(q, cols, wq_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
+        k = _add_columns_times_w(k, cols, wk_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
+        v = _add_columns_times_w(v, cols, wv_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
     z = _attend_rows(q, k, v, scale, EXACT_EXP, EXP2, d)
     for c in tl.range(0, D, WIDTH):
         if RESIDUAL:
@@ -229,8 +250,9 @@ def _block_forward_rows(
                 y = tl.zeros_like(z[0])
             if HAS_BO:
                 y += tl.load(bo_ptr + c + t).to(ACC)
+            wo = _weights(wo_ptr, (c + t) * d, d, ACC, WO_PAIRS)
             for j in tl.static_range(d):
-                y += z[j] * tl.load(wo_ptr + (c + t) * d + j).to(ACC)
+                y += z[j] * wo[j]
             out = out + (y,)
         offs = c + tl.arange(0, WIDTH)
         tl.store(
@@ -245,7 +267,7 @@ def ultimus_fwd_kernel(
     x_ptr, y_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, B, stride_xb, stride_xd,
     D: tl.constexpr, d: tl.constexpr, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
     HAS_BO: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
     row_ok = rows < B
@@ -253,6 +275,7 @@ def ultimus_fwd_kernel(
     _block_forward_rows(
         x_ptr + rows * stride_xb, stride_xd, y_ptr + rows * D, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
         wo_ptr, bo_ptr, scale, HAS_BQ, HAS_BK, HAS_BV, HAS_BO, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B,
+        W_PAIRS, WO_PAIRS,
     )  # fmt: skip
 
 
@@ -263,6 +286,7 @@ def ultimus_stack_fwd_kernel(
     x_ptr, h_ptr, y_ptr, p_ptr, B, L, stride_xb, stride_xd,
     D: tl.constexpr, d: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr,
     EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, H_IS_Y: tl.constexpr, WIDTH: tl.constexpr, BLOCK_B: tl.constexpr,
+    W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
 ):  # fmt: skip
     """The activations go to h, (B, D) in the accumulation dtype: y itself when y has that dtype (H_IS_Y),
     else a scratch copied into y at the end. Block 0 reads x, each later block reads the rows of h its
@@ -278,13 +302,15 @@ def ultimus_stack_fwd_kernel(
     _block_forward_rows(
         x_ptr + rows * stride_xb, stride_xd, h_rows, row_ok, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD,
         b + 3 * d, scale, HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B,
+        W_PAIRS, WO_PAIRS,
     )  # fmt: skip
     for block in range(1, L):
         w = p_ptr + block * NUM_PARAMS
         b = w + 4 * dD
         _block_forward_rows(
             h_rows, 1, h_rows, row_ok, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD, b + 3 * d, scale,
-            HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B,
+            HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B, W_PAIRS,
+            WO_PAIRS,
         )  # fmt: skip
     if not H_IS_Y:
         y_rows = y_ptr + rows * D
@@ -307,15 +333,17 @@ def ultimus_stack_fwd_kernel(
 
 
 @triton.jit
-def _add_columns_times_wo(acc, cols, wo_ptr, c, ACC: tl.constexpr, d: tl.constexpr, WIDTH: tl.constexpr):
+def _add_columns_times_wo(
+    acc, cols, wo_ptr, c, ACC: tl.constexpr, d: tl.constexpr, WIDTH: tl.constexpr, PAIRS: tl.constexpr
+):
     """acc[j] += sum_t cols[t] * Wo[c + t, j] for Wo in (D, d) nn.Linear layout: gz = Wo^T gy."""
-    out = ()
-    for j in tl.static_range(d):
-        a = acc[j]
-        for t in tl.static_range(WIDTH):
-            a += cols[t] * tl.load(wo_ptr + (c + t) * d + j).to(ACC)
-        out = out + (a,)
-    return out
+    for t in tl.static_range(WIDTH):
+        wo = _weights(wo_ptr, (c + t) * d, d, ACC, PAIRS)
+        out = ()
+        for j in tl.static_range(d):
+            out = out + (acc[j] + cols[t] * wo[j],)
+        acc = out
+    return acc
 
 
 @triton.jit
@@ -402,7 +430,7 @@ def ultimus_bwd_rows_kernel(
     RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
     EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr,
-    LOG2_ZW: tl.constexpr,
+    LOG2_ZW: tl.constexpr, W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
 ):  # fmt: skip
     ATT: tl.constexpr = 1 << LOG2_ATT  # q, k, v padded to ATT >= 4 columns each: [gq | gk | gv | 0] >= 16
     ZW: tl.constexpr = 1 << LOG2_ZW  # z padded to ZW >= 16 columns (tl.dot's minimum)
@@ -435,11 +463,11 @@ def ultimus_bwd_rows_kernel(
         gz = q
         for c in tl.range(0, D, WIDTH):
             x_cols = _load_columns(x_rows, c, stride_xd, row_ok, ACC, WIDTH)
-            q = _add_columns_times_w(q, x_cols, wq_ptr, c, ACC, D, d, WIDTH)
-            k = _add_columns_times_w(k, x_cols, wk_ptr, c, ACC, D, d, WIDTH)
-            v = _add_columns_times_w(v, x_cols, wv_ptr, c, ACC, D, d, WIDTH)
+            q = _add_columns_times_w(q, x_cols, wq_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
+            k = _add_columns_times_w(k, x_cols, wk_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
+            v = _add_columns_times_w(v, x_cols, wv_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
             gz = _add_columns_times_wo(
-                gz, _load_columns(gy_rows, c, stride_gyd, row_ok, ACC, WIDTH), wo_ptr, c, ACC, d, WIDTH
+                gz, _load_columns(gy_rows, c, stride_gyd, row_ok, ACC, WIDTH), wo_ptr, c, ACC, d, WIDTH, WO_PAIRS
             )
         q = _bias_added(q, bq_ptr, HAS_BQ, ACC, d)
         k = _bias_added(k, bk_ptr, HAS_BK, ACC, d)
@@ -827,6 +855,21 @@ def _rows_backward_config(B: int, D: int, d: int, acc: torch.dtype) -> Optional[
     )  # fmt: skip
 
 
+def _weight_pairs(D: int, d: int, width: int, w_qkv: tuple, wo: Tensor) -> dict:
+    """W_PAIRS, WO_PAIRS for the per-sample kernels (see _weights): float32 weights at 8-byte-aligned
+    addresses with rows of even length are read two at a time."""
+
+    def paired(weights, row_length: int) -> bool:
+        if row_length % 2 or any(w.dtype != torch.float32 for w in weights):
+            return False
+        try:
+            return all(w.data_ptr() % 8 == 0 for w in weights)
+        except (RuntimeError, NotImplementedError):  # fake or functional tensors while tracing: no address
+            return False
+
+    return dict(W_PAIRS=width % 2 == 0 and paired(w_qkv, D), WO_PAIRS=paired((wo,), d))
+
+
 def _exp_flags(x: Tensor) -> dict:
     """EXACT_EXP: float64 on a GPU takes libdevice's exp. EXP2: float32 computes exp as exp2 with log2(e)
     folded into the scale (one multiply fewer per exponential)."""
@@ -878,7 +921,7 @@ def ultimus_triton_fwd(
     torch.library.wrap_triton(ultimus_fwd_kernel)[(triton.cdiv(B, config["BLOCK_B"]),)](
         x, y, wq, bq, wk, bk, wv, bv, wo, bo, B, x.stride(0), x.stride(1),
         D=D, d=d, HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo, RESIDUAL=residual,
-        ACC=_TL_ACC[_acc_dtype(x)], **_exp_flags(x), **config,
+        ACC=_TL_ACC[_acc_dtype(x)], **_exp_flags(x), **config, **_weight_pairs(D, d, config["WIDTH"], (wq, wk, wv), wo),
     )  # fmt: skip
     return y
 
@@ -923,6 +966,7 @@ def ultimus_triton_bwd(
             B, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
             D=D, d=d, HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, RESIDUAL=residual, NEED_GX=need_gx,
             NEED_GW=need_gw, ACC=_TL_ACC[acc], **_exp_flags(x), NUM_PROGRAMS=P, **rows_config,
+            **_weight_pairs(D, d, rows_config["WIDTH"], (wq, wk, wv), wo),
         )  # fmt: skip
     elif P > 0:
         wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
@@ -992,13 +1036,17 @@ def ultimus_triton_stack_fwd(x: Tensor, params: list[Tensor], bias: bool, residu
         return y
     packed = _pack_stack(params, bias, D, d, _acc_dtype(x))
     config = _rows_config(B, D, d)
+    if D % 2 == 0 and d % 2 == 0:  # every block's weights then start at an even offset in `packed`
+        pairs = _weight_pairs(D, d, config["WIDTH"], (packed,), packed)
+    else:
+        pairs = dict(W_PAIRS=False, WO_PAIRS=False)
     # Between blocks the activations stay in the accumulation dtype: a half-precision y cannot hold them.
     h_is_y = y.dtype == packed.dtype
     h = y if h_is_y else torch.empty((B, D), dtype=packed.dtype, device=x.device)
     torch.library.wrap_triton(ultimus_stack_fwd_kernel)[(triton.cdiv(B, config["BLOCK_B"]),)](
         x, h, y, packed, B, L, x.stride(0), x.stride(1),
         D=D, d=d, HAS_BIAS=bias, RESIDUAL=residual, ACC=_TL_ACC[_acc_dtype(x)], H_IS_Y=h_is_y, **_exp_flags(x),
-        **config,
+        **config, **pairs,
     )  # fmt: skip
     return y
 
