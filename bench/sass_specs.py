@@ -191,47 +191,90 @@ def sass_stats_specs(ctx) -> list:
                 config=rows_config + f" L={L}",
             )
         )
-        stack_partials = t(P, L * num_params, dtype=partials.dtype)
+        if rows_bwd is not None:  # see ultimus_triton_stack_bwd: per-program scratch rows h and g
+            rows_stack_partials = t(rows_P, L * num_params, dtype=rows_partials.dtype)
+            scratch = t(2, rows_P * rows_bwd["BLOCK_B"], D, dtype=rows_partials.dtype)
+            stack_pairs = ut._weight_pairs(D, d, rows["WIDTH"], (packed,), packed)
 
-        def stack_bwd_values(tiles, P=P, BLOCK_B=BLOCK_B, L=L):
-            return dict(bwd_values(tiles, P, BLOCK_B), L=L)
+            def rows_stack_bwd_values(tiles, L=L):
+                return dict(rows_bwd_values(tiles), L=L)
 
-        specs.append(
-            dict(
-                kind="triton",
-                name=f"triton stack bwd L={L} {dtype_name}",
-                fn=ut.ultimus_stack_bwd_kernel,
-                args=[gy, x, gx, stack_partials, packed, B, D, d, L, D, 1, D, 1, num_tiles, num_params],
-                kwargs=dict(
-                    HAS_BIAS=True,
-                    RESIDUAL=True,
-                    NEED_GX=True,
-                    NEED_GW=True,
-                    ACC=acc,
-                    EXACT_EXP=False,
-                    NUM_PROGRAMS=P,
-                    BLOCK_B=BLOCK_B,
-                    BLOCK_DIM=BLOCK_DIM,
-                    BLOCK_ATT=BLOCK_ATT,
-                ),
-                options=dict(num_warps=num_warps, num_stages=num_stages),
-                roles={
-                    "gy_ptr": ("act_in", es),
-                    "x_ptr": ("act_in", es),
-                    "gx_ptr": ("act_out", es),
-                    "part_ptr": ("partial", 4),
-                    **stack_weights,
-                },
-                values=stack_bwd_values,
-                grid=P,
-                grid_emu=lambda tiles, P=P: P,
-                samples_per_tile=BLOCK_B,
-                persistent=True,
-                tiles_real=num_tiles,
-                B=B,
-                dram_bytes_per_sample=3 * D * es,
-                bench=("triton-stack", "bwd", dtype_name),
-                config=config + f" num_stages={num_stages} NUM_PROGRAMS={P} L={L}",
+            specs.append(
+                dict(
+                    kind="triton",
+                    name=f"triton stack bwd L={L} {dtype_name}",
+                    fn=ut.ultimus_stack_bwd_rows_kernel,
+                    args=[y, x, y, rows_stack_partials, packed, scratch[0], scratch[1], B, L, D, 1, D, 1, rows_tiles],
+                    kwargs=dict(
+                        HAS_BIAS=True,
+                        RESIDUAL=True,
+                        NEED_GX=True,
+                        NEED_GW=True,
+                        ACC=acc,
+                        EXACT_EXP=False,
+                        EXP2=dt != torch.float64,
+                        NUM_PROGRAMS=rows_P,
+                        D=D,
+                        d=d,
+                        **launch,
+                        **stack_pairs,
+                    ),
+                    options=dict(num_warps=rows_bwd["num_warps"]),
+                    roles={**bwd_roles, **stack_weights, "h_ptr": ("partial", 4), "g_ptr": ("partial", 4)},
+                    values=rows_stack_bwd_values,
+                    grid=rows_P,
+                    grid_emu=lambda tiles, P=rows_P: P,
+                    samples_per_tile=rows_bwd["BLOCK_B"],
+                    persistent=True,
+                    tiles_real=rows_tiles,
+                    B=B,
+                    dram_bytes_per_sample=3 * D * es,
+                    bench=("triton-stack", "bwd", dtype_name),
+                    config=" ".join(f"{k}={v}" for k, v in rows_bwd.items()) + f" NUM_PROGRAMS={rows_P} L={L}",
+                )
             )
-        )
+        else:  # the tile kernel (larger blocks)
+            stack_partials = t(P, L * num_params, dtype=partials.dtype)
+
+            def stack_bwd_values(tiles, P=P, BLOCK_B=BLOCK_B, L=L):
+                return dict(bwd_values(tiles, P, BLOCK_B), L=L)
+
+            specs.append(
+                dict(
+                    kind="triton",
+                    name=f"triton stack bwd L={L} {dtype_name}",
+                    fn=ut.ultimus_stack_bwd_kernel,
+                    args=[gy, x, gx, stack_partials, packed, B, D, d, L, D, 1, D, 1, num_tiles, num_params],
+                    kwargs=dict(
+                        HAS_BIAS=True,
+                        RESIDUAL=True,
+                        NEED_GX=True,
+                        NEED_GW=True,
+                        ACC=acc,
+                        EXACT_EXP=False,
+                        NUM_PROGRAMS=P,
+                        BLOCK_B=BLOCK_B,
+                        BLOCK_DIM=BLOCK_DIM,
+                        BLOCK_ATT=BLOCK_ATT,
+                    ),
+                    options=dict(num_warps=num_warps, num_stages=num_stages),
+                    roles={
+                        "gy_ptr": ("act_in", es),
+                        "x_ptr": ("act_in", es),
+                        "gx_ptr": ("act_out", es),
+                        "part_ptr": ("partial", 4),
+                        **stack_weights,
+                    },
+                    values=stack_bwd_values,
+                    grid=P,
+                    grid_emu=lambda tiles, P=P: P,
+                    samples_per_tile=BLOCK_B,
+                    persistent=True,
+                    tiles_real=num_tiles,
+                    B=B,
+                    dram_bytes_per_sample=3 * D * es,
+                    bench=("triton-stack", "bwd", dtype_name),
+                    config=config + f" num_stages={num_stages} NUM_PROGRAMS={P} L={L}",
+                )
+            )
     return specs

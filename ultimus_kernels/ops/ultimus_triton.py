@@ -423,6 +423,95 @@ def _bias_added(cols, b_ptr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, d: tl.co
 
 
 @triton.jit
+def _stacked_qkv_weights(wq_ptr, wk_ptr, wv_ptr, ACC: tl.constexpr, D: tl.constexpr, d: tl.constexpr,
+                         BLOCK_DIM: tl.constexpr, ATT: tl.constexpr):  # fmt: skip
+    """[Wq; Wk; Wv; 0] as a (4 * ATT, BLOCK_DIM) tile: row m is row m % ATT of matrix m // ATT."""
+    cols = tl.arange(0, BLOCK_DIM)
+    m = tl.arange(0, 4 * ATT)
+    which = m // ATT
+    i_of_m = m % ATT
+    m_ok = (i_of_m < d) & (which < 3)
+    w3_rows = tl.where(which == 0, wq_ptr, tl.where(which == 1, wk_ptr, wv_ptr)) + i_of_m * D
+    return tl.load(w3_rows[:, None] + cols[None, :], mask=m_ok[:, None] & (cols[None, :] < D), other=0.0).to(ACC)
+
+
+@triton.jit
+def _block_backward_rows(
+    x_rows, x_stride_d, gy_rows, gy_stride_d, gx_rows, row_ok, w3, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+    wo_ptr, scale, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, RESIDUAL: tl.constexpr,
+    NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr,
+    PRECISION: tl.constexpr, D: tl.constexpr, d: tl.constexpr, WIDTH: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr, LOG2_ZW: tl.constexpr, W_PAIRS: tl.constexpr,
+    WO_PAIRS: tl.constexpr,
+):  # fmt: skip
+    """One block's backward for the rows of a tile: writes gx at gx_rows (contiguous rows) if NEED_GX and
+    returns the tile's parameter-gradient terms ([gWq; gWk; gWv; 0], gWo^T, [gbq | gbk | gbv | 0], gbo;
+    zeros unless NEED_GW). gx_rows may be gy_rows: the tile's gy is read before gx is written."""
+    ATT: tl.constexpr = 1 << LOG2_ATT  # q, k, v padded to ATT >= 4 columns each: [gq | gk | gv | 0] >= 16
+    ZW: tl.constexpr = 1 << LOG2_ZW  # z padded to ZW >= 16 columns (tl.dot's minimum)
+    cols = tl.arange(0, BLOCK_DIM)
+    tile_ok = row_ok[:, None] & (cols[None, :] < D)
+    zero = tl.zeros((BLOCK_B,), ACC)
+    q = _zero_padded((zero,), 0, d, zero)
+    k = q
+    v = q
+    gz = q
+    for c in tl.range(0, D, WIDTH):
+        x_cols = _load_columns(x_rows, c, x_stride_d, row_ok, ACC, WIDTH)
+        q = _add_columns_times_w(q, x_cols, wq_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
+        k = _add_columns_times_w(k, x_cols, wk_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
+        v = _add_columns_times_w(v, x_cols, wv_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
+        gy_cols = _load_columns(gy_rows, c, gy_stride_d, row_ok, ACC, WIDTH)
+        gz = _add_columns_times_wo(gz, gy_cols, wo_ptr, c, ACC, d, WIDTH, WO_PAIRS)
+    q = _bias_added(q, bq_ptr, HAS_BQ, ACC, d)
+    k = _bias_added(k, bk_ptr, HAS_BK, ACC, d)
+    v = _bias_added(v, bv_ptr, HAS_BV, ACC, d)
+    gq, gk, gv, z = _attend_rows_backward(q, k, v, gz, scale, EXACT_EXP, EXP2, d)
+    # Rows past B have gy = 0, hence gz = gq = gk = gv = 0: they add nothing below.
+    g3 = _columns_to_tile(
+        _zero_padded(gq, d, ATT, zero) + _zero_padded(gk, d, ATT, zero) + _zero_padded(gv, d, ATT, zero)
+        + _zero_padded(gq, 0, ATT, zero),
+        LOG2_ATT + 2,
+    )  # fmt: skip
+    gy = tl.load(gy_rows[:, None] + cols[None, :] * gy_stride_d, mask=tile_ok, other=0.0).to(ACC)
+    if NEED_GX:
+        gx = tl.dot(g3, w3, input_precision=PRECISION, out_dtype=ACC)
+        if RESIDUAL:
+            gx += gy
+        tl.store(gx_rows[:, None] + cols[None, :], gx.to(gx_rows.dtype.element_ty), mask=tile_ok)
+    if NEED_GW:
+        x = tl.load(x_rows[:, None] + cols[None, :] * x_stride_d, mask=tile_ok, other=0.0).to(ACC)
+        z_tile = _columns_to_tile(_zero_padded(z, d, ZW, zero), LOG2_ZW)
+        g_w3 = tl.dot(tl.trans(g3), x, input_precision=PRECISION, out_dtype=ACC)
+        g_wo_t = tl.dot(tl.trans(z_tile), gy, input_precision=PRECISION, out_dtype=ACC)
+        return g_w3, g_wo_t, tl.sum(g3, axis=0), tl.sum(gy, axis=0)
+    else:
+        return (
+            tl.zeros((4 * ATT, BLOCK_DIM), ACC), tl.zeros((ZW, BLOCK_DIM), ACC), tl.zeros((4 * ATT,), ACC),
+            tl.zeros((BLOCK_DIM,), ACC),
+        )  # fmt: skip
+
+
+@triton.jit
+def _param_grad_offsets(D: tl.constexpr, d: tl.constexpr, BLOCK_DIM: tl.constexpr, ATT: tl.constexpr,
+                        ZW: tl.constexpr):  # fmt: skip
+    """Where the terms _block_backward_rows returns go in a partial row [gWq | gWk | gWv | gWo | gbq | gbk |
+    gbv | gbo] (see ops/autograd.py): (offsets, mask) for each of the four."""
+    cols = tl.arange(0, BLOCK_DIM)
+    col_ok = cols < D
+    m = tl.arange(0, 4 * ATT)
+    which = m // ATT
+    i_of_m = m % ATT
+    m_ok = (i_of_m < d) & (which < 3)
+    j = tl.arange(0, ZW)
+    w3 = (which[:, None] * (d * D) + i_of_m[:, None] * D + cols[None, :], m_ok[:, None] & col_ok[None, :])
+    wo_t = (3 * d * D + cols[None, :] * d + j[:, None], (j[:, None] < d) & col_ok[None, :])
+    b3 = (4 * d * D + which * d + i_of_m, m_ok)
+    bo = (4 * d * D + 3 * d + cols, col_ok)
+    return w3, wo_t, b3, bo
+
+
+@triton.jit
 def ultimus_bwd_rows_kernel(
     gy_ptr, x_ptr, gx_ptr, part_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr,
     B, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles,
@@ -432,77 +521,107 @@ def ultimus_bwd_rows_kernel(
     WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr,
     LOG2_ZW: tl.constexpr, W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
 ):  # fmt: skip
-    ATT: tl.constexpr = 1 << LOG2_ATT  # q, k, v padded to ATT >= 4 columns each: [gq | gk | gv | 0] >= 16
-    ZW: tl.constexpr = 1 << LOG2_ZW  # z padded to ZW >= 16 columns (tl.dot's minimum)
+    """The single block: each program sums its tiles' parameter-gradient terms in registers and writes one
+    partial row at the end."""
+    ATT: tl.constexpr = 1 << LOG2_ATT
+    ZW: tl.constexpr = 1 << LOG2_ZW
     pid = tl.program_id(0)
     scale = 1.0 / tl.sqrt(tl.full((), d, ACC))
-    cols = tl.arange(0, BLOCK_DIM)
-    col_ok = cols < D
-    # Row m of the stacked [Wq; Wk; Wv; 0] (4 * ATT, BLOCK_DIM): matrix m // ATT, its row m % ATT.
-    m = tl.arange(0, 4 * ATT)
-    which = m // ATT
-    i_of_m = m % ATT
-    m_ok = (i_of_m < d) & (which < 3)
-    w3_rows = tl.where(which == 0, wq_ptr, tl.where(which == 1, wk_ptr, wv_ptr)) + i_of_m * D
-    w3 = tl.load(w3_rows[:, None] + cols[None, :], mask=m_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
-    j = tl.arange(0, ZW)
-
-    acc_w3 = tl.zeros((4 * ATT, BLOCK_DIM), ACC)  # [gWq; gWk; gWv; 0]
-    acc_wo_t = tl.zeros((ZW, BLOCK_DIM), ACC)  # gWo^T
+    w3 = _stacked_qkv_weights(wq_ptr, wk_ptr, wv_ptr, ACC, D, d, BLOCK_DIM, ATT)
+    acc_w3 = tl.zeros((4 * ATT, BLOCK_DIM), ACC)
+    acc_wo_t = tl.zeros((ZW, BLOCK_DIM), ACC)
     acc_b3 = tl.zeros((4 * ATT,), ACC)
     acc_bo = tl.zeros((BLOCK_DIM,), ACC)
     for tile in range(pid, num_tiles, NUM_PROGRAMS):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
+        g_w3, g_wo_t, g_b3, g_bo = _block_backward_rows(
+            x_ptr + rows * stride_xb, stride_xd, gy_ptr + rows * stride_gyb, stride_gyd, gx_ptr + rows * D, rows < B,
+            w3, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, scale, HAS_BQ, HAS_BK, HAS_BV, RESIDUAL,
+            NEED_GX, NEED_GW, ACC, EXACT_EXP, EXP2, PRECISION, D, d, WIDTH, BLOCK_B, BLOCK_DIM, LOG2_ATT, LOG2_ZW,
+            W_PAIRS, WO_PAIRS,
+        )  # fmt: skip
+        if NEED_GW:
+            acc_w3 += g_w3
+            acc_wo_t += g_wo_t
+            acc_b3 += g_b3
+            acc_bo += g_bo
+    if NEED_GW:
+        row = part_ptr + pid * (4 * d * D + 3 * d + D)
+        w3_at, wo_t_at, b3_at, bo_at = _param_grad_offsets(D, d, BLOCK_DIM, ATT, ZW)
+        tl.store(row + w3_at[0], acc_w3, mask=w3_at[1])
+        tl.store(row + wo_t_at[0], acc_wo_t, mask=wo_t_at[1])
+        tl.store(row + b3_at[0], acc_b3, mask=b3_at[1])
+        tl.store(row + bo_at[0], acc_bo, mask=bo_at[1])
+
+
+@triton.jit
+def _copy_rows(src_rows, src_stride_d, dst_rows, row_ok, ACC: tl.constexpr, D: tl.constexpr, WIDTH: tl.constexpr):
+    for c in tl.range(0, D, WIDTH):
+        offs = c + tl.arange(0, WIDTH)
+        tile = tl.load(src_rows[:, None] + offs[None, :] * src_stride_d, mask=row_ok[:, None], other=0.0)
+        tl.store(dst_rows[:, None] + offs[None, :], tile.to(ACC).to(dst_rows.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["L"])
+def ultimus_stack_bwd_rows_kernel(
+    gy_ptr, x_ptr, gx_ptr, part_ptr, p_ptr, h_ptr, g_ptr, B, L, stride_xb, stride_xd, stride_gyb, stride_gyd,
+    num_tiles,
+    D: tl.constexpr, d: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr,
+    NEED_GW: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr,
+    LOG2_ATT: tl.constexpr, LOG2_ZW: tl.constexpr, W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
+):  # fmt: skip
+    """The stack, per tile, blocks in reverse. Each program has its own (BLOCK_B, D) scratch rows in the
+    accumulation dtype: h, the block's input, recomputed from x through the blocks before it (rather than
+    stored), and g, the gradient flowing back, updated in place. Its partial row (L * NUM_PARAMS, zeroed
+    by the host) takes each block's terms tile by tile: deterministic, no atomics. The barriers order
+    the scratch rows between the per-sample phases (a thread, its own rows) and the tile phases (any
+    thread, any row)."""
+    ATT: tl.constexpr = 1 << LOG2_ATT
+    ZW: tl.constexpr = 1 << LOG2_ZW
+    NUM_PARAMS: tl.constexpr = 4 * d * D + 3 * d + D
+    dD: tl.constexpr = d * D
+    pid = tl.program_id(0)
+    scale = 1.0 / tl.sqrt(tl.full((), d, ACC))
+    local = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    h_rows = h_ptr + local * D
+    g_rows = g_ptr + local * D
+    my_row = part_ptr + pid.to(tl.int64) * L * NUM_PARAMS
+    w3_at, wo_t_at, b3_at, bo_at = _param_grad_offsets(D, d, BLOCK_DIM, ATT, ZW)
+    for tile in range(pid, num_tiles, NUM_PROGRAMS):
+        rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
         row_ok = rows < B
         x_rows = x_ptr + rows * stride_xb
-        gy_rows = gy_ptr + rows * stride_gyb
-        zero = tl.zeros((BLOCK_B,), ACC)
-        q = _zero_padded((zero,), 0, d, zero)
-        k = q
-        v = q
-        gz = q
-        for c in tl.range(0, D, WIDTH):
-            x_cols = _load_columns(x_rows, c, stride_xd, row_ok, ACC, WIDTH)
-            q = _add_columns_times_w(q, x_cols, wq_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
-            k = _add_columns_times_w(k, x_cols, wk_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
-            v = _add_columns_times_w(v, x_cols, wv_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
-            gz = _add_columns_times_wo(
-                gz, _load_columns(gy_rows, c, stride_gyd, row_ok, ACC, WIDTH), wo_ptr, c, ACC, d, WIDTH, WO_PAIRS
-            )
-        q = _bias_added(q, bq_ptr, HAS_BQ, ACC, d)
-        k = _bias_added(k, bk_ptr, HAS_BK, ACC, d)
-        v = _bias_added(v, bv_ptr, HAS_BV, ACC, d)
-        gq, gk, gv, z = _attend_rows_backward(q, k, v, gz, scale, EXACT_EXP, EXP2, d)
-        # Rows past B have gy = 0, hence gz = gq = gk = gv = 0: they add nothing below.
-        g3 = _columns_to_tile(
-            _zero_padded(gq, d, ATT, zero) + _zero_padded(gk, d, ATT, zero) + _zero_padded(gv, d, ATT, zero)
-            + _zero_padded(gq, 0, ATT, zero),
-            LOG2_ATT + 2,
-        )  # fmt: skip
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        gy = tl.load(gy_rows[:, None] + cols[None, :] * stride_gyd, mask=tile_ok, other=0.0).to(ACC)
+        _copy_rows(gy_ptr + rows * stride_gyb, stride_gyd, g_rows, row_ok, ACC, D, WIDTH)
+        for r in range(0, L):
+            block = L - 1 - r
+            _copy_rows(x_rows, stride_xd, h_rows, row_ok, ACC, D, WIDTH)
+            for earlier in range(0, block):
+                w = p_ptr + earlier * NUM_PARAMS
+                b = w + 4 * dD
+                _block_forward_rows(
+                    h_rows, 1, h_rows, row_ok, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD, b + 3 * d,
+                    scale, HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH,
+                    BLOCK_B, W_PAIRS, WO_PAIRS,
+                )  # fmt: skip
+            tl.debug_barrier()  # h and g complete before any thread reads other threads' rows
+            w = p_ptr + block * NUM_PARAMS
+            b = w + 4 * dD
+            w3 = _stacked_qkv_weights(w, w + dD, w + 2 * dD, ACC, D, d, BLOCK_DIM, ATT)
+            g_w3, g_wo_t, g_b3, g_bo = _block_backward_rows(
+                h_rows, 1, g_rows, 1, g_rows, row_ok, w3, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD,
+                scale, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, True, NEED_GW, ACC, EXACT_EXP, EXP2, PRECISION, D,
+                d, WIDTH, BLOCK_B, BLOCK_DIM, LOG2_ATT, LOG2_ZW, W_PAIRS, WO_PAIRS,
+            )  # fmt: skip
+            if NEED_GW:
+                row = my_row + block * NUM_PARAMS
+                _add_to_row(row, w3_at[0], w3_at[1], g_w3)
+                _add_to_row(row, wo_t_at[0], wo_t_at[1], g_wo_t)
+                _add_to_row(row, b3_at[0], b3_at[1], g_b3)
+                _add_to_row(row, bo_at[0], bo_at[1], g_bo)
+            tl.debug_barrier()  # the new g, written as a tile, complete before the next block reads it
         if NEED_GX:
-            gx = tl.dot(g3, w3, input_precision=PRECISION, out_dtype=ACC)
-            if RESIDUAL:
-                gx += gy
-            tl.store(gx_ptr + rows[:, None] * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=tile_ok)
-        if NEED_GW:
-            x = tl.load(x_rows[:, None] + cols[None, :] * stride_xd, mask=tile_ok, other=0.0).to(ACC)
-            z_tile = _columns_to_tile(_zero_padded(z, d, ZW, zero), LOG2_ZW)
-            acc_w3 += tl.dot(tl.trans(g3), x, input_precision=PRECISION, out_dtype=ACC)
-            acc_wo_t += tl.dot(tl.trans(z_tile), gy, input_precision=PRECISION, out_dtype=ACC)
-            acc_b3 += tl.sum(g3, axis=0)
-            acc_bo += tl.sum(gy, axis=0)
-
-    if NEED_GW:
-        # This program's partial row, [gWq | gWk | gWv | gWo | gbq | gbk | gbv | gbo] (see ops/autograd.py).
-        row = part_ptr + pid * (4 * d * D + 3 * d + D)
-        w3_offs = which[:, None] * (d * D) + i_of_m[:, None] * D + cols[None, :]
-        tl.store(row + w3_offs, acc_w3, mask=m_ok[:, None] & col_ok[None, :])
-        wo_offs = 3 * d * D + cols[None, :] * d + j[:, None]
-        tl.store(row + wo_offs, acc_wo_t, mask=(j[:, None] < d) & col_ok[None, :])
-        tl.store(row + 4 * d * D + which * d + i_of_m, acc_b3, mask=m_ok)
-        tl.store(row + 4 * d * D + 3 * d + cols, acc_bo, mask=col_ok)
+            _copy_rows(g_rows, 1, gx_ptr + rows * D, row_ok, ACC, D, WIDTH)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1062,12 +1181,27 @@ def ultimus_triton_stack_bwd(
     acc, dev = _acc_dtype(x), x.device
     num_params = 4 * d * D + 3 * d + D
     gx = torch.empty((B, D) if need_gx else (0,), dtype=x.dtype, device=dev)
+    rows_config = _rows_backward_config(B, D, d, acc)
     BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages = _tile_config(B, D, d)
+    if rows_config is not None:
+        BLOCK_B = rows_config["BLOCK_B"]
     num_tiles = triton.cdiv(B, BLOCK_B)
     P = _num_programs(num_tiles, dev) if (need_gw or need_gx) and B > 0 else 0
     # One zeroed partial row per program, L * num_params long: the kernel adds into it tile by tile.
     partials = torch.zeros((P if need_gw else 0, L * num_params), dtype=acc, device=dev)
-    if P > 0:
+    if P > 0 and rows_config is not None:
+        packed = _pack_stack(params, bias, D, d, acc)
+        if D % 2 == 0 and d % 2 == 0:  # every block's weights then start at an even offset in `packed`
+            pairs = _weight_pairs(D, d, rows_config["WIDTH"], (packed,), packed)
+        else:
+            pairs = dict(W_PAIRS=False, WO_PAIRS=False)
+        h, g = torch.empty((2, P * BLOCK_B, D), dtype=acc, device=dev)  # each program's scratch rows
+        torch.library.wrap_triton(ultimus_stack_bwd_rows_kernel)[(P,)](
+            gy, x, gx, partials, packed, h, g, B, L, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
+            D=D, d=d, HAS_BIAS=bias, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
+            **_exp_flags(x), NUM_PROGRAMS=P, **rows_config, **pairs,
+        )  # fmt: skip
+    elif P > 0:
         packed = _pack_stack(params, bias, D, d, acc)
         torch.library.wrap_triton(ultimus_stack_bwd_kernel)[(P,)](
             gy, x, gx, partials, packed, B, D, d, L, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1),
