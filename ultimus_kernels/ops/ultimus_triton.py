@@ -949,9 +949,11 @@ def _rows_config(B: int, D: int, d: int) -> dict:
     WIDTH = 4 if D % 4 == 0 else 2 if D % 2 == 0 else 1  # columns per vector load (16 B for float32)
     if interpreter_active():
         return dict(BLOCK_B=max(16, min(1024, triton.next_power_of_2(max(B, 1)))), WIDTH=WIDTH, num_warps=4)
-    # Two samples per thread halve the weight loads per sample (they bound the kernel on the load/store
-    # pipe) and fit in 128 registers at d <= 8, so 16 warps stay resident per SM to hide DRAM latency.
-    samples_per_thread = 2 if d <= 8 else 1
+    # At large B, two samples per thread halve the weight loads per sample (they bound the kernel on the
+    # load/store pipe) and fit in 128 registers at d <= 8, so 16 warps stay resident per SM to hide DRAM
+    # latency. Small batches are bound by one thread's latency instead: one sample per thread halves it
+    # (the threshold is a guess from the offline model, not yet timed on a GPU).
+    samples_per_thread = 2 if d <= 8 and B >= 65536 else 1
     return dict(BLOCK_B=128 * samples_per_thread, WIDTH=WIDTH, num_warps=4)
 
 
