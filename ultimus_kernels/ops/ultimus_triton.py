@@ -413,16 +413,6 @@ def _zero_padded(cols, n: tl.constexpr, width: tl.constexpr, like):
 
 
 @triton.jit
-def _bias_added(cols, b_ptr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, d: tl.constexpr):
-    if not HAS_BIAS:
-        return cols
-    out = ()
-    for i in tl.static_range(d):
-        out = out + (cols[i] + tl.load(b_ptr + i).to(ACC),)
-    return out
-
-
-@triton.jit
 def _stacked_qkv_weights(wq_ptr, wk_ptr, wv_ptr, ACC: tl.constexpr, D: tl.constexpr, d: tl.constexpr,
                          BLOCK_DIM: tl.constexpr, ATT: tl.constexpr):  # fmt: skip
     """[Wq; Wk; Wv; 0] as a (4 * ATT, BLOCK_DIM) tile: row m is row m % ATT of matrix m // ATT."""
@@ -452,10 +442,10 @@ def _block_backward_rows(
     cols = tl.arange(0, BLOCK_DIM)
     tile_ok = row_ok[:, None] & (cols[None, :] < D)
     zero = tl.zeros((BLOCK_B,), ACC)
-    q = _zero_padded((zero,), 0, d, zero)
-    k = q
-    v = q
-    gz = q
+    q = _bias_or_zeros(bq_ptr, HAS_BQ, ACC, d, BLOCK_B)
+    k = _bias_or_zeros(bk_ptr, HAS_BK, ACC, d, BLOCK_B)
+    v = _bias_or_zeros(bv_ptr, HAS_BV, ACC, d, BLOCK_B)
+    gz = _bias_or_zeros(None, False, ACC, d, BLOCK_B)  # zeros
     for c in tl.range(0, D, WIDTH):
         x_cols = _load_columns(x_rows, c, x_stride_d, row_ok, ACC, WIDTH)
         q = _add_columns_times_w(q, x_cols, wq_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
@@ -463,9 +453,6 @@ def _block_backward_rows(
         v = _add_columns_times_w(v, x_cols, wv_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
         gy_cols = _load_columns(gy_rows, c, gy_stride_d, row_ok, ACC, WIDTH)
         gz = _add_columns_times_wo(gz, gy_cols, wo_ptr, c, ACC, d, WIDTH, WO_PAIRS)
-    q = _bias_added(q, bq_ptr, HAS_BQ, ACC, d)
-    k = _bias_added(k, bk_ptr, HAS_BK, ACC, d)
-    v = _bias_added(v, bv_ptr, HAS_BV, ACC, d)
     gq, gk, gv, z = _attend_rows_backward(q, k, v, gz, scale, EXACT_EXP, EXP2, d)
     # Rows past B have gy = 0, hence gz = gq = gk = gv = 0: they add nothing below.
     g3 = _columns_to_tile(
@@ -560,6 +547,12 @@ def _copy_rows(src_rows, src_stride_d, dst_rows, row_ok, ACC: tl.constexpr, D: t
         offs = c + tl.arange(0, WIDTH)
         tile = tl.load(src_rows[:, None] + offs[None, :] * src_stride_d, mask=row_ok[:, None], other=0.0)
         tl.store(dst_rows[:, None] + offs[None, :], tile.to(ACC).to(dst_rows.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _add_to_row(row_ptr, offs, mask, value):
+    """row[offs] += value, for a row only this program touches: deterministic without atomics."""
+    tl.store(row_ptr + offs, tl.load(row_ptr + offs, mask=mask, other=0.0) + value, mask=mask)
 
 
 @triton.jit(do_not_specialize=["L"])
@@ -840,12 +833,6 @@ def ultimus_bwd_kernel(
         tl.store(row + 4 * dD + d + a_offs, acc_bk, mask=a_offs < d)
         tl.store(row + 4 * dD + 2 * d + a_offs, acc_bv, mask=a_offs < d)
         tl.store(row + 4 * dD + 3 * d + cols, acc_bo, mask=cols < D)
-
-
-@triton.jit
-def _add_to_row(row_ptr, offs, mask, value):
-    """row[offs] += value, for a row only this program touches: deterministic without atomics."""
-    tl.store(row_ptr + offs, tl.load(row_ptr + offs, mask=mask, other=0.0) + value, mask=mask)
 
 
 @triton.jit(do_not_specialize=["d", "L"])
