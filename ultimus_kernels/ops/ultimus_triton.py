@@ -119,13 +119,23 @@ def _load_columns(row_ptrs, c, stride_d, row_ok, ACC: tl.constexpr, WIDTH: tl.co
 
 
 @triton.jit
-def _bias_or_zeros(b_ptr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, d: tl.constexpr, BLOCK_B: tl.constexpr):
+def _zeros(d: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    """d zero vectors of shape (BLOCK_B,)."""
     out = ()
     for i in tl.static_range(d):
-        if HAS_BIAS:
-            out = out + (tl.full((BLOCK_B,), 0.0, ACC) + tl.load(b_ptr + i).to(ACC),)
-        else:
-            out = out + (tl.full((BLOCK_B,), 0.0, ACC),)
+        out = out + (tl.zeros((BLOCK_B,), ACC),)
+    return out
+
+
+@triton.jit
+def _bias_added(cols, b_ptr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, d: tl.constexpr):
+    """cols[i] + b[i]. Added after the loop over D rather than before it: the scalar stays out of the
+    loop's live registers (the backward spills less)."""
+    if not HAS_BIAS:
+        return cols
+    out = ()
+    for i in tl.static_range(d):
+        out = out + (cols[i] + tl.load(b_ptr + i).to(ACC),)
     return out
 
 
@@ -230,14 +240,17 @@ def _block_forward_rows(
     """One block for the rows of a tile: reads each input row at src_rows (once for q, k, v, again chunk by
     chunk for the residual, from L1), writes each output row at dst_rows (contiguous). dst may be src: a
     thread reads a chunk of its own row before it writes that chunk."""
-    q = _bias_or_zeros(bq_ptr, HAS_BQ, ACC, d, BLOCK_B)
-    k = _bias_or_zeros(bk_ptr, HAS_BK, ACC, d, BLOCK_B)
-    v = _bias_or_zeros(bv_ptr, HAS_BV, ACC, d, BLOCK_B)
+    q = _zeros(d, ACC, BLOCK_B)
+    k = q
+    v = q
     for c in tl.range(0, D, WIDTH):
         cols = _load_columns(src_rows, c, src_stride_d, row_ok, ACC, WIDTH)
         q = _add_columns_times_w(q, cols, wq_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
         k = _add_columns_times_w(k, cols, wk_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
         v = _add_columns_times_w(v, cols, wv_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
+    q = _bias_added(q, bq_ptr, HAS_BQ, ACC, d)
+    k = _bias_added(k, bk_ptr, HAS_BK, ACC, d)
+    v = _bias_added(v, bv_ptr, HAS_BV, ACC, d)
     z = _attend_rows(q, k, v, scale, EXACT_EXP, EXP2, d)
     for c in tl.range(0, D, WIDTH):
         if RESIDUAL:
@@ -428,24 +441,25 @@ def _stacked_qkv_weights(wq_ptr, wk_ptr, wv_ptr, ACC: tl.constexpr, D: tl.conste
 @triton.jit
 def _block_backward_rows(
     x_rows, x_stride_d, gy_rows, gy_stride_d, gx_rows, row_ok, w3, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-    wo_ptr, scale, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, RESIDUAL: tl.constexpr,
-    NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr,
-    PRECISION: tl.constexpr, D: tl.constexpr, d: tl.constexpr, WIDTH: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr, LOG2_ZW: tl.constexpr, W_PAIRS: tl.constexpr,
-    WO_PAIRS: tl.constexpr,
+    wo_ptr, scale, acc_w3, acc_wo_t, acc_b3, acc_bo, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr,
+    HAS_BV: tl.constexpr, RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
+    EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr, d: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr,
+    LOG2_ZW: tl.constexpr, W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
 ):  # fmt: skip
-    """One block's backward for the rows of a tile: writes gx at gx_rows (contiguous rows) if NEED_GX and
-    returns the tile's parameter-gradient terms ([gWq; gWk; gWv; 0], gWo^T, [gbq | gbk | gbv | 0], gbo;
-    zeros unless NEED_GW). gx_rows may be gy_rows: the tile's gy is read before gx is written."""
+    """One block's backward for the rows of a tile: writes gx at gx_rows (contiguous rows) if NEED_GX and,
+    if NEED_GW, adds the tile's parameter-gradient terms to the accumulators ([gWq; gWk; gWv; 0], gWo^T,
+    [gbq | gbk | gbv | 0], gbo), which it returns (the products accumulate inside tl.dot). gx_rows may be
+    gy_rows: the tile's gy is read before gx is written."""
     ATT: tl.constexpr = 1 << LOG2_ATT  # q, k, v padded to ATT >= 4 columns each: [gq | gk | gv | 0] >= 16
     ZW: tl.constexpr = 1 << LOG2_ZW  # z padded to ZW >= 16 columns (tl.dot's minimum)
     cols = tl.arange(0, BLOCK_DIM)
     tile_ok = row_ok[:, None] & (cols[None, :] < D)
     zero = tl.zeros((BLOCK_B,), ACC)
-    q = _bias_or_zeros(bq_ptr, HAS_BQ, ACC, d, BLOCK_B)
-    k = _bias_or_zeros(bk_ptr, HAS_BK, ACC, d, BLOCK_B)
-    v = _bias_or_zeros(bv_ptr, HAS_BV, ACC, d, BLOCK_B)
-    gz = _bias_or_zeros(None, False, ACC, d, BLOCK_B)  # zeros
+    q = _zeros(d, ACC, BLOCK_B)
+    k = q
+    v = q
+    gz = q
     for c in tl.range(0, D, WIDTH):
         x_cols = _load_columns(x_rows, c, x_stride_d, row_ok, ACC, WIDTH)
         q = _add_columns_times_w(q, x_cols, wq_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
@@ -453,6 +467,9 @@ def _block_backward_rows(
         v = _add_columns_times_w(v, x_cols, wv_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
         gy_cols = _load_columns(gy_rows, c, gy_stride_d, row_ok, ACC, WIDTH)
         gz = _add_columns_times_wo(gz, gy_cols, wo_ptr, c, ACC, d, WIDTH, WO_PAIRS)
+    q = _bias_added(q, bq_ptr, HAS_BQ, ACC, d)
+    k = _bias_added(k, bk_ptr, HAS_BK, ACC, d)
+    v = _bias_added(v, bv_ptr, HAS_BV, ACC, d)
     gq, gk, gv, z = _attend_rows_backward(q, k, v, gz, scale, EXACT_EXP, EXP2, d)
     # Rows past B have gy = 0, hence gz = gq = gk = gv = 0: they add nothing below.
     g3 = _columns_to_tile(
@@ -469,14 +486,11 @@ def _block_backward_rows(
     if NEED_GW:
         x = tl.load(x_rows[:, None] + cols[None, :] * x_stride_d, mask=tile_ok, other=0.0).to(ACC)
         z_tile = _columns_to_tile(_zero_padded(z, d, ZW, zero), LOG2_ZW)
-        g_w3 = tl.dot(tl.trans(g3), x, input_precision=PRECISION, out_dtype=ACC)
-        g_wo_t = tl.dot(tl.trans(z_tile), gy, input_precision=PRECISION, out_dtype=ACC)
-        return g_w3, g_wo_t, tl.sum(g3, axis=0), tl.sum(gy, axis=0)
-    else:
-        return (
-            tl.zeros((4 * ATT, BLOCK_DIM), ACC), tl.zeros((ZW, BLOCK_DIM), ACC), tl.zeros((4 * ATT,), ACC),
-            tl.zeros((BLOCK_DIM,), ACC),
-        )  # fmt: skip
+        acc_w3 = tl.dot(tl.trans(g3), x, acc_w3, input_precision=PRECISION, out_dtype=ACC)
+        acc_wo_t = tl.dot(tl.trans(z_tile), gy, acc_wo_t, input_precision=PRECISION, out_dtype=ACC)
+        acc_b3 += tl.sum(g3, axis=0)
+        acc_bo += tl.sum(gy, axis=0)
+    return acc_w3, acc_wo_t, acc_b3, acc_bo
 
 
 @triton.jit
@@ -521,17 +535,12 @@ def ultimus_bwd_rows_kernel(
     acc_bo = tl.zeros((BLOCK_DIM,), ACC)
     for tile in range(pid, num_tiles, NUM_PROGRAMS):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
-        g_w3, g_wo_t, g_b3, g_bo = _block_backward_rows(
+        acc_w3, acc_wo_t, acc_b3, acc_bo = _block_backward_rows(
             x_ptr + rows * stride_xb, stride_xd, gy_ptr + rows * stride_gyb, stride_gyd, gx_ptr + rows * D, rows < B,
-            w3, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, scale, HAS_BQ, HAS_BK, HAS_BV, RESIDUAL,
-            NEED_GX, NEED_GW, ACC, EXACT_EXP, EXP2, PRECISION, D, d, WIDTH, BLOCK_B, BLOCK_DIM, LOG2_ATT, LOG2_ZW,
-            W_PAIRS, WO_PAIRS,
+            w3, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, scale, acc_w3, acc_wo_t, acc_b3, acc_bo,
+            HAS_BQ, HAS_BK, HAS_BV, RESIDUAL, NEED_GX, NEED_GW, ACC, EXACT_EXP, EXP2, PRECISION, D, d, WIDTH, BLOCK_B,
+            BLOCK_DIM, LOG2_ATT, LOG2_ZW, W_PAIRS, WO_PAIRS,
         )  # fmt: skip
-        if NEED_GW:
-            acc_w3 += g_w3
-            acc_wo_t += g_wo_t
-            acc_b3 += g_b3
-            acc_bo += g_bo
     if NEED_GW:
         row = part_ptr + pid * (4 * d * D + 3 * d + D)
         w3_at, wo_t_at, b3_at, bo_at = _param_grad_offsets(D, d, BLOCK_DIM, ATT, ZW)
@@ -603,8 +612,9 @@ def ultimus_stack_bwd_rows_kernel(
             w3 = _stacked_qkv_weights(w, w + dD, w + 2 * dD, ACC, D, d, BLOCK_DIM, ATT)
             g_w3, g_wo_t, g_b3, g_bo = _block_backward_rows(
                 h_rows, 1, g_rows, 1, g_rows, row_ok, w3, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD,
-                scale, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, True, NEED_GW, ACC, EXACT_EXP, EXP2, PRECISION, D,
-                d, WIDTH, BLOCK_B, BLOCK_DIM, LOG2_ATT, LOG2_ZW, W_PAIRS, WO_PAIRS,
+                scale, tl.zeros((4 * ATT, BLOCK_DIM), ACC), tl.zeros((ZW, BLOCK_DIM), ACC), tl.zeros((4 * ATT,), ACC),
+                tl.zeros((BLOCK_DIM,), ACC), HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, True, NEED_GW, ACC, EXACT_EXP,
+                EXP2, PRECISION, D, d, WIDTH, BLOCK_B, BLOCK_DIM, LOG2_ATT, LOG2_ZW, W_PAIRS, WO_PAIRS,
             )  # fmt: skip
             if NEED_GW:
                 row = my_row + block * NUM_PARAMS
