@@ -15,6 +15,19 @@ import os
 import sys
 
 
+def _spec(B, name, fn, args, kwargs, num_warps, roles, values, grid, samples_per_tile, bytes_per_sample, bench,
+          config, persistent=False, tiles=None, num_stages=None):  # fmt: skip
+    """One launch in the form sass_stats reads (see its README): a persistent grid of `grid` programs
+    covers `tiles` tiles; otherwise one program per tile."""
+    options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
+    return dict(
+        kind="triton", name=name, fn=fn, args=args, kwargs=kwargs, options=options, roles=roles, values=values,
+        grid=grid, grid_emu=lambda tiles_per_program: grid, samples_per_tile=samples_per_tile,
+        persistent=persistent, tiles_real=grid if tiles is None else tiles, B=B,
+        dram_bytes_per_sample=bytes_per_sample, bench=bench, config=config,
+    )  # fmt: skip
+
+
 def sass_stats_specs(ctx) -> list:
     import torch
     import triton.language as tl
@@ -26,255 +39,104 @@ def sass_stats_specs(ctx) -> list:
     B, D, d, sms = ctx.B, ctx.D, ctx.d, ctx.sms
     ut._SM_COUNT[0] = sms  # _num_programs reads the SM count of device 0 from this cache: no GPU needed
     cdiv = lambda a, b: (a + b - 1) // b  # noqa: E731
+    cuda = torch.device("cuda", 0)
+    L = 4  # the stack analysed
+    num_params = 4 * d * D + 3 * d + D
     specs = []
     for dtype_name in ctx.dtypes:
         dt = getattr(torch, dtype_name)
+        acc_dtype = torch.float64 if dt == torch.float64 else torch.float32
         acc = tl.float64 if dt == torch.float64 else tl.float32
         es = torch.empty((), dtype=dt).element_size()
-        BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages = ut._tile_config(B, D, d)
         t = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype)  # noqa: E731
         x, y, w, b, wo, bo = t(64, D), t(64, D), t(d, D), t(d), t(D, d), t(D)
-        config = f"BLOCK_B={BLOCK_B} BLOCK_DIM={BLOCK_DIM} BLOCK_ATT={BLOCK_ATT} num_warps={num_warps}"
+        packed = t(L, num_params, dtype=acc_dtype)
         weights = ("wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "wo_ptr", "bo_ptr")
+        weight_roles = {n: ("weight", es) for n in weights}
+        stack_roles = {"p_ptr": ("weight", packed.element_size())}
+        bwd_roles = {"gy_ptr": ("act_in", es), "x_ptr": ("act_in", es), "gx_ptr": ("act_out", es)}
+        bwd_roles["part_ptr"] = ("partial", 4)
+        flags = dict(HAS_BQ=True, HAS_BK=True, HAS_BV=True, RESIDUAL=True)
+        need = dict(NEED_GX=True, NEED_GW=True)
+        exp = dict(ACC=acc, EXACT_EXP=False, EXP2=dt != torch.float64)
+        pairs = ut._weight_pairs(D, d, ut._rows_config(B, D, d)["WIDTH"], (w, w, w), wo)
+        stack_pairs = ut._weight_pairs(D, d, ut._rows_config(B, D, d)["WIDTH"], (packed,), packed)
 
-        # forward: see ultimus_triton_fwd (one sample per thread, D and d compile-time constants)
+        # forward and stack forward: see ultimus_triton_fwd, ultimus_triton_stack_fwd (one sample per thread)
         rows = ut._rows_config(B, D, d)
-        pairs = ut._weight_pairs(D, d, rows["WIDTH"], (w, w, w), wo)
-        rows_kwargs = dict(ACC=acc, EXACT_EXP=False, EXP2=dt != torch.float64, D=D, d=d, WIDTH=rows["WIDTH"], **pairs)
-        rows_kwargs["BLOCK_B"] = rows["BLOCK_B"]
-        fwd_grid = cdiv(B, rows["BLOCK_B"])
-        rows_config = f"BLOCK_B={rows['BLOCK_B']} WIDTH={rows['WIDTH']} num_warps={rows['num_warps']}"
-        specs.append(
-            dict(
-                kind="triton",
-                name=f"triton fwd {dtype_name}",
-                fn=ut.ultimus_fwd_kernel,
-                args=[x, y, w, b, w, b, w, b, wo, bo, B, D, 1],
-                kwargs=dict(HAS_BQ=True, HAS_BK=True, HAS_BV=True, HAS_BO=True, RESIDUAL=True, **rows_kwargs),
-                options=dict(num_warps=rows["num_warps"]),
-                roles={"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **{n: ("weight", es) for n in weights}},
-                values=lambda tiles: dict(B=B, stride_xb=D),
-                grid=fwd_grid,
-                grid_emu=lambda tiles, g=fwd_grid: g,
-                samples_per_tile=rows["BLOCK_B"],
-                persistent=False,
-                tiles_real=fwd_grid,
-                B=B,
-                dram_bytes_per_sample=2 * D * es,
-                bench=("triton", "fwd", dtype_name),
-                config=rows_config,
-            )
-        )
+        launch = dict(D=D, d=d, WIDTH=rows["WIDTH"], BLOCK_B=rows["BLOCK_B"], **exp)
+        grid = cdiv(B, rows["BLOCK_B"])
+        config = f"BLOCK_B={rows['BLOCK_B']} WIDTH={rows['WIDTH']} num_warps={rows['num_warps']}"
+        specs.append(_spec(
+            B, f"triton fwd {dtype_name}", ut.ultimus_fwd_kernel, [x, y, w, b, w, b, w, b, wo, bo, B, D, 1],
+            dict(**flags, HAS_BO=True, **launch, **pairs), rows["num_warps"],
+            {"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **weight_roles}, lambda tiles: dict(B=B, stride_xb=D),
+            grid, rows["BLOCK_B"], 2 * D * es, ("triton", "fwd", dtype_name), config,
+        ))  # fmt: skip
+        h_is_y = dt == packed.dtype
+        specs.append(_spec(
+            B, f"triton stack fwd L={L} {dtype_name}", ut.ultimus_stack_fwd_kernel,
+            [x, y if h_is_y else packed, y, packed, B, L, D, 1],
+            dict(HAS_BIAS=True, RESIDUAL=True, H_IS_Y=h_is_y, **launch, **stack_pairs), rows["num_warps"],
+            {"x_ptr": ("act_in", es), "h_ptr": ("act_out", es), "y_ptr": ("act_out", es), **stack_roles},
+            lambda tiles: dict(B=B, L=L, stride_xb=D), grid, rows["BLOCK_B"], 2 * D * es,
+            ("triton-stack", "fwd", dtype_name), config + f" L={L}",
+        ))  # fmt: skip
 
-        # backward for small blocks: see ultimus_triton_bwd and _rows_backward_config
-        bwd_flags = dict(HAS_BQ=True, HAS_BK=True, HAS_BV=True, RESIDUAL=True, NEED_GX=True, NEED_GW=True)
-        bwd_roles = {
-            "gy_ptr": ("act_in", es),
-            "x_ptr": ("act_in", es),
-            "gx_ptr": ("act_out", es),
-            "part_ptr": ("partial", 4),
-            **{n: ("weight", es) for n in weights[:-1]},
-        }
-        rows_bwd = ut._rows_backward_config(B, D, d, torch.float64 if dt == torch.float64 else torch.float32)
+        # backward and stack backward for small blocks: see ultimus_triton_bwd, _rows_backward_config
+        rows_bwd = ut._rows_backward_config(B, D, d, acc_dtype)
         if rows_bwd is not None:
-            rows_tiles = cdiv(B, rows_bwd["BLOCK_B"])
-            rows_P = ut._num_programs(rows_tiles, torch.device("cuda", 0))
-            num_params = 4 * d * D + 3 * d + D
-            rows_partials = t(rows_P, num_params, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+            tiles = cdiv(B, rows_bwd["BLOCK_B"])
+            P = ut._num_programs(tiles, cuda)
             launch = {k: v for k, v in rows_bwd.items() if k != "num_warps"}
+            launch.update(D=D, d=d, NUM_PROGRAMS=P, **exp)
+            config = " ".join(f"{k}={v}" for k, v in rows_bwd.items()) + f" NUM_PROGRAMS={P}"
 
-            def rows_bwd_values(tiles, P=rows_P, BLOCK_B=rows_bwd["BLOCK_B"]):
-                return dict(B=P * tiles * BLOCK_B, stride_xb=D, stride_gyb=D, num_tiles=P * tiles)
+            def values(tiles_per_program, P=P, BLOCK_B=rows_bwd["BLOCK_B"]):
+                n = P * tiles_per_program
+                return dict(B=n * BLOCK_B, stride_xb=D, stride_gyb=D, num_tiles=n, L=L)
 
-            specs.append(
-                dict(
-                    kind="triton",
-                    name=f"triton bwd {dtype_name}",
-                    fn=ut.ultimus_bwd_rows_kernel,
-                    args=[y, x, y, rows_partials, w, b, w, b, w, b, wo, B, D, 1, D, 1, rows_tiles],
-                    kwargs=dict(
-                        D=D,
-                        d=d,
-                        **bwd_flags,
-                        ACC=acc,
-                        EXACT_EXP=False,
-                        EXP2=dt != torch.float64,
-                        NUM_PROGRAMS=rows_P,
-                        **launch,
-                        **pairs,
-                    ),
-                    options=dict(num_warps=rows_bwd["num_warps"]),
-                    roles=bwd_roles,
-                    values=rows_bwd_values,
-                    grid=rows_P,
-                    grid_emu=lambda tiles, P=rows_P: P,
-                    samples_per_tile=rows_bwd["BLOCK_B"],
-                    persistent=True,
-                    tiles_real=rows_tiles,
-                    B=B,
-                    dram_bytes_per_sample=3 * D * es,
-                    bench=("triton", "bwd", dtype_name),
-                    config=" ".join(f"{k}={v}" for k, v in rows_bwd.items()) + f" NUM_PROGRAMS={rows_P}",
-                )
-            )
+            specs.append(_spec(
+                B, f"triton bwd {dtype_name}", ut.ultimus_bwd_rows_kernel,
+                [y, x, y, t(P, num_params, dtype=acc_dtype), w, b, w, b, w, b, wo, B, D, 1, D, 1, tiles],
+                dict(**flags, **need, **launch, **pairs), rows_bwd["num_warps"], {**bwd_roles, **weight_roles}, values,
+                P, rows_bwd["BLOCK_B"], 3 * D * es, ("triton", "bwd", dtype_name), config, persistent=True, tiles=tiles,
+            ))  # fmt: skip
+            scratch = t(2, P * rows_bwd["BLOCK_B"], D, dtype=acc_dtype)
+            specs.append(_spec(
+                B, f"triton stack bwd L={L} {dtype_name}", ut.ultimus_stack_bwd_rows_kernel,
+                [y, x, y, t(P, L * num_params, dtype=acc_dtype), packed, scratch[0], scratch[1], B, L, D, 1, D, 1,
+                 tiles],
+                dict(HAS_BIAS=True, RESIDUAL=True, **need, **launch, **stack_pairs), rows_bwd["num_warps"],
+                {**bwd_roles, **stack_roles, "h_ptr": ("partial", 4), "g_ptr": ("partial", 4)}, values, P,
+                rows_bwd["BLOCK_B"], 3 * D * es, ("triton-stack", "bwd", dtype_name), config + f" L={L}",
+                persistent=True, tiles=tiles,
+            ))  # fmt: skip
 
-        # backward for larger blocks, tiles (the stack backward shares its helpers): see ultimus_triton_bwd
-        num_tiles = cdiv(B, BLOCK_B)
-        P = ut._num_programs(num_tiles, torch.device("cuda", 0))
-        num_params = 4 * d * D + 3 * d + D
-        partials = t(P, num_params, dtype=torch.float64 if dt == torch.float64 else torch.float32)
-        gy, gx = t(64, D), t(64, D)
+        # the tile kernels (the backward of larger blocks; the old design's numbers for D = 48, d = 8)
+        BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages = ut._tile_config(B, D, d)
+        tiles = cdiv(B, BLOCK_B)
+        P = ut._num_programs(tiles, cuda)
+        launch = dict(ACC=acc, EXACT_EXP=False, NUM_PROGRAMS=P, BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM)
+        launch["BLOCK_ATT"] = BLOCK_ATT
+        config = f"BLOCK_B={BLOCK_B} BLOCK_DIM={BLOCK_DIM} BLOCK_ATT={BLOCK_ATT} num_warps={num_warps} "
+        config += f"num_stages={num_stages} NUM_PROGRAMS={P}"
 
-        def bwd_values(tiles, P=P, BLOCK_B=BLOCK_B):
-            return dict(
-                B=P * tiles * BLOCK_B, D=D, d=d, stride_xb=D, stride_gyb=D, num_tiles=P * tiles, NUM_PARAMS=num_params
-            )
+        def tile_values(tiles_per_program, P=P, BLOCK_B=BLOCK_B):
+            n = P * tiles_per_program
+            return dict(B=n * BLOCK_B, D=D, d=d, stride_xb=D, stride_gyb=D, num_tiles=n, NUM_PARAMS=num_params, L=L)
 
-        specs.append(
-            dict(
-                kind="triton",
-                name=f"triton bwd (tiles) {dtype_name}",
-                fn=ut.ultimus_bwd_kernel,
-                args=[gy, x, gx, partials, w, b, w, b, w, b, wo, B, D, d, D, 1, D, 1, num_tiles, num_params],
-                kwargs=dict(
-                    **bwd_flags,
-                    ACC=acc,
-                    EXACT_EXP=False,
-                    NUM_PROGRAMS=P,
-                    BLOCK_B=BLOCK_B,
-                    BLOCK_DIM=BLOCK_DIM,
-                    BLOCK_ATT=BLOCK_ATT,
-                ),
-                options=dict(num_warps=num_warps, num_stages=num_stages),
-                roles=bwd_roles,
-                values=bwd_values,
-                grid=P,
-                grid_emu=lambda tiles, P=P: P,
-                samples_per_tile=BLOCK_B,
-                persistent=True,
-                tiles_real=num_tiles,
-                B=B,
-                dram_bytes_per_sample=3 * D * es,
-                bench=("triton", "bwd", dtype_name),
-                config=config + f" num_stages={num_stages} NUM_PROGRAMS={P}",
-            )
-        )
-
-        # the stack of L = 4 blocks: see ultimus_triton_stack_fwd / _bwd (packed parameters, one partial
-        # row of L * num_params numbers per program, zeroed and added to tile by tile)
-        L = 4
-        packed = t(L, num_params, dtype=partials.dtype)
-        stack_weights = {"p_ptr": ("weight", partials.element_size())}
-        specs.append(
-            dict(
-                kind="triton",
-                name=f"triton stack fwd L={L} {dtype_name}",
-                fn=ut.ultimus_stack_fwd_kernel,
-                args=[x, y if dt == packed.dtype else packed, y, packed, B, L, D, 1],
-                kwargs=dict(
-                    HAS_BIAS=True,
-                    RESIDUAL=True,
-                    H_IS_Y=dt == packed.dtype,
-                    **{**rows_kwargs, **ut._weight_pairs(D, d, rows["WIDTH"], (packed,), packed)},
-                ),
-                options=dict(num_warps=rows["num_warps"]),
-                roles={"x_ptr": ("act_in", es), "h_ptr": ("act_out", es), "y_ptr": ("act_out", es), **stack_weights},
-                values=lambda tiles, L=L: dict(B=B, L=L, stride_xb=D),
-                grid=fwd_grid,
-                grid_emu=lambda tiles, g=fwd_grid: g,
-                samples_per_tile=rows["BLOCK_B"],
-                persistent=False,
-                tiles_real=fwd_grid,
-                B=B,
-                dram_bytes_per_sample=2 * D * es,
-                bench=("triton-stack", "fwd", dtype_name),
-                config=rows_config + f" L={L}",
-            )
-        )
-        if rows_bwd is not None:  # see ultimus_triton_stack_bwd: per-program scratch rows h and g
-            rows_stack_partials = t(rows_P, L * num_params, dtype=rows_partials.dtype)
-            scratch = t(2, rows_P * rows_bwd["BLOCK_B"], D, dtype=rows_partials.dtype)
-            stack_pairs = ut._weight_pairs(D, d, rows["WIDTH"], (packed,), packed)
-
-            def rows_stack_bwd_values(tiles, L=L):
-                return dict(rows_bwd_values(tiles), L=L)
-
-            specs.append(
-                dict(
-                    kind="triton",
-                    name=f"triton stack bwd L={L} {dtype_name}",
-                    fn=ut.ultimus_stack_bwd_rows_kernel,
-                    args=[y, x, y, rows_stack_partials, packed, scratch[0], scratch[1], B, L, D, 1, D, 1, rows_tiles],
-                    kwargs=dict(
-                        HAS_BIAS=True,
-                        RESIDUAL=True,
-                        NEED_GX=True,
-                        NEED_GW=True,
-                        ACC=acc,
-                        EXACT_EXP=False,
-                        EXP2=dt != torch.float64,
-                        NUM_PROGRAMS=rows_P,
-                        D=D,
-                        d=d,
-                        **launch,
-                        **stack_pairs,
-                    ),
-                    options=dict(num_warps=rows_bwd["num_warps"]),
-                    roles={**bwd_roles, **stack_weights, "h_ptr": ("partial", 4), "g_ptr": ("partial", 4)},
-                    values=rows_stack_bwd_values,
-                    grid=rows_P,
-                    grid_emu=lambda tiles, P=rows_P: P,
-                    samples_per_tile=rows_bwd["BLOCK_B"],
-                    persistent=True,
-                    tiles_real=rows_tiles,
-                    B=B,
-                    dram_bytes_per_sample=3 * D * es,
-                    bench=("triton-stack", "bwd", dtype_name),
-                    config=" ".join(f"{k}={v}" for k, v in rows_bwd.items()) + f" NUM_PROGRAMS={rows_P} L={L}",
-                )
-            )
-        else:  # the tile kernel (larger blocks)
-            stack_partials = t(P, L * num_params, dtype=partials.dtype)
-
-            def stack_bwd_values(tiles, P=P, BLOCK_B=BLOCK_B, L=L):
-                return dict(bwd_values(tiles, P, BLOCK_B), L=L)
-
-            specs.append(
-                dict(
-                    kind="triton",
-                    name=f"triton stack bwd L={L} {dtype_name}",
-                    fn=ut.ultimus_stack_bwd_kernel,
-                    args=[gy, x, gx, stack_partials, packed, B, D, d, L, D, 1, D, 1, num_tiles, num_params],
-                    kwargs=dict(
-                        HAS_BIAS=True,
-                        RESIDUAL=True,
-                        NEED_GX=True,
-                        NEED_GW=True,
-                        ACC=acc,
-                        EXACT_EXP=False,
-                        NUM_PROGRAMS=P,
-                        BLOCK_B=BLOCK_B,
-                        BLOCK_DIM=BLOCK_DIM,
-                        BLOCK_ATT=BLOCK_ATT,
-                    ),
-                    options=dict(num_warps=num_warps, num_stages=num_stages),
-                    roles={
-                        "gy_ptr": ("act_in", es),
-                        "x_ptr": ("act_in", es),
-                        "gx_ptr": ("act_out", es),
-                        "part_ptr": ("partial", 4),
-                        **stack_weights,
-                    },
-                    values=stack_bwd_values,
-                    grid=P,
-                    grid_emu=lambda tiles, P=P: P,
-                    samples_per_tile=BLOCK_B,
-                    persistent=True,
-                    tiles_real=num_tiles,
-                    B=B,
-                    dram_bytes_per_sample=3 * D * es,
-                    bench=("triton-stack", "bwd", dtype_name),
-                    config=config + f" num_stages={num_stages} NUM_PROGRAMS={P} L={L}",
-                )
-            )
+        specs.append(_spec(
+            B, f"triton bwd (tiles) {dtype_name}", ut.ultimus_bwd_kernel,
+            [y, x, y, t(P, num_params, dtype=acc_dtype), w, b, w, b, w, b, wo, B, D, d, D, 1, D, 1, tiles, num_params],
+            dict(**flags, **need, **launch), num_warps, {**bwd_roles, **weight_roles}, tile_values, P, BLOCK_B,
+            3 * D * es, ("triton", "bwd", dtype_name), config, persistent=True, tiles=tiles, num_stages=num_stages,
+        ))  # fmt: skip
+        specs.append(_spec(
+            B, f"triton stack bwd (tiles) L={L} {dtype_name}", ut.ultimus_stack_bwd_kernel,
+            [y, x, y, t(P, L * num_params, dtype=acc_dtype), packed, B, D, d, L, D, 1, D, 1, tiles, num_params],
+            dict(HAS_BIAS=True, RESIDUAL=True, **need, **launch), num_warps, {**bwd_roles, **stack_roles},
+            tile_values, P, BLOCK_B, 3 * D * es, ("triton-stack", "bwd", dtype_name), config + f" L={L}",
+            persistent=True, tiles=tiles, num_stages=num_stages,
+        ))  # fmt: skip
     return specs
