@@ -231,6 +231,15 @@ def _attend_rows(q, k, v, scale, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, d:
 
 
 @triton.jit
+def _copy_rows(src_rows, src_stride_d, dst_rows, row_ok, ACC: tl.constexpr, D: tl.constexpr, WIDTH: tl.constexpr):
+    """dst = src for the rows of a tile, through the accumulation dtype."""
+    for c in tl.range(0, D, WIDTH):
+        offs = c + tl.arange(0, WIDTH)
+        tile = tl.load(src_rows[:, None] + offs[None, :] * src_stride_d, mask=row_ok[:, None], other=0.0)
+        tl.store(dst_rows[:, None] + offs[None, :], tile.to(ACC).to(dst_rows.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
 def _block_forward_rows(
     src_rows, src_stride_d, dst_rows, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, scale,
     HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -326,11 +335,7 @@ def ultimus_stack_fwd_kernel(
             WO_PAIRS,
         )  # fmt: skip
     if not H_IS_Y:
-        y_rows = y_ptr + rows * D
-        for c in tl.range(0, D, WIDTH):
-            offs = c + tl.arange(0, WIDTH)
-            tile = tl.load(h_rows[:, None] + offs[None, :], mask=row_ok[:, None], other=0.0)
-            tl.store(y_rows[:, None] + offs[None, :], tile.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
+        _copy_rows(h_rows, 1, y_ptr + rows * D, row_ok, ACC, D, WIDTH)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -548,14 +553,6 @@ def ultimus_bwd_rows_kernel(
         tl.store(row + wo_t_at[0], acc_wo_t, mask=wo_t_at[1])
         tl.store(row + b3_at[0], acc_b3, mask=b3_at[1])
         tl.store(row + bo_at[0], acc_bo, mask=bo_at[1])
-
-
-@triton.jit
-def _copy_rows(src_rows, src_stride_d, dst_rows, row_ok, ACC: tl.constexpr, D: tl.constexpr, WIDTH: tl.constexpr):
-    for c in tl.range(0, D, WIDTH):
-        offs = c + tl.arange(0, WIDTH)
-        tile = tl.load(src_rows[:, None] + offs[None, :] * src_stride_d, mask=row_ok[:, None], other=0.0)
-        tl.store(dst_rows[:, None] + offs[None, :], tile.to(ACC).to(dst_rows.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
