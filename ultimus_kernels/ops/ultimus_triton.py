@@ -100,14 +100,27 @@ def _split_columns(tile, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _columns_to_tile(cols, LOG2_WIDTH: tl.constexpr):
+    """A tuple of 2^LOG2_WIDTH (BLOCK_B,) vectors -> the (BLOCK_B, 2^LOG2_WIDTH) tile with them as its
+    columns, in order: pairs (t, t + half) joined level by level, so the reshape reads them back in order."""
+    level = cols
+    for lvl in tl.static_range(LOG2_WIDTH):
+        nxt = ()
+        for t in tl.static_range(1 << (LOG2_WIDTH - lvl - 1)):
+            nxt = nxt + (tl.join(level[t], level[t + (1 << (LOG2_WIDTH - lvl - 1))]),)
+        level = nxt
+    return tl.reshape(level[0], (cols[0].shape[0], 1 << LOG2_WIDTH))
+
+
+@triton.jit
 def _join_columns(cols, WIDTH: tl.constexpr):
     """The inverse of _split_columns."""
     if WIDTH == 1:
-        return tl.reshape(cols[0], (cols[0].shape[0], 1))
+        return _columns_to_tile(cols, 0)
     elif WIDTH == 2:
-        return tl.join(cols[0], cols[1])
+        return _columns_to_tile(cols, 1)
     else:
-        return tl.reshape(tl.join(tl.join(cols[0], cols[2]), tl.join(cols[1], cols[3])), (cols[0].shape[0], 4))
+        return _columns_to_tile(cols, 2)
 
 
 @triton.jit
@@ -403,19 +416,6 @@ def _attend_rows_backward(q, k, v, gz, scale, EXACT_EXP: tl.constexpr, EXP2: tl.
     for j in tl.static_range(d):
         scaled_gk = scaled_gk + (scale * gk[j],)
     return gq, scaled_gk, gv, z
-
-
-@triton.jit
-def _columns_to_tile(cols, LOG2_WIDTH: tl.constexpr):
-    """A tuple of 2^LOG2_WIDTH (BLOCK_B,) vectors -> the (BLOCK_B, 2^LOG2_WIDTH) tile with them as its
-    columns, in order: pairs (t, t + half) joined level by level, so the reshape reads them back in order."""
-    level = cols
-    for lvl in tl.static_range(LOG2_WIDTH):
-        nxt = ()
-        for t in tl.static_range(1 << (LOG2_WIDTH - lvl - 1)):
-            nxt = nxt + (tl.join(level[t], level[t + (1 << (LOG2_WIDTH - lvl - 1))]),)
-        level = nxt
-    return tl.reshape(level[0], (cols[0].shape[0], 1 << LOG2_WIDTH))
 
 
 @triton.jit
