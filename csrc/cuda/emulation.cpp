@@ -1,0 +1,55 @@
+// The CUDA kernels and launchers of ultimus_cuda.cuh, compiled for the CPU emulation of emulation.h:
+// a test-only Python module (tests/test_cuda_emulation.py builds it) whose functions take CPU tensors
+// and run exactly the code that the CUDA extension runs on a GPU, one emulated thread per CUDA thread.
+#define ULTIMUS_CUDA_EMULATION
+#include <torch/extension.h>
+
+#include "ultimus_cuda.cuh"
+
+namespace {
+
+// Which kernel the last launch ran: "rows" (the compile-time-size kernels) or "generic".
+std::string last_kernel_family() {
+  using namespace ultimus;
+  const void* rows_kernels[] = {
+      reinterpret_cast<const void*>(ultimus_fwd_rows_kernel<float, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_fwd_rows_kernel<at::Half, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_fwd_rows_kernel<at::BFloat16, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_bwd_rows_kernel<float, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_bwd_rows_kernel<at::Half, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_bwd_rows_kernel<at::BFloat16, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_stack_fwd_rows_kernel<float, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_stack_fwd_rows_kernel<at::Half, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_stack_fwd_rows_kernel<at::BFloat16, kRowsD, kRowsAttnDim>),
+  };
+  if (ultimus_emulation::last_kernel == nullptr) return "none";
+  for (const void* k : rows_kernels)
+    if (k == ultimus_emulation::last_kernel) return "rows";
+  return "generic";
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "The Ultimus CUDA kernels run by a CPU emulation of CUDA (for tests on machines without a GPU)";
+  m.def("fwd", &ultimus::ultimus_fwd_cuda, "the cuda fwd op's kernel, on CPU tensors");
+  m.def("bwd", &ultimus::ultimus_bwd_cuda, "the cuda bwd op's kernel, on CPU tensors");
+  m.def(
+      "stack_fwd",
+      [](const at::Tensor& x, const std::vector<at::Tensor>& params, bool bias, bool residual) {
+        return ultimus::ultimus_stack_fwd_cuda(x, params, bias, residual);
+      },
+      "the cuda stack_fwd op's kernel, on CPU tensors");
+  m.def(
+      "stack_bwd",
+      [](const at::Tensor& gy, const at::Tensor& x, const std::vector<at::Tensor>& params, bool bias, bool residual,
+         bool need_gx, bool need_gw) {
+        return ultimus::ultimus_stack_bwd_cuda(gy, x, params, bias, residual, need_gx, need_gw);
+      },
+      "the cuda stack_bwd op's kernel, on CPU tensors");
+  m.def("last_kernel", &last_kernel_family, "'rows' or 'generic': the family of the last kernel launched");
+  m.def("launches", [] { return ultimus_emulation::launches; }, "kernel launches so far");
+  m.def(
+      "set_multiprocessors", [](int n) { ultimus_emulation::multiprocessors = n; },
+      "the emulated device's SM count (the persistent grids' size)");
+}

@@ -1,0 +1,91 @@
+// A CPU emulation of the small part of CUDA that the Ultimus kernels use, so that the very same
+// kernel source runs, and is tested, on machines without a GPU (tests/test_cuda_emulation.py builds
+// csrc/cuda/emulation.cpp with ULTIMUS_CUDA_EMULATION defined). It checks what a kernel computes,
+// not how fast: each thread block runs as blockDim.x std::threads, blocks one after another;
+// __syncthreads() is a std::barrier; dynamic shared memory is one buffer per block, filled with NaN
+// bytes before the block starts so that a read of a value nobody wrote shows up in the results.
+// What it cannot show: data races between threads that a barrier does not order on the GPU either
+// look right here only by luck of scheduling, so keep every cross-thread exchange behind a barrier.
+#pragma once
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+
+namespace ultimus_emulation {
+
+inline thread_local dim3 thread_index, block_index;
+inline dim3 block_dim, grid_dim;
+inline std::barrier<>* block_barrier = nullptr;
+inline unsigned char* shared_memory = nullptr;
+// The kernel of the last launch (tests check which kernel a launcher chose) and the launch count.
+inline const void* last_kernel = nullptr;
+inline int64_t launches = 0;
+// The device the launchers see: an H100's shared memory, but few SMs, so that a persistent grid
+// walks several tiles per block even at the small batches a test can afford.
+inline int multiprocessors = 2;
+inline int shared_memory_per_block = 227 * 1024;
+
+// Runs kernel(args...) on a grid of thread blocks, one block at a time.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args&&... args) {
+  last_kernel = reinterpret_cast<const void*>(kernel);
+  ++launches;
+  const unsigned threads = block.x * block.y * block.z;
+  std::vector<float4> shared((shared_bytes + sizeof(float4) - 1) / sizeof(float4) + 1);
+  block_dim = block;
+  grid_dim = grid;
+  shared_memory = reinterpret_cast<unsigned char*>(shared.data());
+  for (unsigned bx = 0; bx < grid.x; ++bx) {
+    std::memset(shared.data(), 0xff, shared.size() * sizeof(float4));  // NaN until written
+    std::barrier<> barrier(threads);
+    block_barrier = &barrier;
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (unsigned tx = 0; tx < threads; ++tx)
+      pool.emplace_back([&, tx, bx] {
+        thread_index = dim3(tx);
+        block_index = dim3(bx);
+        kernel(args...);
+        barrier.arrive_and_drop();  // an exited thread no longer holds up __syncthreads
+      });
+    for (auto& t : pool) t.join();
+  }
+  block_barrier = nullptr;
+  shared_memory = nullptr;
+}
+
+}  // namespace ultimus_emulation
+
+#define threadIdx (::ultimus_emulation::thread_index)
+#define blockIdx (::ultimus_emulation::block_index)
+#define blockDim (::ultimus_emulation::block_dim)
+#define gridDim (::ultimus_emulation::grid_dim)
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define ULTIMUS_DYNAMIC_SHARED(name) unsigned char* name = ::ultimus_emulation::shared_memory
+
+inline void __syncthreads() { ::ultimus_emulation::block_barrier->arrive_and_wait(); }
+inline float __fdividef(float a, float b) { return a / b; }
+using std::exp;
+using std::exp2;
+using std::fma;

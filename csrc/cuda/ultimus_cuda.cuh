@@ -1,0 +1,1109 @@
+// The Ultimus block on CUDA: the kernels and their launchers. ultimus_cuda.cu compiles this file with
+// nvcc and registers the launchers as the ops' CUDA kernels; csrc/cuda/emulation.cpp compiles the very
+// same file with a C++ compiler and ULTIMUS_CUDA_EMULATION defined, which runs the kernels on the CPU
+// (emulation.h), so that the tests check what they compute on machines without a GPU.
+//
+// Math (docs/ULTIMUS_MATH.md): q, k, v = W* x + b*; A = softmax_j(s q_i k_j); z = V.A; y = Wo z + bo (+ x).
+// The backward recomputes q, k, v and A from x; the softmax exponent is s q_i (k_j - k_ext), exact.
+//
+// Two families of kernels, both one thread per sample (row):
+//   * the rows kernels (ultimus_*_rows_kernel) for the common block, D = 48 and d = 8 known at compile
+//     time, float32/float16/bfloat16 activations with float32 math: a thread holds its whole row in
+//     registers, read and written as 16-byte vectors; the weights sit in shared memory transposed so
+//     that every read is a 16-byte broadcast; the grid is persistent and sized by the occupancy API;
+//   * the generic kernels, for every other size and for float64, with run-time D and d (below).
+//
+// Generic layout. A thread block owns a tile of `rows` = blockDim.x rows and walks the batch with a
+// grid stride. Shared memory holds, in this order:
+//   params [gWq-style layout: wq (d*D) | wk | wv | wo (D*d) | bq (d) | bk | bv | bo (D)], absent
+//          biases as zeros; every thread of a warp reads the same weight, a broadcast;
+//   x tile [rows][D + 1] (and the gy tile in the backward), loaded and stored coalesced; the +1
+//          pad puts the rows of consecutive threads in different banks;
+//   backward only: gq, gk, gv, z of every row [rows][4d + 1], for the parameter gradients.
+// Per-sample vectors (q, k, v, z, a row of A...) live in registers: the loops over d are unrolled
+// up to the compile-time bound MAXA (8 or 32) with `i < d` guards, so indices are constants.
+//
+// Determinism. Each thread block owns one row of parameter-gradient partials, which it accumulates
+// into tile after tile in a fixed order; the host sums the rows in a fixed order.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <unordered_map>
+
+#include "../ultimus.h"
+
+#ifdef ULTIMUS_CUDA_EMULATION
+#include "emulation.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#define ULTIMUS_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace ultimus {
+namespace {
+
+template <typename acc_t>
+using DeviceParams = ParamPtrs<acc_t, int>;
+
+// Copies the parameters into shared memory in the partial-row layout of ultimus.h.
+template <typename acc_t>
+__device__ void load_params(acc_t* sp, const DeviceParams<acc_t>& p) {
+  const int D = p.D, d = p.d, dD = d * D;
+  const int total = 4 * dD + 3 * d + D;
+  for (int e = threadIdx.x; e < total; e += blockDim.x) {
+    acc_t val;
+    if (e < 4 * dD) {
+      const acc_t* w = e < dD ? p.wq : e < 2 * dD ? p.wk : e < 3 * dD ? p.wv : p.wo;
+      val = w[e % dD];
+    } else {
+      const int b = e - 4 * dD;
+      const acc_t* bias = b < d ? p.bq : b < 2 * d ? p.bk : b < 3 * d ? p.bv : p.bo;
+      val = bias ? bias[b < 3 * d ? b % d : b - 3 * d] : acc_t(0);
+    }
+    sp[e] = val;
+  }
+}
+
+template <typename acc_t, int MAXA>
+__device__ __forceinline__ void project_qkv(const acc_t* sp, const acc_t* xrow, int D, int d, acc_t (&q)[MAXA],
+                                            acc_t (&k)[MAXA], acc_t (&v)[MAXA]) {
+  const acc_t *wq = sp, *wk = sp + d * D, *wv = sp + 2 * d * D, *bias = sp + 4 * d * D;
+#pragma unroll
+  for (int i = 0; i < MAXA; ++i) {
+    q[i] = i < d ? bias[i] : acc_t(0);
+    k[i] = i < d ? bias[d + i] : acc_t(0);
+    v[i] = i < d ? bias[2 * d + i] : acc_t(0);
+  }
+  for (int n = 0; n < D; ++n) {
+    const acc_t xn = xrow[n];
+#pragma unroll
+    for (int i = 0; i < MAXA; ++i)
+      if (i < d) {
+        q[i] += wq[i * D + n] * xn;
+        k[i] += wk[i * D + n] * xn;
+        v[i] += wv[i * D + n] * xn;
+      }
+  }
+}
+
+// The extremes of k over j: row i's largest logit s q_i k_j is at k_max when q_i >= 0, else at k_min.
+template <typename acc_t, int MAXA>
+__device__ __forceinline__ void k_extremes(const acc_t (&k)[MAXA], int d, acc_t& k_max, acc_t& k_min) {
+  k_max = k_min = k[0];
+#pragma unroll
+  for (int j = 1; j < MAXA; ++j)
+    if (j < d) {
+      k_max = k[j] > k_max ? k[j] : k_max;
+      k_min = k[j] < k_min ? k[j] : k_min;
+    }
+}
+
+// a[j] = A[i, j] = softmax_j(s q_i k[j]), for one row i. The exponent s q_i k_j - max is computed as
+// s q_i (k_j - k_ext): a rounded difference keeps its sign and is 0 only for equal operands, so every
+// exponent is <= 0 and the largest is exactly 0 however nvcc contracts (a fused `q k - max` leaves the
+// top entry a rounding error from 0, and exp overflows for large finite logits). See ultimus_cpu.cpp.
+template <typename acc_t, int MAXA>
+__device__ __forceinline__ void attention_row(acc_t q_i, const acc_t (&k)[MAXA], acc_t k_max, acc_t k_min, int d,
+                                              acc_t scale, acc_t (&a)[MAXA]) {
+  const acc_t sq = scale * q_i;
+  const acc_t k_ext = sq >= acc_t(0) ? k_max : k_min;
+  acc_t total = 0;
+#pragma unroll
+  for (int j = 0; j < MAXA; ++j) {
+    // k_j - k_ext can overflow for |k| near the dtype's limit; with sq = 0 the logit is sq * k_j = 0.
+    const acc_t exponent = sq == acc_t(0) ? sq * k[j] : sq * (k[j] - k_ext);
+    a[j] = j < d ? exp(exponent) : acc_t(0);
+    total += a[j];
+  }
+  const acc_t inv = acc_t(1) / total;
+#pragma unroll
+  for (int j = 0; j < MAXA; ++j) a[j] *= inv;
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_tile(const scalar_t* src, int64_t s0, int64_t s1, int64_t row0, int64_t B,
+                                          int D, acc_t* tile) {
+  const int rows = blockDim.x, ld = D + 1;
+  for (int e = threadIdx.x; e < rows * D; e += rows) {
+    const int r = e / D, n = e % D;
+    const int64_t b = row0 + r;
+    tile[r * ld + n] = b < B ? static_cast<acc_t>(src[b * s0 + n * s1]) : acc_t(0);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_tile(const acc_t* tile, int64_t row0, int64_t B, int D, scalar_t* dst) {
+  const int rows = blockDim.x, ld = D + 1;
+  for (int e = threadIdx.x; e < rows * D; e += rows) {
+    const int r = e / D, n = e % D;
+    const int64_t b = row0 + r;
+    if (b < B) dst[b * D + n] = static_cast<scalar_t>(tile[r * ld + n]);
+  }
+}
+
+// Copies a packed parameter row (a stack's block, already in the partial-row layout) into shared memory.
+template <typename acc_t>
+__device__ __forceinline__ void load_packed(acc_t* sp, const acc_t* __restrict__ row, int np) {
+  for (int e = threadIdx.x; e < np; e += blockDim.x) sp[e] = row[e];
+}
+
+// One block's forward on this thread's row of a tile, in place; the block's parameters in shared memory.
+template <typename acc_t, int MAXA>
+__device__ __forceinline__ void block_forward_row(const acc_t* sp, acc_t* xrow, int D, int d, acc_t scale,
+                                                  bool residual) {
+  const acc_t* wo = sp + 3 * d * D;
+  const acc_t* bo = sp + 4 * d * D + 3 * d;
+  acc_t q[MAXA], k[MAXA], v[MAXA], z[MAXA], a[MAXA];
+  project_qkv<acc_t, MAXA>(sp, xrow, D, d, q, k, v);
+  acc_t k_max, k_min;
+  k_extremes<acc_t, MAXA>(k, d, k_max, k_min);
+#pragma unroll
+  for (int j = 0; j < MAXA; ++j) z[j] = 0;
+#pragma unroll
+  for (int i = 0; i < MAXA; ++i)
+    if (i < d) {
+      attention_row<acc_t, MAXA>(q[i], k, k_max, k_min, d, scale, a);
+#pragma unroll
+      for (int j = 0; j < MAXA; ++j) z[j] += v[i] * a[j];
+    }
+  for (int n = 0; n < D; ++n) {  // y overwrites x: each output feature reads only its own input feature
+    acc_t out = bo[n] + (residual ? xrow[n] : acc_t(0));
+#pragma unroll
+    for (int j = 0; j < MAXA; ++j)
+      if (j < d) out += wo[n * d + j] * z[j];
+    xrow[n] = out;
+  }
+}
+
+// One block's backward on this thread's row: recomputes q, k, v and A from the block's input xrow,
+// returns gq, gk, gv (for the input gradient) and writes gq | gk | gv | z to grow (for the parameter
+// gradients, which the whole thread block sums over its rows).
+template <typename acc_t, int MAXA>
+__device__ __forceinline__ void block_backward_row(const acc_t* sp, const acc_t* xrow, const acc_t* gyrow, int D,
+                                                   int d, acc_t scale, acc_t* grow, acc_t (&gq)[MAXA],
+                                                   acc_t (&gk)[MAXA], acc_t (&gv)[MAXA]) {
+  const acc_t* wo = sp + 3 * d * D;
+  acc_t q[MAXA], k[MAXA], v[MAXA], a[MAXA], gz[MAXA], z[MAXA];
+  project_qkv<acc_t, MAXA>(sp, xrow, D, d, q, k, v);
+  acc_t k_max, k_min;
+  k_extremes<acc_t, MAXA>(k, d, k_max, k_min);
+#pragma unroll
+  for (int j = 0; j < MAXA; ++j) gz[j] = gk[j] = z[j] = gq[j] = gv[j] = 0;
+  for (int n = 0; n < D; ++n) {
+    const acc_t g = gyrow[n];
+#pragma unroll
+    for (int j = 0; j < MAXA; ++j)
+      if (j < d) gz[j] += wo[n * d + j] * g;
+  }
+#pragma unroll
+  for (int i = 0; i < MAXA; ++i)
+    if (i < d) {
+      attention_row<acc_t, MAXA>(q[i], k, k_max, k_min, d, scale, a);
+      acc_t r = 0;
+#pragma unroll
+      for (int j = 0; j < MAXA; ++j) {
+        r += a[j] * gz[j];
+        z[j] += v[i] * a[j];
+      }
+      gv[i] = r;
+#pragma unroll
+      for (int j = 0; j < MAXA; ++j) {
+        const acc_t g_score = a[j] * v[i] * (gz[j] - r) * scale;
+        gq[i] += g_score * k[j];
+        gk[j] += g_score * q[i];
+      }
+    }
+#pragma unroll
+  for (int i = 0; i < MAXA; ++i)
+    if (i < d) {
+      grow[i] = gq[i];
+      grow[d + i] = gk[i];
+      grow[2 * d + i] = gv[i];
+      grow[3 * d + i] = z[i];
+    }
+}
+
+// The tile's contribution to one block's partial row: xs holds the block's inputs, gys the gradients
+// of its outputs, gs every row's gq | gk | gv | z. Element e is always handled by thread e % blockDim.x
+// (here and where the row is zeroed), so the row needs no barrier of its own.
+template <typename acc_t>
+__device__ void accumulate_partials(acc_t* my_partial, const acc_t* xs, const acc_t* gys, const acc_t* gs, int D,
+                                    int d) {
+  const int rows = blockDim.x, ld = D + 1, ldg = 4 * d + 1, dD = d * D, np = num_params(D, d);
+  for (int e = threadIdx.x; e < np; e += rows) {
+    acc_t sum = 0;
+    if (e < 3 * dD) {  // gWq, gWk, gWv [i][n] = sum_r g*[r][i] x[r][n]
+      const int m = e / dD, i = (e % dD) / D, n = e % D;
+      for (int r = 0; r < rows; ++r) sum += gs[r * ldg + m * d + i] * xs[r * ld + n];
+    } else if (e < 4 * dD) {  // gWo[n][j] = sum_r gy[r][n] z[r][j]
+      const int n = (e - 3 * dD) / d, j = (e - 3 * dD) % d;
+      for (int r = 0; r < rows; ++r) sum += gys[r * ld + n] * gs[r * ldg + 3 * d + j];
+    } else if (e < 4 * dD + 3 * d) {  // gbq, gbk, gbv
+      const int b = e - 4 * dD;
+      for (int r = 0; r < rows; ++r) sum += gs[r * ldg + b];
+    } else {  // gbo
+      const int n = e - 4 * dD - 3 * d;
+      for (int r = 0; r < rows; ++r) sum += gys[r * ld + n];
+    }
+    my_partial[e] += sum;
+  }
+}
+
+// This row's input gradient, written to out_row (which may be gyrow itself: each element is read
+// before it is written).
+template <typename acc_t, int MAXA>
+__device__ __forceinline__ void input_grad_row(const acc_t* sp, const acc_t* gyrow, const acc_t (&gq)[MAXA],
+                                               const acc_t (&gk)[MAXA], const acc_t (&gv)[MAXA], int D, int d,
+                                               bool residual, acc_t* out_row) {
+  const acc_t *wq = sp, *wk = sp + d * D, *wv = sp + 2 * d * D;
+  for (int n = 0; n < D; ++n) {
+    acc_t out = residual ? gyrow[n] : acc_t(0);
+#pragma unroll
+    for (int i = 0; i < MAXA; ++i)
+      if (i < d) out += wq[i * D + n] * gq[i] + wk[i * D + n] * gk[i] + wv[i * D + n] * gv[i];
+    out_row[n] = out;
+  }
+}
+
+template <typename scalar_t, typename acc_t, int MAXA>
+__global__ void ultimus_fwd_kernel(const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1, scalar_t* __restrict__ y,
+                                   DeviceParams<acc_t> p, int64_t B, bool residual) {
+  ULTIMUS_DYNAMIC_SHARED(smem_raw);
+  acc_t* sp = reinterpret_cast<acc_t*>(smem_raw);
+  const int D = p.D, d = p.d, ld = D + 1;
+  acc_t* xs = sp + num_params(D, d);
+  load_params(sp, p);
+  for (int64_t row0 = int64_t(blockIdx.x) * blockDim.x; row0 < B; row0 += int64_t(gridDim.x) * blockDim.x) {
+    __syncthreads();  // parameters loaded; the previous tile stored
+    load_tile(x, sx0, sx1, row0, B, D, xs);
+    __syncthreads();
+    block_forward_row<acc_t, MAXA>(sp, xs + threadIdx.x * ld, D, d, p.scale, residual);
+    __syncthreads();
+    store_tile(xs, row0, B, D, y);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int MAXA>
+__global__ void ultimus_bwd_kernel(const scalar_t* __restrict__ gy, int64_t sg0, int64_t sg1,
+                                   const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1, scalar_t* __restrict__ gx,
+                                   acc_t* __restrict__ partials, DeviceParams<acc_t> p, int64_t B, bool residual) {
+  ULTIMUS_DYNAMIC_SHARED(smem_raw);
+  acc_t* sp = reinterpret_cast<acc_t*>(smem_raw);
+  const int D = p.D, d = p.d, ld = D + 1, rows = blockDim.x;
+  const int np = num_params(D, d), ldg = 4 * d + 1;
+  acc_t* xs = sp + np;
+  acc_t* gys = xs + rows * ld;
+  acc_t* gs = gys + rows * ld;  // per row: gq (d) | gk (d) | gv (d) | z (d)
+  load_params(sp, p);
+  acc_t* my_partial = partials ? partials + int64_t(blockIdx.x) * np : nullptr;
+  if (my_partial)
+    for (int e = threadIdx.x; e < np; e += rows) my_partial[e] = 0;
+
+  for (int64_t row0 = int64_t(blockIdx.x) * rows; row0 < B; row0 += int64_t(gridDim.x) * rows) {
+    __syncthreads();
+    load_tile(x, sx0, sx1, row0, B, D, xs);
+    load_tile(gy, sg0, sg1, row0, B, D, gys);  // rows past B load as 0: they add nothing below
+    __syncthreads();
+    acc_t* xrow = xs + threadIdx.x * ld;
+    const acc_t* gyrow = gys + threadIdx.x * ld;
+    acc_t gq[MAXA], gk[MAXA], gv[MAXA];
+    block_backward_row<acc_t, MAXA>(sp, xrow, gyrow, D, d, p.scale, gs + threadIdx.x * ldg, gq, gk, gv);
+    __syncthreads();
+    if (my_partial) accumulate_partials(my_partial, xs, gys, gs, D, d);
+    if (gx) {
+      __syncthreads();  // everyone is done reading x before gx overwrites it
+      input_grad_row<acc_t, MAXA>(sp, gyrow, gq, gk, gv, D, d, residual, xrow);
+      __syncthreads();
+      store_tile(xs, row0, B, D, gx);
+    }
+  }
+}
+
+// The stack: L blocks per launch, their parameters packed (L, np) in the partial-row layout. Shared
+// memory holds one block's parameters at a time, reloaded (from L2) as the tile moves through the
+// blocks: any number of blocks fits, at the cost of np loads per block per tile.
+template <typename scalar_t, typename acc_t, int MAXA>
+__global__ void ultimus_stack_fwd_kernel(const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1,
+                                         scalar_t* __restrict__ y, const acc_t* __restrict__ packed, int L, int D,
+                                         int d, acc_t scale, int64_t B, bool residual) {
+  ULTIMUS_DYNAMIC_SHARED(smem_raw);
+  acc_t* sp = reinterpret_cast<acc_t*>(smem_raw);
+  const int ld = D + 1, np = num_params(D, d);
+  acc_t* xs = sp + np;
+  for (int64_t row0 = int64_t(blockIdx.x) * blockDim.x; row0 < B; row0 += int64_t(gridDim.x) * blockDim.x) {
+    __syncthreads();  // the previous tile stored
+    load_tile(x, sx0, sx1, row0, B, D, xs);
+    for (int block = 0; block < L; ++block) {
+      __syncthreads();  // the previous block's parameters no longer read
+      load_packed(sp, packed + int64_t(block) * np, np);
+      __syncthreads();
+      block_forward_row<acc_t, MAXA>(sp, xs + threadIdx.x * ld, D, d, scale, residual);
+    }
+    __syncthreads();
+    store_tile(xs, row0, B, D, y);
+  }
+}
+
+// Per tile, the blocks in reverse. Block l's input is recomputed from x through blocks 0..l-1 (about
+// 1.2 kFLOP per block per sample) rather than stored; the gradient flowing back stays in the gys
+// tile. Shared memory: one block's parameters | x tile | block-input tile | gradient tile | gs.
+template <typename scalar_t, typename acc_t, int MAXA>
+__global__ void ultimus_stack_bwd_kernel(const scalar_t* __restrict__ gy, int64_t sg0, int64_t sg1,
+                                         const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1,
+                                         scalar_t* __restrict__ gx, acc_t* __restrict__ partials,
+                                         const acc_t* __restrict__ packed, int L, int D, int d, acc_t scale,
+                                         int64_t B, bool residual) {
+  ULTIMUS_DYNAMIC_SHARED(smem_raw);
+  acc_t* sp = reinterpret_cast<acc_t*>(smem_raw);
+  const int ld = D + 1, rows = blockDim.x, np = num_params(D, d), ldg = 4 * d + 1;
+  acc_t* xs = sp + np;
+  acc_t* hs = xs + rows * ld;
+  acc_t* gys = hs + rows * ld;
+  acc_t* gs = gys + rows * ld;
+  acc_t* my_partial = partials ? partials + int64_t(blockIdx.x) * L * np : nullptr;
+  if (my_partial)  // block by block, with accumulate_partials' mapping of elements to threads
+    for (int block = 0; block < L; ++block)
+      for (int e = threadIdx.x; e < np; e += rows) my_partial[int64_t(block) * np + e] = 0;
+  const acc_t* xrow = xs + threadIdx.x * ld;
+  acc_t* hrow = hs + threadIdx.x * ld;
+  acc_t* gyrow = gys + threadIdx.x * ld;
+
+  for (int64_t row0 = int64_t(blockIdx.x) * rows; row0 < B; row0 += int64_t(gridDim.x) * rows) {
+    __syncthreads();
+    load_tile(x, sx0, sx1, row0, B, D, xs);
+    load_tile(gy, sg0, sg1, row0, B, D, gys);  // rows past B load as 0: they add nothing below
+    __syncthreads();
+    for (int r = 0; r < L; ++r) {
+      const int block = L - 1 - r;
+      for (int n = 0; n < D; ++n) hrow[n] = xrow[n];  // this thread's own row: no barrier needed
+      for (int earlier = 0; earlier < block; ++earlier) {
+        __syncthreads();
+        load_packed(sp, packed + int64_t(earlier) * np, np);
+        __syncthreads();
+        block_forward_row<acc_t, MAXA>(sp, hrow, D, d, scale, residual);
+      }
+      __syncthreads();
+      load_packed(sp, packed + int64_t(block) * np, np);
+      __syncthreads();
+      acc_t gq[MAXA], gk[MAXA], gv[MAXA];
+      block_backward_row<acc_t, MAXA>(sp, hrow, gyrow, D, d, scale, gs + threadIdx.x * ldg, gq, gk, gv);
+      __syncthreads();  // every row's gs and block input written
+      if (my_partial) accumulate_partials(my_partial + int64_t(block) * np, hs, gys, gs, D, d);
+      __syncthreads();  // everyone is done reading gys before this block's input gradient replaces it
+      input_grad_row<acc_t, MAXA>(sp, gyrow, gq, gk, gv, D, d, residual, gyrow);
+    }
+    if (gx) {
+      __syncthreads();
+      store_tile(gys, row0, B, D, gx);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The rows kernels: one sample per thread, D and d known at compile time, float32 math
+// ------------------------------------------------------------------------------------------------
+// A thread reads its sample's whole row into registers with 16-byte loads (issued together, so each
+// thread keeps a row's worth of bytes in flight), computes the block on registers only and writes its
+// row back with 16-byte stores. The weights sit in shared memory in the RowsLayout below, where every
+// read a thread makes is a float4 that the whole warp reads at once (one broadcast wavefront).
+
+constexpr int kRowsThreads = 128;
+constexpr int kRowsD = 48, kRowsAttnDim = 8;  // the sizes the rows kernels are compiled for
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Placed at the top of a loop over rows: the compiler must not hoist the loop-invariant shared-memory
+// weight reads out of the loop (it would, and spill the ~1600 weights to local memory). An empty asm
+// with a memory clobber means the same to nvcc and to the C++ compiler of the emulation.
+#define ULTIMUS_KEEP_WEIGHT_READS_IN_LOOP() asm volatile("" ::: "memory")
+
+// A block's parameters in shared memory, in floats:
+//   wqkv_t [D][3d]  row n = (wq[:, n], wk[:, n], wv[:, n]): q|k|v = sum_n x[n] wqkv_t[n] and the input
+//                   gradient gx[n] = wqkv_t[n] . (gq|gk|gv) both walk n and read one row per step
+//   bqkv [3d] | wo [D][d] (as stored: row n makes y[n]; gz = sum_n gy[n] wo[n]) | bo [D]
+// Every section starts at a multiple of 4 floats (d % 4 == 0), so rows read as float4.
+template <int D, int d>
+struct RowsLayout {
+  static_assert(d % 4 == 0, "the rows kernels read weights as float4");
+  static constexpr int kWqkv = 0, kBqkv = 3 * d * D, kWo = kBqkv + 3 * d, kBo = kWo + D * d, kSize = kBo + D;
+};
+
+// Fills one block's RowsLayout from its weights (as the ops take them) and biases (null: zeros).
+template <int D, int d>
+__device__ void load_rows_params(float* sp, const float* wq, const float* wk, const float* wv, const float* wo,
+                                 const float* bq, const float* bk, const float* bv, const float* bo) {
+  using L = RowsLayout<D, d>;
+  for (int e = threadIdx.x; e < L::kSize; e += blockDim.x) {
+    float val;
+    if (e < L::kBqkv) {
+      const int n = e / (3 * d), m = e % (3 * d);
+      val = (m < d ? wq : m < 2 * d ? wk : wv)[(m % d) * D + n];
+    } else if (e < L::kWo) {
+      const int m = e - L::kBqkv;
+      const float* bias = m < d ? bq : m < 2 * d ? bk : bv;
+      val = bias ? bias[m % d] : 0.f;
+    } else if (e < L::kBo) {
+      val = wo[e - L::kWo];
+    } else {
+      val = bo ? bo[e - L::kBo] : 0.f;
+    }
+    sp[e] = val;
+  }
+}
+
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+// One row of D activations <-> registers, as 16-byte vectors (the row must start 16-byte aligned).
+template <typename scalar_t, int D>
+__device__ __forceinline__ void load_row(const scalar_t* __restrict__ src, float (&row)[D]) {
+  constexpr int kPer = 16 / sizeof(scalar_t);
+  static_assert(D % kPer == 0, "a row is a whole number of 16-byte vectors");
+  const uint4* chunks = reinterpret_cast<const uint4*>(src);
+  uint4 raw[D / kPer];
+#pragma unroll
+  for (int c = 0; c < D / kPer; ++c) raw[c] = chunks[c];  // all loads first: a row in flight per thread
+#pragma unroll
+  for (int c = 0; c < D / kPer; ++c) {
+    scalar_t vals[kPer];
+    memcpy(vals, &raw[c], 16);
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) row[c * kPer + e] = static_cast<float>(vals[e]);
+  }
+}
+
+template <typename scalar_t, int D>
+__device__ __forceinline__ void store_row(const float (&row)[D], scalar_t* __restrict__ dst) {
+  constexpr int kPer = 16 / sizeof(scalar_t);
+  uint4* chunks = reinterpret_cast<uint4*>(dst);
+#pragma unroll
+  for (int c = 0; c < D / kPer; ++c) {
+    scalar_t vals[kPer];
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) vals[e] = static_cast<scalar_t>(row[c * kPer + e]);
+    uint4 raw;
+    memcpy(&raw, vals, 16);
+    chunks[c] = raw;
+  }
+}
+
+// Copies a row of registers to shared memory (a tile row for the parameter-gradient reduction).
+template <int N>
+__device__ __forceinline__ void share_row(const float (&row)[N], float* dst) {
+  static_assert(N % 4 == 0, "float4 stores");
+#pragma unroll
+  for (int c = 0; c < N / 4; ++c)
+    *reinterpret_cast<float4*>(dst + 4 * c) = float4{row[4 * c], row[4 * c + 1], row[4 * c + 2], row[4 * c + 3]};
+}
+
+// qkv = (q | k | v) = W x + b, from the RowsLayout.
+template <int D, int d>
+__device__ __forceinline__ void project_qkv_rows(const float* sp, const float (&x)[D], float (&qkv)[3 * d]) {
+  using L = RowsLayout<D, d>;
+#pragma unroll
+  for (int c = 0; c < 3 * d / 4; ++c) {
+    const float4 b = load4(sp + L::kBqkv + 4 * c);
+    qkv[4 * c] = b.x, qkv[4 * c + 1] = b.y, qkv[4 * c + 2] = b.z, qkv[4 * c + 3] = b.w;
+  }
+#pragma unroll
+  for (int n = 0; n < D; ++n)
+#pragma unroll
+    for (int c = 0; c < 3 * d / 4; ++c) {
+      const float4 w = load4(sp + L::kWqkv + n * 3 * d + 4 * c);
+      qkv[4 * c] += w.x * x[n];
+      qkv[4 * c + 1] += w.y * x[n];
+      qkv[4 * c + 2] += w.z * x[n];
+      qkv[4 * c + 3] += w.w * x[n];
+    }
+}
+
+// Row i of the attention before normalisation: e[j] = exp(s q_i k_j - max_j s q_i k_j); returns the
+// row's sum. The row maximum is exact in O(1) from k's extremes, and the exponent s q_i (k_j - k_ext)
+// is exactly 0 for the largest entry (see attention_row); s log2(e) is folded into scale_log2 so the
+// exponential is one exp2.
+template <int d>
+__device__ __forceinline__ float attention_row_rows(float q_i, const float (&qkv)[3 * d], float k_max, float k_min,
+                                                    float scale_log2, float (&e)[d]) {
+  const float sq = scale_log2 * q_i;
+  const float k_ext = sq >= 0.f ? k_max : k_min;
+  float total = 0.f;
+#pragma unroll
+  for (int j = 0; j < d; ++j) {
+    const float k_j = qkv[d + j];
+    e[j] = exp2f(sq == 0.f ? sq * k_j : sq * (k_j - k_ext));  // sq == 0: k_j - k_ext may overflow
+    total += e[j];
+  }
+  return total;
+}
+
+template <int d>
+__device__ __forceinline__ void k_extremes_rows(const float (&qkv)[3 * d], float& k_max, float& k_min) {
+  k_max = k_min = qkv[d];
+#pragma unroll
+  for (int j = 1; j < d; ++j) {
+    k_max = fmaxf(k_max, qkv[d + j]);
+    k_min = fminf(k_min, qkv[d + j]);
+  }
+}
+
+// One block's forward on a row held in registers, in place (y[n] needs only x[n] of the input).
+template <int D, int d>
+__device__ __forceinline__ void block_forward_rows(const float* sp, float (&row)[D], float scale_log2,
+                                                   bool residual) {
+  using L = RowsLayout<D, d>;
+  float qkv[3 * d];
+  project_qkv_rows<D, d>(sp, row, qkv);
+  float k_max, k_min;
+  k_extremes_rows<d>(qkv, k_max, k_min);
+  float z[d];
+#pragma unroll
+  for (int j = 0; j < d; ++j) z[j] = 0.f;
+#pragma unroll
+  for (int i = 0; i < d; ++i) {
+    float e[d];
+    const float total = attention_row_rows<d>(qkv[i], qkv, k_max, k_min, scale_log2, e);
+    // v_i / row sum, z = sum_i v_i A[i, :]; the sum is in [1, d] (its largest term is exp2(0) = 1), so
+    // the fast division (2 ulp) is exact enough and needs no slow path for tiny divisors.
+    const float w = __fdividef(qkv[2 * d + i], total);
+#pragma unroll
+    for (int j = 0; j < d; ++j) z[j] += w * e[j];
+  }
+#pragma unroll
+  for (int n = 0; n < D; ++n) {
+    float out = sp[L::kBo + n] + (residual ? row[n] : 0.f);
+#pragma unroll
+    for (int c = 0; c < d / 4; ++c) {
+      const float4 w = load4(sp + L::kWo + n * d + 4 * c);
+      out += w.x * z[4 * c] + w.y * z[4 * c + 1] + w.z * z[4 * c + 2] + w.w * z[4 * c + 3];
+    }
+    row[n] = out;
+  }
+}
+
+// One block's backward on a row: from the block's input x and the gradient gy of its output, the
+// gradients g = (gq | gk | gv) of q, k, v and the attention output z (for the parameter gradients).
+template <int D, int d>
+__device__ __forceinline__ void block_backward_rows(const float* sp, const float (&x)[D], const float (&gy)[D],
+                                                    float scale, float (&g)[3 * d], float (&z)[d]) {
+  using L = RowsLayout<D, d>;
+  float qkv[3 * d], gz[d];
+  project_qkv_rows<D, d>(sp, x, qkv);
+#pragma unroll
+  for (int j = 0; j < d; ++j) gz[j] = z[j] = 0.f;
+#pragma unroll
+  for (int n = 0; n < D; ++n)  // gz = Wo^T gy
+#pragma unroll
+    for (int c = 0; c < d / 4; ++c) {
+      const float4 w = load4(sp + L::kWo + n * d + 4 * c);
+      gz[4 * c] += w.x * gy[n];
+      gz[4 * c + 1] += w.y * gy[n];
+      gz[4 * c + 2] += w.z * gy[n];
+      gz[4 * c + 3] += w.w * gy[n];
+    }
+  float k_max, k_min;
+  k_extremes_rows<d>(qkv, k_max, k_min);
+#pragma unroll
+  for (int m = 0; m < 3 * d; ++m) g[m] = 0.f;
+#pragma unroll
+  for (int i = 0; i < d; ++i) {
+    float a[d];
+    const float inv = __fdividef(1.f, attention_row_rows<d>(qkv[i], qkv, k_max, k_min, scale * kLog2e, a));
+    float r = 0.f;  // r = sum_j A[i, j] gz[j]
+#pragma unroll
+    for (int j = 0; j < d; ++j) {
+      a[j] *= inv;
+      r += a[j] * gz[j];
+      z[j] += qkv[2 * d + i] * a[j];
+    }
+    g[2 * d + i] = r;  // gv_i
+    const float vs = qkv[2 * d + i] * scale;
+#pragma unroll
+    for (int j = 0; j < d; ++j) {  // the score gradient s v_i A[i, j] (gz[j] - r) feeds gq_i and gk_j
+      const float g_score = a[j] * (gz[j] - r) * vs;
+      g[i] += g_score * qkv[d + j];
+      g[d + j] += g_score * qkv[i];
+    }
+  }
+}
+
+// The input gradient gx = (residual ? gy : 0) + W^T g, in place of gy.
+template <int D, int d>
+__device__ __forceinline__ void input_grad_rows(const float* sp, const float (&g)[3 * d], bool residual,
+                                                float (&row)[D]) {
+  using L = RowsLayout<D, d>;
+#pragma unroll
+  for (int n = 0; n < D; ++n) {
+    float out = residual ? row[n] : 0.f;
+#pragma unroll
+    for (int c = 0; c < 3 * d / 4; ++c) {
+      const float4 w = load4(sp + L::kWqkv + n * 3 * d + 4 * c);
+      out += w.x * g[4 * c] + w.y * g[4 * c + 1] + w.z * g[4 * c + 2] + w.w * g[4 * c + 3];
+    }
+    row[n] = out;
+  }
+}
+
+// The parameter gradients of a tile, summed over its rows by the whole thread block from the tile in
+// shared memory: x, gy and (g | z) of every row. Thread t owns a 3 x 4 block of one product and keeps
+// its 12 sums (and, on the first column of blocks, 3 bias sums) in registers across all the tiles of
+// the launch; write() puts them into the thread block's partial row once, at the end.
+//   t <  d D / 4: gWqkv[m][n] = sum_r g[r][m] x[r][n],   m in 3 (t / (D/4)) + 0..2, n in 4 (t % (D/4)) + 0..3
+//                 (rows m of gWq | gWk | gWv in turn), and gbqkv[m] = sum_r g[r][m] where t % (D/4) == 0;
+//   the rest:     gWo[n][j] = sum_r gy[r][n] z[r][j],    n in 3 (u / (d/4)) + 0..2, j in 4 (u % (d/4)) + 0..3
+//                 with u = t - d D / 4, and gbo[n] = sum_r gy[r][n] where u % (d/4) == 0.
+// Every read of a step r is of the same row r: a broadcast or a run of consecutive words.
+template <int D, int d>
+struct RowsParamGrads {
+  static_assert(D % 12 == 0 && d * (D / 4) + (D / 3) * (d / 4) == kRowsThreads,
+                "the 3 x 4 blocks of the parameter gradients must match the thread block");
+  static constexpr int kLdX = D + 4, kLdG = 4 * d + 4;  // row strides: float4 stores without bank conflicts
+  float sum[3][4], bias[3];
+  bool weights_in, bias_owner;  // which product this thread works on; does it also sum a bias
+  int m0, n0;
+
+  __device__ __forceinline__ RowsParamGrads() {
+    const int t = threadIdx.x;
+    weights_in = t < d * (D / 4);
+    const int u = weights_in ? t : t - d * (D / 4), per = weights_in ? D / 4 : d / 4;
+    m0 = 3 * (u / per), n0 = 4 * (u % per), bias_owner = u % per == 0;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+      bias[a] = 0.f;
+#pragma unroll
+      for (int b = 0; b < 4; ++b) sum[a][b] = 0.f;
+    }
+  }
+
+  // xs, gys: [rows][kLdX]; gs: [rows][kLdG] holding g (3d) then z (d).
+  __device__ __forceinline__ void accumulate(const float* xs, const float* gys, const float* gs, int rows) {
+    // q|k|v product: left = g[r][m0 + a], right = x[r][n0 + b]; output product: left = gy[r][n], right = z[r][j].
+    const float* left = weights_in ? gs + m0 : gys + m0;
+    const float* right = weights_in ? xs + n0 : gs + 3 * d + n0;
+    const int ld_left = weights_in ? kLdG : kLdX, ld_right = weights_in ? kLdX : kLdG;
+    for (int r = 0; r < rows; ++r) {
+      const float l[3] = {left[r * ld_left], left[r * ld_left + 1], left[r * ld_left + 2]};
+      const float4 rv = load4(right + r * ld_right);
+      const float rr[4] = {rv.x, rv.y, rv.z, rv.w};
+#pragma unroll
+      for (int a = 0; a < 3; ++a) {
+        bias[a] += l[a];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) sum[a][b] += l[a] * rr[b];
+      }
+    }
+  }
+
+  // Into the partial-row layout of ultimus.h: [gWq | gWk | gWv (3d x D) | gWo (D x d) | gbq | gbk | gbv | gbo].
+  __device__ __forceinline__ void write(float* partial) const {
+    constexpr int dD = d * D;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        partial[weights_in ? (m0 + a) * D + n0 + b : 3 * dD + (m0 + a) * d + n0 + b] = sum[a][b];
+      if (bias_owner) partial[weights_in ? 4 * dD + m0 + a : 4 * dD + 3 * d + m0 + a] = bias[a];
+    }
+  }
+};
+
+template <typename scalar_t, int D, int d>
+__global__ void __launch_bounds__(kRowsThreads)
+    ultimus_fwd_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, DeviceParams<float> p,
+                            int64_t B, bool residual) {
+  ULTIMUS_DYNAMIC_SHARED(smem_raw);
+  float* sp = reinterpret_cast<float*>(smem_raw);
+  load_rows_params<D, d>(sp, p.wq, p.wk, p.wv, p.wo, p.bq, p.bk, p.bv, p.bo);
+  __syncthreads();
+  const float scale_log2 = p.scale * kLog2e;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < B; b += stride) {
+    ULTIMUS_KEEP_WEIGHT_READS_IN_LOOP();
+    float row[D];
+    load_row<scalar_t, D>(x + b * D, row);
+    block_forward_rows<D, d>(sp, row, scale_log2, residual);
+    store_row<scalar_t, D>(row, y + b * D);
+  }
+}
+
+// Shared memory: the RowsLayout, then (parameter gradients only) the tile's x, gy and g|z rows.
+template <typename scalar_t, int D, int d>
+__global__ void __launch_bounds__(kRowsThreads)
+    ultimus_bwd_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
+                            scalar_t* __restrict__ gx, float* __restrict__ partials, DeviceParams<float> p, int64_t B,
+                            bool residual) {
+  using Grads = RowsParamGrads<D, d>;
+  ULTIMUS_DYNAMIC_SHARED(smem_raw);
+  float* sp = reinterpret_cast<float*>(smem_raw);
+  const int rows = blockDim.x, t = threadIdx.x;
+  float* xs = sp + RowsLayout<D, d>::kSize;
+  float* gys = xs + rows * Grads::kLdX;
+  float* gs = gys + rows * Grads::kLdX;
+  load_rows_params<D, d>(sp, p.wq, p.wk, p.wv, p.wo, p.bq, p.bk, p.bv, p.bo);
+  __syncthreads();
+  Grads grads;
+  for (int64_t row0 = int64_t(blockIdx.x) * rows; row0 < B; row0 += int64_t(gridDim.x) * rows) {
+    ULTIMUS_KEEP_WEIGHT_READS_IN_LOOP();
+    const int64_t b = row0 + t;
+    float xr[D], gyr[D], g[3 * d], z[d];
+    if (b < B) {
+      load_row<scalar_t, D>(x + b * D, xr);
+      load_row<scalar_t, D>(gy + b * D, gyr);
+    } else {
+#pragma unroll
+      for (int n = 0; n < D; ++n) xr[n] = gyr[n] = 0.f;
+    }
+    block_backward_rows<D, d>(sp, xr, gyr, p.scale, g, z);
+    if (b >= B)  // exactly nothing from a row past B, whatever the biases hold
+#pragma unroll
+      for (int m = 0; m < 4 * d; ++m) (m < 3 * d ? g[m] : z[m - 3 * d]) = 0.f;
+    if (partials) {
+      share_row<D>(xr, xs + t * Grads::kLdX);
+      share_row<D>(gyr, gys + t * Grads::kLdX);
+      share_row<3 * d>(g, gs + t * Grads::kLdG);
+      share_row<d>(z, gs + t * Grads::kLdG + 3 * d);
+    }
+    if (gx && b < B) {
+      input_grad_rows<D, d>(sp, g, residual, gyr);
+      store_row<scalar_t, D>(gyr, gx + b * D);
+    }
+    if (partials) {
+      __syncthreads();  // the tile's rows are shared
+      grads.accumulate(xs, gys, gs, rows);
+      __syncthreads();  // and read: the next tile may overwrite them
+    }
+  }
+  if (partials) grads.write(partials + int64_t(blockIdx.x) * num_params(D, d));
+}
+
+// The stack forward: every block's RowsLayout in shared memory (L of them, as many as fit: the
+// launcher checks), the row carried through the blocks in registers.
+template <typename scalar_t, int D, int d>
+__global__ void __launch_bounds__(kRowsThreads)
+    ultimus_stack_fwd_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                  const float* __restrict__ packed, int L, float scale, int64_t B, bool residual) {
+  using Layout = RowsLayout<D, d>;
+  ULTIMUS_DYNAMIC_SHARED(smem_raw);
+  float* sp = reinterpret_cast<float*>(smem_raw);
+  constexpr int dD = d * D, np = 4 * dD + 3 * d + D;
+  for (int block = 0; block < L; ++block) {  // packed rows are in the partial-row layout
+    const float* row = packed + int64_t(block) * np;
+    load_rows_params<D, d>(sp + block * Layout::kSize, row, row + dD, row + 2 * dD, row + 3 * dD, row + 4 * dD,
+                           row + 4 * dD + d, row + 4 * dD + 2 * d, row + 4 * dD + 3 * d);
+  }
+  __syncthreads();
+  const float scale_log2 = scale * kLog2e;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < B; b += stride) {
+    ULTIMUS_KEEP_WEIGHT_READS_IN_LOOP();
+    float row[D];
+    load_row<scalar_t, D>(x + b * D, row);
+    for (int block = 0; block < L; ++block)
+      block_forward_rows<D, d>(sp + block * Layout::kSize, row, scale_log2, residual);
+    store_row<scalar_t, D>(row, y + b * D);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Launchers
+// ------------------------------------------------------------------------------------------------
+
+struct DeviceInfo {
+  int sms = 0, smem_optin = 0;
+};
+
+// The few runtime calls the launchers make: CUDA's, or the CPU emulation's.
+namespace runtime {
+#ifdef ULTIMUS_CUDA_EMULATION
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+inline DeviceInfo device_info() {
+  return {ultimus_emulation::multiprocessors, ultimus_emulation::shared_memory_per_block};
+}
+template <typename... P>
+int blocks_per_sm(void (*)(P...), int, size_t) {
+  return 1;
+}
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), int blocks, int threads, size_t smem, A&&... args) {
+  ultimus_emulation::launch(kernel, dim3(blocks), dim3(threads), smem, std::forward<A>(args)...);
+}
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+
+// Queried once per device: driver calls are not free on the small-B hot path.
+inline DeviceInfo device_info() {
+  static std::mutex mutex;
+  static std::unordered_map<int, DeviceInfo> cache;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(dev);
+  if (it == cache.end()) {
+    DeviceInfo info;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    it = cache.emplace(dev, info).first;
+  }
+  return it->second;
+}
+
+// How many blocks of `kernel` an SM holds at once (the occupancy API), after allowing the kernel its
+// shared memory past the default 48 KB; once per kernel, device and launch shape.
+template <typename... P>
+int blocks_per_sm(void (*kernel)(P...), int threads, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> cache;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, threads, smem);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    if (smem > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+    it = cache.emplace(key, std::max(blocks, 1)).first;
+  }
+  return it->second;
+}
+
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), int blocks, int threads, size_t smem, A&&... args) {
+  kernel<<<blocks, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(std::forward<A>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
+}  // namespace runtime
+
+struct LaunchConfig {
+  int rows, blocks;
+  size_t smem;
+};
+
+// A persistent grid: as many blocks as the device holds at once, and no more than there are tiles.
+template <typename... P>
+LaunchConfig persistent_grid(void (*kernel)(P...), int64_t B, int rows, size_t smem) {
+  const int64_t resident = int64_t(runtime::device_info().sms) * runtime::blocks_per_sm(kernel, rows, smem);
+  const int64_t tiles = (B + rows - 1) / rows;
+  return {rows, int(std::max<int64_t>(1, std::min(tiles, resident))), smem};
+}
+
+// The generic kernels' tile: the largest (128, 64 or 32 rows) whose shared memory fits the device;
+// `tiles` x-sized tiles, plus the g|z tile in the backward. Returns {rows, shared-memory bytes}.
+inline std::pair<int, size_t> generic_tile(int64_t D, int64_t d, size_t acc_size, int tiles, bool backward) {
+  const int smem_optin = runtime::device_info().smem_optin;
+  for (int rows : {128, 64, 32}) {
+    size_t elems = num_params(D, d) + size_t(tiles) * rows * (D + 1) + (backward ? size_t(rows) * (4 * d + 1) : 0);
+    size_t smem = elems * acc_size;
+    if (smem <= size_t(smem_optin) || rows == 32) {
+      TORCH_CHECK(smem <= size_t(smem_optin), "ultimus: D=", D, ", d=", d, " needs ", smem,
+                  " bytes of shared memory, more than this GPU's ", smem_optin);
+      return {rows, smem};
+    }
+  }
+  TORCH_CHECK(false, "unreachable");
+}
+
+// Whether the rows kernels serve a call: the sizes they are compiled for and float32 math (float64
+// runs the generic kernels). The activations must also be contiguous 16-byte-aligned rows, which
+// `rows_input` makes them (a copy only when they are not contiguous) and `aligned16` checks.
+inline bool rows_apply(int64_t D, int64_t d, const at::Tensor& x) {
+  return D == kRowsD && d == kRowsAttnDim && x.scalar_type() != at::kDouble;
+}
+inline at::Tensor rows_input(const at::Tensor& t, bool rows) { return rows ? t.contiguous() : t; }
+inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+using RowsL = RowsLayout<kRowsD, kRowsAttnDim>;
+
+// The rows kernels' launches. Each returns false, launching nothing, where the generic kernel must
+// serve the call: float64 (these are templates so that no float64 rows kernel is ever instantiated)
+// or activations not at 16-byte-aligned addresses.
+template <typename scalar_t>
+bool fwd_rows(const at::Tensor& x, at::Tensor& y, const AccParams& params, int64_t D, int64_t d, bool residual) {
+  if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
+    if (!aligned16(x)) return false;
+    const auto kernel = ultimus_fwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>;
+    const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, RowsL::kSize * sizeof(float));
+    runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                    params.ptrs<float, int>(D, d), x.size(0), residual);
+    return true;
+  }
+  return false;
+}
+
+template <typename scalar_t>
+bool bwd_rows(const at::Tensor& gy, const at::Tensor& x, at::Tensor& gx, at::Tensor& partials,
+              const AccParams& params, int64_t D, int64_t d, bool residual, bool need_gx, bool need_gw) {
+  if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
+    if (!aligned16(x) || !aligned16(gy)) return false;
+    using Grads = RowsParamGrads<kRowsD, kRowsAttnDim>;
+    const auto kernel = ultimus_bwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>;
+    const size_t tile = need_gw ? kRowsThreads * (2 * Grads::kLdX + Grads::kLdG) : 0;  // x, gy, g|z rows
+    const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, (RowsL::kSize + tile) * sizeof(float));
+    if (need_gw) partials = at::empty({cfg.blocks, num_params(D, d)}, x.options().dtype(at::kFloat));
+    runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                    need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+                    need_gw ? partials.mutable_data_ptr<float>() : nullptr, params.ptrs<float, int>(D, d), x.size(0),
+                    residual);
+    return true;
+  }
+  return false;
+}
+
+template <typename scalar_t>
+bool stack_fwd_rows(const at::Tensor& x, at::Tensor& y, const at::Tensor& packed, int64_t L, bool residual) {
+  if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
+    if (!aligned16(x)) return false;
+    const auto kernel = ultimus_stack_fwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>;
+    const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, size_t(L) * RowsL::kSize * sizeof(float));
+    runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                    packed.const_data_ptr<float>(), int(L), float(1.0 / std::sqrt(double(kRowsAttnDim))), x.size(0),
+                    residual);
+    return true;
+  }
+  return false;
+}
+
+at::Tensor ultimus_fwd_cuda(const at::Tensor& x_in, const at::Tensor& wq, const OptTensor& bq, const at::Tensor& wk,
+                            const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
+                            const OptTensor& bo, bool residual) {
+  const auto [D, d] = check_inputs("cuda", x_in, wq, bq, wk, bk, wv, bv, wo, bo);
+  const int64_t B = x_in.size(0);
+  const runtime::DeviceGuard guard(x_in.device());
+  at::Tensor y = at::empty({B, D}, x_in.options());
+  if (B == 0) return y;
+  const AccParams params(x_in, wq, bq, wk, bk, wv, bv, wo, bo);
+  const bool rows = rows_apply(D, d, x_in);
+  const at::Tensor x = rows_input(x_in, rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (rows && fwd_rows<scalar_t>(x, y, params, D, d, residual)) return;
+    const auto [tile_rows, smem] = generic_tile(D, d, sizeof(acc_t), 1, false);
+    ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] {
+      const auto kernel = ultimus_fwd_kernel<scalar_t, acc_t, MAXA>;
+      const auto cfg = persistent_grid(kernel, B, tile_rows, smem);
+      runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+                      y.mutable_data_ptr<scalar_t>(), params.ptrs<acc_t, int>(D, d), B, residual);
+    });
+  });
+  return y;
+}
+
+BackwardResult ultimus_bwd_cuda(const at::Tensor& gy, const at::Tensor& x_in, const at::Tensor& wq,
+                                const OptTensor& bq, const at::Tensor& wk, const OptTensor& bk, const at::Tensor& wv,
+                                const OptTensor& bv, const at::Tensor& wo, const OptTensor& bo, bool residual,
+                                bool need_gx, bool need_gw) {
+  const auto [D, d] = check_inputs("cuda", x_in, wq, bq, wk, bk, wv, bv, wo, bo);
+  const int64_t B = x_in.size(0);
+  check_grad_output(gy, x_in);
+  const runtime::DeviceGuard guard(x_in.device());
+  const auto acc = acc_type(x_in);
+  at::Tensor gx = at::empty(need_gx ? std::vector<int64_t>{B, D} : std::vector<int64_t>{0}, x_in.options());
+  at::Tensor partials = at::empty({0, num_params(D, d)}, x_in.options().dtype(acc));
+  if (B > 0 && (need_gx || need_gw)) {
+    const bool rows = rows_apply(D, d, x_in);
+    const at::Tensor x = rows_input(x_in, rows), gy_c = rows_input(gy.to(x.scalar_type()), rows);
+    const AccParams params(x, wq, bq, wk, bk, wv, bv, wo, bo);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_bwd_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      if (rows && bwd_rows<scalar_t>(gy_c, x, gx, partials, params, D, d, residual, need_gx, need_gw)) return;
+      const auto [tile_rows, smem] = generic_tile(D, d, sizeof(acc_t), 2, true);
+      ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] {
+        const auto kernel = ultimus_bwd_kernel<scalar_t, acc_t, MAXA>;
+        const auto cfg = persistent_grid(kernel, B, tile_rows, smem);
+        if (need_gw) partials = at::empty({cfg.blocks, num_params(D, d)}, x.options().dtype(acc));
+        runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, gy_c.const_data_ptr<scalar_t>(), gy_c.stride(0),
+                        gy_c.stride(1), x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+                        need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+                        need_gw ? partials.mutable_data_ptr<acc_t>() : nullptr, params.ptrs<acc_t, int>(D, d), B,
+                        residual);
+      });
+    });
+  }
+  return backward_result(gx, partials, need_gw);
+}
+
+// A stack's parameters as the kernels read them: (L, np) in the accumulation dtype, each row in the
+// partial-row layout, zeros for absent biases. One cat on the device.
+at::Tensor pack_stack(const std::vector<AccParams>& blocks, int64_t D, int64_t d, const at::Tensor& x) {
+  std::vector<at::Tensor> pieces;
+  for (const auto& b : blocks) {
+    for (const at::Tensor* w : {&b.wq, &b.wk, &b.wv, &b.wo}) pieces.push_back(w->reshape(-1));
+    if (b.bq.defined())
+      for (const at::Tensor* bias : {&b.bq, &b.bk, &b.bv, &b.bo}) pieces.push_back(*bias);
+    else
+      pieces.push_back(at::zeros({3 * d + D}, x.options().dtype(acc_type(x))));
+  }
+  return at::cat(pieces);
+}
+
+at::Tensor ultimus_stack_fwd_cuda(const at::Tensor& x_in, at::TensorList params, bool bias, bool residual) {
+  const auto [L, D, d] = check_stack_inputs("cuda", x_in, params, bias);
+  const int64_t B = x_in.size(0);
+  const runtime::DeviceGuard guard(x_in.device());
+  at::Tensor y = at::empty({B, D}, x_in.options());
+  if (B == 0) return y;
+  const at::Tensor packed = pack_stack(stack_acc_params(x_in, params, bias), D, d, x_in);
+  // The rows kernel holds every block's parameters in shared memory at once; past that, the generic one.
+  const size_t rows_smem = size_t(L) * RowsL::kSize * sizeof(float);
+  const bool rows = rows_apply(D, d, x_in) && rows_smem <= size_t(runtime::device_info().smem_optin);
+  const at::Tensor x = rows_input(x_in, rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_stack_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t scale = acc_t(1.0 / std::sqrt(double(d)));
+    if (rows && stack_fwd_rows<scalar_t>(x, y, packed, L, residual)) return;
+    const auto [tile_rows, smem] = generic_tile(D, d, sizeof(acc_t), 1, false);
+    ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] {
+      const auto kernel = ultimus_stack_fwd_kernel<scalar_t, acc_t, MAXA>;
+      const auto cfg = persistent_grid(kernel, B, tile_rows, smem);
+      runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+                      y.mutable_data_ptr<scalar_t>(), packed.const_data_ptr<acc_t>(), int(L), int(D), int(d), scale,
+                      B, residual);
+    });
+  });
+  return y;
+}
+
+BackwardResult ultimus_stack_bwd_cuda(const at::Tensor& gy, const at::Tensor& x, at::TensorList params, bool bias,
+                                      bool residual, bool need_gx, bool need_gw) {
+  const auto [L, D, d] = check_stack_inputs("cuda", x, params, bias);
+  check_grad_output(gy, x);
+  const int64_t B = x.size(0);
+  const runtime::DeviceGuard guard(x.device());
+  const auto acc = acc_type(x);
+  at::Tensor gx = at::empty(need_gx ? std::vector<int64_t>{B, D} : std::vector<int64_t>{0}, x.options());
+  at::Tensor gy_c = gy.to(x.scalar_type());
+  at::Tensor partials = at::empty({0, L * num_params(D, d)}, x.options().dtype(acc));
+  if (B > 0 && (need_gx || need_gw)) {
+    const at::Tensor packed = pack_stack(stack_acc_params(x, params, bias), D, d, x);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_stack_bwd_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto [tile_rows, smem] = generic_tile(D, d, sizeof(acc_t), 3, true);
+      const acc_t scale = acc_t(1.0 / std::sqrt(double(d)));
+      ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] {
+        const auto kernel = ultimus_stack_bwd_kernel<scalar_t, acc_t, MAXA>;
+        const auto cfg = persistent_grid(kernel, B, tile_rows, smem);
+        if (need_gw) partials = at::empty({cfg.blocks, L * num_params(D, d)}, x.options().dtype(acc));
+        runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, gy_c.const_data_ptr<scalar_t>(), gy_c.stride(0),
+                        gy_c.stride(1), x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+                        need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+                        need_gw ? partials.mutable_data_ptr<acc_t>() : nullptr, packed.const_data_ptr<acc_t>(), int(L),
+                        int(D), int(d), scale, B, residual);
+      });
+    });
+  }
+  return backward_result(gx, partials, need_gw);
+}
+
+}  // namespace
+}  // namespace ultimus

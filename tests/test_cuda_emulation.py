@@ -1,0 +1,161 @@
+"""The CUDA kernels, run on the CPU: csrc/cuda/ultimus_cuda.cuh compiled with the C++ compiler against
+the CUDA emulation of csrc/cuda/emulation.h (one std::thread per CUDA thread, a barrier per
+__syncthreads). The launchers are the CUDA extension's own, so these tests check, without a GPU, what
+the kernels compute and which kernel each call gets: the rows kernels (D = 48, d = 8, float32 math)
+and the generic ones (every other size, float64), against the float64 reference. The GPU tests run
+the same kernels on the hardware (tests/test_fused.py and the others, with a GPU)."""
+
+import pytest
+import torch
+from _cuda_emulation import build
+from test_stack import make_stack, per_sample_scales
+
+from _util import assert_rel_close, make_inputs, per_sample_norms
+from ultimus_kernels import ultimus_reference, ultimus_stack_reference
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+ROWS = (48, 8)  # the size the rows kernels are compiled for
+
+
+@pytest.fixture(scope="module")
+def emu():
+    module = build()
+    module.set_multiprocessors(2)  # a persistent grid of 2 blocks: several tiles per block at small B
+    return module
+
+
+def flat_param_grads(grads, inputs):
+    """The bwd op's flat vector (ultimus.h's partial-row layout) from per-tensor gradients; absent
+    biases contribute nothing to the comparison."""
+    gwq, gbq, gwk, gbk, gwv, gbv, gwo, gbo = grads
+    weights = [gwq, gwk, gwv, gwo]
+    biases = [gbq, gbk, gbv, gbo] if inputs.bq is not None else []
+    return torch.cat([g.reshape(-1) for g in weights + biases])
+
+
+def check_block(emu, B, D, d, dtype, family, residual=True, bias=True, logit_scale=1.0, need=(True, True)):
+    inputs = make_inputs(B, D, d, bias=bias, logit_scale=logit_scale)
+    gy = torch.randn(B, D, dtype=torch.float64)
+    x, *params = [None if t is None else t.detach().to(dtype) for t in inputs]
+    y = emu.fwd(x, *params, residual)
+    assert emu.last_kernel() == family and y.dtype == dtype and y.shape == (B, D)
+    gx, flat = emu.bwd(gy.to(dtype), x, *params, residual, *need)
+    assert emu.last_kernel() == family
+
+    y64 = ultimus_reference(*inputs, residual=residual)
+    tensors = inputs.tensors()
+    grads64 = torch.autograd.grad(y64, tensors, gy)
+    assert_rel_close(y, y64, TOL[dtype], "forward")
+    scales = per_sample_norms(inputs, gy, residual)
+    if need[0]:
+        assert gx.dtype == dtype
+        assert_rel_close(gx, grads64[0], TOL[dtype], "gx")
+    else:
+        assert gx.numel() == 0
+    if need[1]:
+        it = iter(grads64[1:])
+        full = [None if t is None else next(it) for t in inputs[1:]]
+        want = flat_param_grads(full, inputs)
+        got = flat[: want.numel()]  # with no biases, their slots are left out of the comparison
+        assert flat.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert_rel_close(got, want, TOL[dtype], "parameter gradients", max(scales[1:]))
+    else:
+        assert flat.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 127, 700])
+def test_rows_kernels_match_the_reference(emu, B, dtype):
+    check_block(emu, B, *ROWS, dtype, "rows")
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_rows_kernels_without_residual_or_bias(emu, residual, bias):
+    check_block(emu, 300, *ROWS, torch.float32, "rows", residual=residual, bias=bias)
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True)])
+def test_rows_backward_computes_only_what_is_asked(emu, need):
+    check_block(emu, 260, *ROWS, torch.float32, "rows", need=need)
+
+
+@pytest.mark.parametrize(
+    "B, D, d, dtype",
+    [
+        (300, *ROWS, torch.float64),
+        (257, 20, 5, torch.float32),
+        (70, 48, 12, torch.float32),
+        (90, 33, 3, torch.bfloat16),
+    ],
+)
+def test_generic_kernels_serve_every_other_case(emu, B, D, d, dtype):
+    check_block(emu, B, D, d, dtype, "generic")
+
+
+def test_huge_finite_logits_stay_exact(emu):
+    """Logits near 1e30: the row maximum is exact, so the softmax neither overflows nor loses its top entry."""
+    check_block(emu, 200, *ROWS, torch.float32, "rows", logit_scale=1e15)
+
+
+def test_unaligned_or_strided_activations(emu):
+    """A view at an offset of one element cannot be read as 16-byte vectors: the generic kernel serves
+    it. A transposed (non-contiguous) x is made contiguous once and gets the rows kernel."""
+    inputs = make_inputs(65, *ROWS, dtype=torch.float32, requires_grad=False)
+    params = list(inputs[1:])
+    storage = torch.randn(65 * 48 + 1)
+    x = storage[1:].view(65, 48)
+    assert x.data_ptr() % 16 != 0
+    y = emu.fwd(x, *params, True)
+    assert emu.last_kernel() == "generic"
+    assert_rel_close(y, ultimus_reference(x.double(), *[p.double() for p in params]), 2e-5)
+    xt = torch.randn(48, 65).t()
+    y = emu.fwd(xt, *params, True)
+    assert emu.last_kernel() == "rows"
+    assert_rel_close(y, ultimus_reference(xt.double(), *[p.double() for p in params]), 2e-5)
+
+
+def test_nan_stays_in_its_row_and_gradients_are_deterministic(emu):
+    inputs = make_inputs(300, *ROWS, dtype=torch.float32, requires_grad=False)
+    x = inputs.x.clone()
+    x[5, 7] = float("nan")
+    y = emu.fwd(x, *inputs[1:], True)
+    assert y[5].isnan().all() and not y[torch.arange(300) != 5].isnan().any()
+    gy = torch.randn(300, 48)
+    gx, _ = emu.bwd(gy, x, *inputs[1:], True, True, False)
+    assert not gx[torch.arange(300) != 5].isnan().any()
+    runs = [emu.bwd(gy, inputs.x, *inputs[1:], True, True, True) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_empty_batch(emu):
+    inputs = make_inputs(0, *ROWS, dtype=torch.float32, requires_grad=False)
+    launches = emu.launches()
+    assert emu.fwd(*inputs, True).shape == (0, 48)
+    gx, flat = emu.bwd(torch.zeros(0, 48), *inputs, True, True, True)
+    assert gx.shape == (0, 48) and torch.equal(flat, torch.zeros(4 * 8 * 48 + 3 * 8 + 48))  # no samples: zero
+    assert emu.launches() == launches
+
+
+@pytest.mark.parametrize(
+    "L, D, d, dtype",
+    [(1, *ROWS, torch.float32), (3, *ROWS, torch.float32), (2, 20, 5, torch.float32), (2, *ROWS, torch.bfloat16)],
+)
+def test_stack_kernels_match_the_reference_block_by_block(emu, L, D, d, dtype):
+    B = 300
+    x, params = make_stack(L, B, D, d)
+    flat = [t.detach().to(dtype) for block in params for t in block]
+    y = emu.stack_fwd(x.detach().to(dtype), flat, True, True)
+    assert emu.last_kernel() == ("rows" if (D, d) == ROWS else "generic")
+    y64 = ultimus_stack_reference(x, params)
+    assert_rel_close(y, y64, TOL[dtype], "stack forward")
+    gy = torch.randn(B, D, dtype=torch.float64)
+    gx, grads = emu.stack_bwd(gy.to(dtype), x.detach().to(dtype), flat, True, True, True, True)
+    tensors = [x] + [t for block in params for t in block]
+    grads64 = torch.autograd.grad(y64, tensors, gy)
+    scales = per_sample_scales(x, params, gy, True)
+    assert_rel_close(gx, grads64[0], TOL[dtype], "stack gx")
+    per_block = grads.view(L, -1)
+    for block in range(L):
+        want = flat_param_grads(grads64[1 + 8 * block : 9 + 8 * block], make_inputs(1, D, d))
+        assert_rel_close(per_block[block], want, TOL[dtype], f"block {block}'s parameter gradients", max(scales[1:]))
