@@ -35,10 +35,14 @@ def _command(source: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+class NoCompiler(RuntimeError):
+    """There is no C++ compiler to build the emulation with (the tests skip: nothing to check it on)."""
+
+
 def build():
     """The compiled emulation module, built if this version of the sources has not been."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
-        raise RuntimeError("no C++ compiler (c++) to build the CUDA emulation with")
+        raise NoCompiler(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) to build the CUDA emulation with")
     digest = hashlib.sha256()
     for path in sorted(CSRC.rglob("*")):
         if path.suffix in (".h", ".cuh", ".cpp"):

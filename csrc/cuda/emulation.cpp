@@ -21,6 +21,9 @@ std::string last_kernel_family() {
       reinterpret_cast<const void*>(ultimus_stack_fwd_rows_kernel<float, kRowsD, kRowsAttnDim>),
       reinterpret_cast<const void*>(ultimus_stack_fwd_rows_kernel<at::Half, kRowsD, kRowsAttnDim>),
       reinterpret_cast<const void*>(ultimus_stack_fwd_rows_kernel<at::BFloat16, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_stack_bwd_rows_kernel<float, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_stack_bwd_rows_kernel<at::Half, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_stack_bwd_rows_kernel<at::BFloat16, kRowsD, kRowsAttnDim>),
   };
   if (ultimus_emulation::last_kernel == nullptr) return "none";
   for (const void* k : rows_kernels)
@@ -52,4 +55,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "set_multiprocessors", [](int n) { ultimus_emulation::multiprocessors = n; },
       "the emulated device's SM count (the persistent grids' size)");
+  m.def(
+      "set_shared_memory_per_block", [](int bytes) { ultimus_emulation::shared_memory_per_block = bytes; },
+      "the emulated device's shared memory per block (which stacks fit the rows kernels)");
+  m.def(
+      "set_compute_capability_major", [](int major) { ultimus_emulation::compute_capability_major = major; },
+      "the emulated device's compute capability (the rows backward kernels need 8, for tf32 tensor cores)");
 }

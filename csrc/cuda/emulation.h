@@ -4,16 +4,19 @@
 // not how fast: each thread block runs as blockDim.x std::threads, blocks one after another;
 // __syncthreads() is a std::barrier; dynamic shared memory is one buffer per block, filled with NaN
 // bytes before the block starts so that a read of a value nobody wrote shows up in the results.
-// What it cannot show: data races between threads that a barrier does not order on the GPU either
-// look right here only by luck of scheduling, so keep every cross-thread exchange behind a barrier.
+// Warp-wide instructions (mma.sync) exchange the 32 lanes' registers through a per-warp barrier, and
+// apply the hardware's rules: the fragment layouts of the PTX ISA, tf32 operands read as their top
+// 19 bits. What it cannot show: data races between threads that a barrier does not order on the GPU
+// either look right here only by luck of scheduling, so keep every cross-thread exchange behind a
+// barrier.
 #pragma once
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <mutex>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -33,6 +36,11 @@ namespace ultimus_emulation {
 inline thread_local dim3 thread_index, block_index;
 inline dim3 block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
+inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;  // one per warp of the running block
+struct WarpRegisters {
+  float a[32][4], b[32][2];
+};
+inline std::vector<WarpRegisters> warp_registers;
 inline unsigned char* shared_memory = nullptr;
 // The kernel of the last launch (tests check which kernel a launcher chose) and the launch count.
 inline const void* last_kernel = nullptr;
@@ -41,6 +49,7 @@ inline int64_t launches = 0;
 // walks several tiles per block even at the small batches a test can afford.
 inline int multiprocessors = 2;
 inline int shared_memory_per_block = 227 * 1024;
+inline int compute_capability_major = 9;
 
 // Runs kernel(args...) on a grid of thread blocks, one block at a time.
 template <typename... Params, typename... Args>
@@ -56,6 +65,10 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
     std::memset(shared.data(), 0xff, shared.size() * sizeof(float4));  // NaN until written
     std::barrier<> barrier(threads);
     block_barrier = &barrier;
+    warp_barriers.clear();
+    for (unsigned w = 0; w < (threads + 31) / 32; ++w)
+      warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, threads - 32 * w)));
+    warp_registers.assign((threads + 31) / 32, WarpRegisters{});
     std::vector<std::thread> pool;
     pool.reserve(threads);
     for (unsigned tx = 0; tx < threads; ++tx)
@@ -64,6 +77,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
         block_index = dim3(bx);
         kernel(args...);
         barrier.arrive_and_drop();  // an exited thread no longer holds up __syncthreads
+        warp_barriers[tx / 32]->arrive_and_drop();
       });
     for (auto& t : pool) t.join();
   }
@@ -89,3 +103,31 @@ inline float __fdividef(float a, float b) { return a / b; }
 using std::exp;
 using std::exp2;
 using std::fma;
+
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 with C = D: d += A B for the warp's 16 x 8 tile.
+// Lane l = 4 g + t holds A[g + 8 (i % 2)][t + 4 (i / 2)] in a[i], B[t + 4 i][g] in b[i] and
+// D[g + 8 (i / 2)][2 t + i % 2] in d[i]; the tensor core reads only the tf32 bits of a and b.
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  using namespace ultimus_emulation;
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  WarpRegisters& regs = warp_registers[warp];
+  for (int i = 0; i < 4; ++i) regs.a[lane][i] = __uint_as_float(a[i] & 0xffffe000u);
+  for (int i = 0; i < 2; ++i) regs.b[lane][i] = __uint_as_float(b[i] & 0xffffe000u);
+  warp_barriers[warp]->arrive_and_wait();  // every lane's fragments are in
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const unsigned row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    float acc = d[i];
+    for (unsigned k = 0; k < 8; ++k)
+      acc += regs.a[(row % 8) * 4 + k % 4][(row >= 8) + 2 * (k >= 4)] * regs.b[col * 4 + k % 4][k >= 4];
+    out[i] = acc;
+  }
+  warp_barriers[warp]->arrive_and_wait();  // every lane has read them before any lane's next mma
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}

@@ -48,6 +48,21 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #define ULTIMUS_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+
+// d += A B for one warp's 16 x 8 x 8 tile on the tensor cores, fragments as the PTX ISA lays them out
+// (emulation.h spells the layout out).
+// (sm_80 and later: the launchers give older GPUs the generic kernels, which use no tensor cores.)
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
 #endif
 
 namespace ultimus {
@@ -652,66 +667,125 @@ __device__ __forceinline__ void input_grad_rows(const float* sp, const float (&g
   }
 }
 
-// The parameter gradients of a tile, summed over its rows by the whole thread block from the tile in
-// shared memory: x, gy and (g | z) of every row. Thread t owns a 3 x 4 block of one product and keeps
-// its 12 sums (and, on the first column of blocks, 3 bias sums) in registers across all the tiles of
-// the launch; write() puts them into the thread block's partial row once, at the end.
-//   t <  d D / 4: gWqkv[m][n] = sum_r g[r][m] x[r][n],   m in 3 (t / (D/4)) + 0..2, n in 4 (t % (D/4)) + 0..3
-//                 (rows m of gWq | gWk | gWv in turn), and gbqkv[m] = sum_r g[r][m] where t % (D/4) == 0;
-//   the rest:     gWo[n][j] = sum_r gy[r][n] z[r][j],    n in 3 (u / (d/4)) + 0..2, j in 4 (u % (d/4)) + 0..3
-//                 with u = t - d D / 4, and gbo[n] = sum_r gy[r][n] where u % (d/4) == 0.
-// Every read of a step r is of the same row r: a broadcast or a run of consecutive words.
-template <int D, int d>
-struct RowsParamGrads {
-  static_assert(D % 12 == 0 && d * (D / 4) + (D / 3) * (d / 4) == kRowsThreads,
-                "the 3 x 4 blocks of the parameter gradients must match the thread block");
-  static constexpr int kLdX = D + 4, kLdG = 4 * d + 4;  // row strides: float4 stores without bank conflicts
-  float sum[3][4], bias[3];
-  bool weights_in, bias_owner;  // which product this thread works on; does it also sum a bias
-  int m0, n0;
+// A float as two tf32 numbers, hi + lo = x to within 2^-21 |x|: the tensor cores' products in
+// "3xTF32", a b = a_lo b_hi + a_hi b_lo + a_hi b_hi, are then as exact as fp32's (the dropped a_lo b_lo
+// is below 2^-20 |a b|). hi is x cut to tf32's 10 mantissa bits (one AND: cvt.rna.tf32 costs several
+// instructions on sm_90), so lo = x - hi is exact; the tensor core reads lo's top 19 bits.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  uint32_t bits;
+  memcpy(&bits, &x, 4);
+  hi = bits & 0xffffe000u;
+  const float rest = x - __uint_as_float(hi);
+  memcpy(&lo, &rest, 4);
+}
 
-  __device__ __forceinline__ RowsParamGrads() {
-    const int t = threadIdx.x;
-    weights_in = t < d * (D / 4);
-    const int u = weights_in ? t : t - d * (D / 4), per = weights_in ? D / 4 : d / 4;
-    m0 = 3 * (u / per), n0 = 4 * (u % per), bias_owner = u % per == 0;
+// The parameter gradients of one tile, summed over its rows on the tensor cores (3xTF32) from the
+// tile in shared memory: x, gy and (g | z) of every row, g = (gq | gk | gv). Four warps:
+//   warps 0-2: gWqkv^T[n][m] = sum_r x[r][n] g[r][m] for n in 16 w + 0..15, all 3d = 24 m
+//              (rows m of gWq | gWk | gWv in turn); warp 1 also gbqkv[m] = sum_r g[r][m] (A = ones);
+//   warp 3:    gWo[n][j] = sum_r gy[r][n] z[r][j] for all n and j, and gbo[n] = sum_r gy[r][n] (B = ones).
+// add() adds the sums into the thread block's partial row; each entry belongs to one lane, so the
+// row needs no barrier, and every tile adds in the same order (deterministic).
+template <int D, int d>
+struct TileParamGrads {
+  static_assert(D == 48 && d == 8 && kRowsThreads == 128, "three warps of 16 rows of gWqkv^T and one for gWo");
+  // Row strides of the tile: = 24 and 8 (mod 32) words, so fragment loads hit 32 different banks.
+  static constexpr int kLdX = D + 8, kLdG = 4 * d + 8;
+  float sum[3][4], bias[3][4];
+  int warp, g, t;
+
+  __device__ __forceinline__ TileParamGrads() : warp(threadIdx.x / 32), g(threadIdx.x % 32 / 4), t(threadIdx.x % 4) {
 #pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      bias[a] = 0.f;
+    for (int i = 0; i < 3; ++i)
 #pragma unroll
-      for (int b = 0; b < 4; ++b) sum[a][b] = 0.f;
-    }
+      for (int r = 0; r < 4; ++r) sum[i][r] = bias[i][r] = 0.f;
   }
 
-  // xs, gys: [rows][kLdX]; gs: [rows][kLdG] holding g (3d) then z (d).
+  // One branch per tile on the warp's role (warp-uniform): mma.sync must run on converged warps, and
+  // a branch inside the loop would have the compiler re-converge them at every step.
   __device__ __forceinline__ void accumulate(const float* xs, const float* gys, const float* gs, int rows) {
-    // q|k|v product: left = g[r][m0 + a], right = x[r][n0 + b]; output product: left = gy[r][n], right = z[r][j].
-    const float* left = weights_in ? gs + m0 : gys + m0;
-    const float* right = weights_in ? xs + n0 : gs + 3 * d + n0;
-    const int ld_left = weights_in ? kLdG : kLdX, ld_right = weights_in ? kLdX : kLdG;
-    for (int r = 0; r < rows; ++r) {
-      const float l[3] = {left[r * ld_left], left[r * ld_left + 1], left[r * ld_left + 2]};
-      const float4 rv = load4(right + r * ld_right);
-      const float rr[4] = {rv.x, rv.y, rv.z, rv.w};
+    if (warp == 1)
+      accumulate_qkv<true>(xs, gs, rows);
+    else if (warp < 3)
+      accumulate_qkv<false>(xs, gs, rows);
+    else
+      accumulate_out(gys, gs, rows);
+  }
+
+  // Steps of 8 rows: lane (g, t) reads rows r0 = k0 + t and r1 = r0 + 4 of the tile.
+  template <bool kBias>
+  __device__ __forceinline__ void accumulate_qkv(const float* xs, const float* gs, int rows) {
+    constexpr uint32_t kOne = 0x3f800000u;  // 1.0f, exact in tf32
+    const uint32_t ones[4] = {kOne, kOne, kOne, kOne};
+    const int n0 = 16 * warp;
+    for (int k0 = 0; k0 < rows; k0 += 8) {
+      const float* x0 = xs + (k0 + t) * kLdX + n0 + g;
+      const float* x1 = x0 + 4 * kLdX;
+      uint32_t a_hi[4], a_lo[4];  // A = x^T, rows n0 + 0..15
+      split_tf32(x0[0], a_hi[0], a_lo[0]);
+      split_tf32(x0[8], a_hi[1], a_lo[1]);
+      split_tf32(x1[0], a_hi[2], a_lo[2]);
+      split_tf32(x1[8], a_hi[3], a_lo[3]);
 #pragma unroll
-      for (int a = 0; a < 3; ++a) {
-        bias[a] += l[a];
-#pragma unroll
-        for (int b = 0; b < 4; ++b) sum[a][b] += l[a] * rr[b];
+      for (int i = 0; i < 3; ++i) {  // B = g[:, 8 i + 0..7]
+        const float* g0 = gs + (k0 + t) * kLdG + 8 * i + g;
+        uint32_t b_hi[2], b_lo[2];
+        split_tf32(g0[0], b_hi[0], b_lo[0]);
+        split_tf32(g0[4 * kLdG], b_hi[1], b_lo[1]);
+        mma_m16n8k8_tf32(sum[i], a_lo, b_hi);
+        mma_m16n8k8_tf32(sum[i], a_hi, b_lo);
+        mma_m16n8k8_tf32(sum[i], a_hi, b_hi);
+        if (kBias) {
+          mma_m16n8k8_tf32(bias[i], ones, b_lo);
+          mma_m16n8k8_tf32(bias[i], ones, b_hi);
+        }
       }
     }
   }
 
-  // Into the partial-row layout of ultimus.h: [gWq | gWk | gWv (3d x D) | gWo (D x d) | gbq | gbk | gbv | gbo].
+  __device__ __forceinline__ void accumulate_out(const float* gys, const float* gs, int rows) {
+    constexpr uint32_t kOne = 0x3f800000u;
+    const uint32_t ones[2] = {kOne, kOne};
+    for (int k0 = 0; k0 < rows; k0 += 8) {
+      const float* z0 = gs + (k0 + t) * kLdG + 3 * d + g;
+      uint32_t b_hi[2], b_lo[2];  // B = z
+      split_tf32(z0[0], b_hi[0], b_lo[0]);
+      split_tf32(z0[4 * kLdG], b_hi[1], b_lo[1]);
+#pragma unroll
+      for (int i = 0; i < 3; ++i) {  // A = gy^T, rows n in 16 i + 0..15
+        const float* y0 = gys + (k0 + t) * kLdX + 16 * i + g;
+        const float* y1 = y0 + 4 * kLdX;
+        uint32_t a_hi[4], a_lo[4];
+        split_tf32(y0[0], a_hi[0], a_lo[0]);
+        split_tf32(y0[8], a_hi[1], a_lo[1]);
+        split_tf32(y1[0], a_hi[2], a_lo[2]);
+        split_tf32(y1[8], a_hi[3], a_lo[3]);
+        mma_m16n8k8_tf32(sum[i], a_lo, b_hi);
+        mma_m16n8k8_tf32(sum[i], a_hi, b_lo);
+        mma_m16n8k8_tf32(sum[i], a_hi, b_hi);
+        mma_m16n8k8_tf32(bias[i], a_lo, ones);
+        mma_m16n8k8_tf32(bias[i], a_hi, ones);
+      }
+    }
+  }
+
+  // Into the partial-row layout of ultimus.h: [gWq | gWk | gWv (3d x D) | gWo (D x d) | gbq | gbk | gbv | gbo],
+  // added to what is there (kAdd) or stored.
+  template <bool kAdd>
   __device__ __forceinline__ void write(float* partial) const {
     constexpr int dD = d * D;
 #pragma unroll
-    for (int a = 0; a < 3; ++a) {
+    for (int i = 0; i < 3; ++i)
 #pragma unroll
-      for (int b = 0; b < 4; ++b)
-        partial[weights_in ? (m0 + a) * D + n0 + b : 3 * dD + (m0 + a) * d + n0 + b] = sum[a][b];
-      if (bias_owner) partial[weights_in ? 4 * dD + m0 + a : 4 * dD + 3 * d + m0 + a] = bias[a];
-    }
+      for (int r = 0; r < 4; ++r) {
+        const int row = g + 8 * (r / 2), col = 2 * t + r % 2;  // of the 16 x 8 tile
+        float* out = warp < 3 ? partial + (8 * i + col) * D + 16 * warp + row : partial + 3 * dD + (16 * i + row) * d + col;
+        *out = kAdd ? *out + sum[i][r] : sum[i][r];
+        float* out_bias = nullptr;
+        if (warp == 1 && row == 0) out_bias = partial + 4 * dD + 8 * i + col;   // every row holds the sums
+        if (warp == 3 && col == 0) out_bias = partial + 4 * dD + 3 * d + 16 * i + row;  // every column does
+        if (out_bias) *out_bias = kAdd ? *out_bias + bias[i][r] : bias[i][r];
+      }
   }
 };
 
@@ -740,16 +814,17 @@ __global__ void __launch_bounds__(kRowsThreads)
     ultimus_bwd_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
                             scalar_t* __restrict__ gx, float* __restrict__ partials, DeviceParams<float> p, int64_t B,
                             bool residual) {
-  using Grads = RowsParamGrads<D, d>;
+  using Grads = TileParamGrads<D, d>;
   ULTIMUS_DYNAMIC_SHARED(smem_raw);
   float* sp = reinterpret_cast<float*>(smem_raw);
   const int rows = blockDim.x, t = threadIdx.x;
   float* xs = sp + RowsLayout<D, d>::kSize;
   float* gys = xs + rows * Grads::kLdX;
   float* gs = gys + rows * Grads::kLdX;
+  float* my_partial = partials ? partials + int64_t(blockIdx.x) * num_params(D, d) : nullptr;
+  if (my_partial) Grads().template write<false>(my_partial);  // zeros
   load_rows_params<D, d>(sp, p.wq, p.wk, p.wv, p.wo, p.bq, p.bk, p.bv, p.bo);
   __syncthreads();
-  Grads grads;
   for (int64_t row0 = int64_t(blockIdx.x) * rows; row0 < B; row0 += int64_t(gridDim.x) * rows) {
     ULTIMUS_KEEP_WEIGHT_READS_IN_LOOP();
     const int64_t b = row0 + t;
@@ -777,11 +852,12 @@ __global__ void __launch_bounds__(kRowsThreads)
     }
     if (partials) {
       __syncthreads();  // the tile's rows are shared
+      Grads grads;
       grads.accumulate(xs, gys, gs, rows);
+      grads.template write<true>(my_partial);
       __syncthreads();  // and read: the next tile may overwrite them
     }
   }
-  if (partials) grads.write(partials + int64_t(blockIdx.x) * num_params(D, d));
 }
 
 // The stack forward: every block's RowsLayout in shared memory (L of them, as many as fit: the
@@ -812,12 +888,81 @@ __global__ void __launch_bounds__(kRowsThreads)
   }
 }
 
+// The stack backward: every block's RowsLayout in shared memory, then (parameter gradients only) the
+// tile of the reduction. Per tile, the blocks in reverse: block l's input is recomputed from x in
+// registers through blocks 0..l-1 (for L = 4, six block forwards per tile) rather than stored, and
+// the gradient flowing back stays in registers. The parameter-gradient sums go into the thread
+// block's L partial rows after every block of every tile (registers cannot hold L blocks' sums).
+template <typename scalar_t, int D, int d>
+__global__ void __launch_bounds__(kRowsThreads)
+    ultimus_stack_bwd_rows_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
+                                  scalar_t* __restrict__ gx, float* __restrict__ partials,
+                                  const float* __restrict__ packed, int L, float scale, int64_t B, bool residual) {
+  using Layout = RowsLayout<D, d>;
+  using Grads = TileParamGrads<D, d>;
+  ULTIMUS_DYNAMIC_SHARED(smem_raw);
+  float* sp = reinterpret_cast<float*>(smem_raw);
+  constexpr int dD = d * D, np = 4 * dD + 3 * d + D;
+  const int rows = blockDim.x, t = threadIdx.x;
+  float* xs = sp + L * Layout::kSize;
+  float* gys = xs + rows * Grads::kLdX;
+  float* gs = gys + rows * Grads::kLdX;
+  for (int block = 0; block < L; ++block) {  // packed rows are in the partial-row layout
+    const float* row = packed + int64_t(block) * np;
+    load_rows_params<D, d>(sp + block * Layout::kSize, row, row + dD, row + 2 * dD, row + 3 * dD, row + 4 * dD,
+                           row + 4 * dD + d, row + 4 * dD + 2 * d, row + 4 * dD + 3 * d);
+  }
+  float* my_partials = partials ? partials + int64_t(blockIdx.x) * L * np : nullptr;
+  if (my_partials)
+    for (int block = 0; block < L; ++block) Grads().template write<false>(my_partials + int64_t(block) * np);
+  __syncthreads();
+  const float scale_log2 = scale * kLog2e;
+  for (int64_t row0 = int64_t(blockIdx.x) * rows; row0 < B; row0 += int64_t(gridDim.x) * rows) {
+    ULTIMUS_KEEP_WEIGHT_READS_IN_LOOP();
+    const int64_t b = row0 + t;
+    float xr[D], g[D];
+    if (b < B) {
+      load_row<scalar_t, D>(x + b * D, xr);
+      load_row<scalar_t, D>(gy + b * D, g);
+    } else {
+#pragma unroll
+      for (int n = 0; n < D; ++n) xr[n] = g[n] = 0.f;
+    }
+    for (int block = L - 1; block >= 0; --block) {
+      float h[D];
+#pragma unroll
+      for (int n = 0; n < D; ++n) h[n] = xr[n];
+      for (int earlier = 0; earlier < block; ++earlier)
+        block_forward_rows<D, d>(sp + earlier * Layout::kSize, h, scale_log2, residual);
+      const float* bp = sp + block * Layout::kSize;
+      float gqkv[3 * d], z[d];
+      block_backward_rows<D, d>(bp, h, g, scale, gqkv, z);
+      if (b >= B)  // exactly nothing from a row past B, whatever the biases hold
+#pragma unroll
+        for (int m = 0; m < 4 * d; ++m) (m < 3 * d ? gqkv[m] : z[m - 3 * d]) = 0.f;
+      if (my_partials) {
+        share_row<D>(h, xs + t * Grads::kLdX);
+        share_row<D>(g, gys + t * Grads::kLdX);
+        share_row<3 * d>(gqkv, gs + t * Grads::kLdG);
+        share_row<d>(z, gs + t * Grads::kLdG + 3 * d);
+        __syncthreads();  // the tile's rows are shared
+        Grads grads;
+        grads.accumulate(xs, gys, gs, rows);
+        grads.template write<true>(my_partials + int64_t(block) * np);
+        __syncthreads();  // and read: the next block may overwrite them
+      }
+      input_grad_rows<D, d>(bp, gqkv, residual, g);  // g becomes the gradient of this block's input
+    }
+    if (gx && b < B) store_row<scalar_t, D>(g, gx + b * D);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Launchers
 // ------------------------------------------------------------------------------------------------
 
 struct DeviceInfo {
-  int sms = 0, smem_optin = 0;
+  int sms = 0, smem_optin = 0, major = 0;  // major: the compute capability's
 };
 
 // The few runtime calls the launchers make: CUDA's, or the CPU emulation's.
@@ -827,7 +972,8 @@ struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}
 };
 inline DeviceInfo device_info() {
-  return {ultimus_emulation::multiprocessors, ultimus_emulation::shared_memory_per_block};
+  return {ultimus_emulation::multiprocessors, ultimus_emulation::shared_memory_per_block,
+          ultimus_emulation::compute_capability_major};
 }
 template <typename... P>
 int blocks_per_sm(void (*)(P...), int, size_t) {
@@ -852,6 +998,7 @@ inline DeviceInfo device_info() {
     DeviceInfo info;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, dev));
     it = cache.emplace(dev, info).first;
   }
   return it->second;
@@ -916,10 +1063,12 @@ inline std::pair<int, size_t> generic_tile(int64_t D, int64_t d, size_t acc_size
 }
 
 // Whether the rows kernels serve a call: the sizes they are compiled for and float32 math (float64
-// runs the generic kernels). The activations must also be contiguous 16-byte-aligned rows, which
-// `rows_input` makes them (a copy only when they are not contiguous) and `aligned16` checks.
-inline bool rows_apply(int64_t D, int64_t d, const at::Tensor& x) {
-  return D == kRowsD && d == kRowsAttnDim && x.scalar_type() != at::kDouble;
+// runs the generic kernels); the backward ones also need tensor cores with tf32 (sm_80 and later).
+// The activations must also be contiguous 16-byte-aligned rows, which `rows_input` makes them (a copy
+// only when they are not contiguous) and `aligned16` checks.
+inline bool rows_apply(int64_t D, int64_t d, const at::Tensor& x, bool backward = false) {
+  return D == kRowsD && d == kRowsAttnDim && x.scalar_type() != at::kDouble &&
+         (!backward || runtime::device_info().major >= 8);
 }
 inline at::Tensor rows_input(const at::Tensor& t, bool rows) { return rows ? t.contiguous() : t; }
 inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
@@ -941,15 +1090,21 @@ bool fwd_rows(const at::Tensor& x, at::Tensor& y, const AccParams& params, int64
   return false;
 }
 
+// The rows backward kernels' shared memory: `blocks` RowsLayouts, and the reduction's tile when the
+// parameter gradients are asked for (x, gy and g|z rows).
+inline size_t rows_bwd_smem(int64_t blocks, bool need_gw) {
+  using Grads = TileParamGrads<kRowsD, kRowsAttnDim>;
+  const size_t tile = need_gw ? kRowsThreads * (2 * Grads::kLdX + Grads::kLdG) : 0;
+  return (size_t(blocks) * RowsL::kSize + tile) * sizeof(float);
+}
+
 template <typename scalar_t>
 bool bwd_rows(const at::Tensor& gy, const at::Tensor& x, at::Tensor& gx, at::Tensor& partials,
               const AccParams& params, int64_t D, int64_t d, bool residual, bool need_gx, bool need_gw) {
   if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
     if (!aligned16(x) || !aligned16(gy)) return false;
-    using Grads = RowsParamGrads<kRowsD, kRowsAttnDim>;
     const auto kernel = ultimus_bwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>;
-    const size_t tile = need_gw ? kRowsThreads * (2 * Grads::kLdX + Grads::kLdG) : 0;  // x, gy, g|z rows
-    const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, (RowsL::kSize + tile) * sizeof(float));
+    const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, rows_bwd_smem(1, need_gw));
     if (need_gw) partials = at::empty({cfg.blocks, num_params(D, d)}, x.options().dtype(at::kFloat));
     runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                     need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr,
@@ -1011,7 +1166,7 @@ BackwardResult ultimus_bwd_cuda(const at::Tensor& gy, const at::Tensor& x_in, co
   at::Tensor gx = at::empty(need_gx ? std::vector<int64_t>{B, D} : std::vector<int64_t>{0}, x_in.options());
   at::Tensor partials = at::empty({0, num_params(D, d)}, x_in.options().dtype(acc));
   if (B > 0 && (need_gx || need_gw)) {
-    const bool rows = rows_apply(D, d, x_in);
+    const bool rows = rows_apply(D, d, x_in, /*backward=*/true);
     const at::Tensor x = rows_input(x_in, rows), gy_c = rows_input(gy.to(x.scalar_type()), rows);
     const AccParams params(x, wq, bq, wk, bk, wv, bv, wo, bo);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_bwd_cuda", [&] {
@@ -1031,6 +1186,23 @@ BackwardResult ultimus_bwd_cuda(const at::Tensor& gy, const at::Tensor& x_in, co
     });
   }
   return backward_result(gx, partials, need_gw);
+}
+
+template <typename scalar_t>
+bool stack_bwd_rows(const at::Tensor& gy, const at::Tensor& x, at::Tensor& gx, at::Tensor& partials,
+                    const at::Tensor& packed, int64_t L, bool residual, bool need_gx, bool need_gw) {
+  if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
+    if (!aligned16(x) || !aligned16(gy)) return false;
+    const auto kernel = ultimus_stack_bwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>;
+    const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, rows_bwd_smem(L, need_gw));
+    if (need_gw) partials = at::empty({cfg.blocks, L * num_params(kRowsD, kRowsAttnDim)}, x.options().dtype(at::kFloat));
+    runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                    need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+                    need_gw ? partials.mutable_data_ptr<float>() : nullptr, packed.const_data_ptr<float>(), int(L),
+                    float(1.0 / std::sqrt(double(kRowsAttnDim))), x.size(0), residual);
+    return true;
+  }
+  return false;
 }
 
 // A stack's parameters as the kernels read them: (L, np) in the accumulation dtype, each row in the
@@ -1074,20 +1246,24 @@ at::Tensor ultimus_stack_fwd_cuda(const at::Tensor& x_in, at::TensorList params,
   return y;
 }
 
-BackwardResult ultimus_stack_bwd_cuda(const at::Tensor& gy, const at::Tensor& x, at::TensorList params, bool bias,
+BackwardResult ultimus_stack_bwd_cuda(const at::Tensor& gy, const at::Tensor& x_in, at::TensorList params, bool bias,
                                       bool residual, bool need_gx, bool need_gw) {
-  const auto [L, D, d] = check_stack_inputs("cuda", x, params, bias);
-  check_grad_output(gy, x);
-  const int64_t B = x.size(0);
-  const runtime::DeviceGuard guard(x.device());
-  const auto acc = acc_type(x);
-  at::Tensor gx = at::empty(need_gx ? std::vector<int64_t>{B, D} : std::vector<int64_t>{0}, x.options());
-  at::Tensor gy_c = gy.to(x.scalar_type());
-  at::Tensor partials = at::empty({0, L * num_params(D, d)}, x.options().dtype(acc));
+  const auto [L, D, d] = check_stack_inputs("cuda", x_in, params, bias);
+  check_grad_output(gy, x_in);
+  const int64_t B = x_in.size(0);
+  const runtime::DeviceGuard guard(x_in.device());
+  const auto acc = acc_type(x_in);
+  at::Tensor gx = at::empty(need_gx ? std::vector<int64_t>{B, D} : std::vector<int64_t>{0}, x_in.options());
+  at::Tensor partials = at::empty({0, L * num_params(D, d)}, x_in.options().dtype(acc));
   if (B > 0 && (need_gx || need_gw)) {
-    const at::Tensor packed = pack_stack(stack_acc_params(x, params, bias), D, d, x);
+    const at::Tensor packed = pack_stack(stack_acc_params(x_in, params, bias), D, d, x_in);
+    // As the forward: the rows kernel while every block's parameters fit in shared memory.
+    const bool rows = rows_apply(D, d, x_in, /*backward=*/true) &&
+                      rows_bwd_smem(L, need_gw) <= size_t(runtime::device_info().smem_optin);
+    const at::Tensor x = rows_input(x_in, rows), gy_c = rows_input(gy.to(x.scalar_type()), rows);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_stack_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      if (rows && stack_bwd_rows<scalar_t>(gy_c, x, gx, partials, packed, L, residual, need_gx, need_gw)) return;
       const auto [tile_rows, smem] = generic_tile(D, d, sizeof(acc_t), 3, true);
       const acc_t scale = acc_t(1.0 / std::sqrt(double(d)));
       ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] {
