@@ -4,9 +4,9 @@ launchers (arguments, constexprs, grid, roles of the pointers). Use it as
 
     python <path to>/sass_stats.py --repo . --kernels cuda --extra bench/sass_specs.py
 
-(`--kernels cuda` adds the CUDA kernels from csrc/ and keeps out the tool's own mirror of the Triton
-launchers, which predates them; `--kernels none` for the Triton kernels only). Update this file with
-the launchers.
+(`--kernels cuda` adds the generic CUDA kernels from csrc/ and keeps out the tool's own mirror of the
+Triton launchers, which predates them; `--kernels none` for the Triton kernels only). The CUDA rows
+kernels (D = 48, d = 8) have their own script, bench/sass_cuda.py. Update this file with the launchers.
 """
 
 from __future__ import annotations

@@ -1004,23 +1004,29 @@ inline DeviceInfo device_info() {
   return it->second;
 }
 
-// How many blocks of `kernel` an SM holds at once (the occupancy API), after allowing the kernel its
-// shared memory past the default 48 KB; once per kernel, device and launch shape.
+// How many blocks of `kernel` an SM holds at once (the occupancy API), once per kernel, device and
+// launch shape; first it allows the kernel the shared memory asked for past the default 48 KB. That
+// allowance only ever grows (per kernel and device): a stack kernel launched for 4 blocks, then 3,
+// then 4 again must still be allowed the 4 blocks' shared memory.
 template <typename... P>
 int blocks_per_sm(void (*kernel)(P...), int threads, size_t smem) {
   static std::mutex mutex;
   static std::map<std::tuple<const void*, int, int, size_t>, int> cache;
+  static std::map<std::pair<const void*, int>, size_t> allowed;
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, threads, smem);
+  const void* id = reinterpret_cast<const void*>(kernel);
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
+  size_t& allowance = allowed[{id, dev}];
+  if (smem > 48 * 1024 && smem > allowance) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    allowance = smem;
+  }
+  auto it = cache.find({id, dev, threads, smem});
   if (it == cache.end()) {
-    if (smem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     int blocks = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
-    it = cache.emplace(key, std::max(blocks, 1)).first;
+    it = cache.emplace(std::make_tuple(id, dev, threads, smem), std::max(blocks, 1)).first;
   }
   return it->second;
 }
