@@ -4,30 +4,29 @@
 #define ULTIMUS_CUDA_EMULATION
 #include <torch/extension.h>
 
+#include <array>
+#include <string>
+
 #include "ultimus_cuda.cuh"
 
 namespace {
 
-// Which kernel the last launch ran: "rows" (the compile-time-size kernels) or "generic".
-std::string last_kernel_family() {
+// The rows kernels (D and d at compile time) of one activation dtype.
+template <typename scalar_t>
+std::array<const void*, 4> rows_kernels() {
   using namespace ultimus;
-  const void* rows_kernels[] = {
-      reinterpret_cast<const void*>(ultimus_fwd_rows_kernel<float, kRowsD, kRowsAttnDim>),
-      reinterpret_cast<const void*>(ultimus_fwd_rows_kernel<at::Half, kRowsD, kRowsAttnDim>),
-      reinterpret_cast<const void*>(ultimus_fwd_rows_kernel<at::BFloat16, kRowsD, kRowsAttnDim>),
-      reinterpret_cast<const void*>(ultimus_bwd_rows_kernel<float, kRowsD, kRowsAttnDim>),
-      reinterpret_cast<const void*>(ultimus_bwd_rows_kernel<at::Half, kRowsD, kRowsAttnDim>),
-      reinterpret_cast<const void*>(ultimus_bwd_rows_kernel<at::BFloat16, kRowsD, kRowsAttnDim>),
-      reinterpret_cast<const void*>(ultimus_stack_fwd_rows_kernel<float, kRowsD, kRowsAttnDim>),
-      reinterpret_cast<const void*>(ultimus_stack_fwd_rows_kernel<at::Half, kRowsD, kRowsAttnDim>),
-      reinterpret_cast<const void*>(ultimus_stack_fwd_rows_kernel<at::BFloat16, kRowsD, kRowsAttnDim>),
-      reinterpret_cast<const void*>(ultimus_stack_bwd_rows_kernel<float, kRowsD, kRowsAttnDim>),
-      reinterpret_cast<const void*>(ultimus_stack_bwd_rows_kernel<at::Half, kRowsD, kRowsAttnDim>),
-      reinterpret_cast<const void*>(ultimus_stack_bwd_rows_kernel<at::BFloat16, kRowsD, kRowsAttnDim>),
-  };
+  return {reinterpret_cast<const void*>(ultimus_fwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>),
+          reinterpret_cast<const void*>(ultimus_bwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>),
+          reinterpret_cast<const void*>(ultimus_stack_fwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>),
+          reinterpret_cast<const void*>(ultimus_stack_bwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>)};
+}
+
+// Which kernel the last launch ran: "rows", "generic", or "none" before any launch.
+std::string last_kernel_family() {
   if (ultimus_emulation::last_kernel == nullptr) return "none";
-  for (const void* k : rows_kernels)
-    if (k == ultimus_emulation::last_kernel) return "rows";
+  for (const auto& family : {rows_kernels<float>(), rows_kernels<at::Half>(), rows_kernels<at::BFloat16>()})
+    for (const void* kernel : family)
+      if (kernel == ultimus_emulation::last_kernel) return "rows";
   return "generic";
 }
 

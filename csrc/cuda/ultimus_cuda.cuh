@@ -701,6 +701,19 @@ struct TileParamGrads {
       for (int r = 0; r < 4; ++r) sum[i][r] = bias[i][r] = 0.f;
   }
 
+  // Puts this thread's row into the tile: x, gy and g | z, the last two as zeros for a row past B
+  // (which must add exactly nothing, whatever the biases make of its zero x).
+  __device__ static __forceinline__ void share(const float (&x)[D], const float (&gy)[D], const float (&g)[3 * d],
+                                               const float (&z)[d], bool live, float* xs, float* gys, float* gs) {
+    const int row = threadIdx.x;
+    share_row<D>(x, xs + row * kLdX);
+    share_row<D>(gy, gys + row * kLdX);
+    float gz[4 * d];
+#pragma unroll
+    for (int m = 0; m < 4 * d; ++m) gz[m] = live ? (m < 3 * d ? g[m] : z[m - 3 * d]) : 0.f;
+    share_row<4 * d>(gz, gs + row * kLdG);
+  }
+
   // One branch per tile on the warp's role (warp-uniform): mma.sync must run on converged warps, and
   // a branch inside the loop would have the compiler re-converge them at every step.
   __device__ __forceinline__ void accumulate(const float* xs, const float* gys, const float* gs, int rows) {
@@ -837,15 +850,7 @@ __global__ void __launch_bounds__(kRowsThreads)
       for (int n = 0; n < D; ++n) xr[n] = gyr[n] = 0.f;
     }
     block_backward_rows<D, d>(sp, xr, gyr, p.scale, g, z);
-    if (b >= B)  // exactly nothing from a row past B, whatever the biases hold
-#pragma unroll
-      for (int m = 0; m < 4 * d; ++m) (m < 3 * d ? g[m] : z[m - 3 * d]) = 0.f;
-    if (partials) {
-      share_row<D>(xr, xs + t * Grads::kLdX);
-      share_row<D>(gyr, gys + t * Grads::kLdX);
-      share_row<3 * d>(g, gs + t * Grads::kLdG);
-      share_row<d>(z, gs + t * Grads::kLdG + 3 * d);
-    }
+    if (partials) Grads::share(xr, gyr, g, z, b < B, xs, gys, gs);
     if (gx && b < B) {
       input_grad_rows<D, d>(sp, g, residual, gyr);
       store_row<scalar_t, D>(gyr, gx + b * D);
@@ -937,14 +942,8 @@ __global__ void __launch_bounds__(kRowsThreads)
       const float* bp = sp + block * Layout::kSize;
       float gqkv[3 * d], z[d];
       block_backward_rows<D, d>(bp, h, g, scale, gqkv, z);
-      if (b >= B)  // exactly nothing from a row past B, whatever the biases hold
-#pragma unroll
-        for (int m = 0; m < 4 * d; ++m) (m < 3 * d ? gqkv[m] : z[m - 3 * d]) = 0.f;
       if (my_partials) {
-        share_row<D>(h, xs + t * Grads::kLdX);
-        share_row<D>(g, gys + t * Grads::kLdX);
-        share_row<3 * d>(gqkv, gs + t * Grads::kLdG);
-        share_row<d>(z, gs + t * Grads::kLdG + 3 * d);
+        Grads::share(h, g, gqkv, z, b < B, xs, gys, gs);
         __syncthreads();  // the tile's rows are shared
         Grads grads;
         grads.accumulate(xs, gys, gs, rows);
