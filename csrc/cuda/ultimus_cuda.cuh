@@ -703,7 +703,7 @@ struct TileParamGrads {
 
   // Puts this thread's row into the tile: x, gy and g | z, the last two as zeros for a row past B
   // (which must add exactly nothing, whatever the biases make of its zero x).
-  __device__ static __forceinline__ void share(const float (&x)[D], const float (&gy)[D], const float (&g)[3 * d],
+  static __device__ __forceinline__ void share(const float (&x)[D], const float (&gy)[D], const float (&g)[3 * d],
                                                const float (&z)[d], bool live, float* xs, float* gys, float* gs) {
     const int row = threadIdx.x;
     share_row<D>(x, xs + row * kLdX);
