@@ -192,3 +192,19 @@ def test_a_stack_past_what_shared_memory_holds_gets_the_generic_kernels(emu):
         check_stack(emu, 6, *ROWS, torch.float32, "generic")
     finally:
         emu.set_shared_memory_per_block(227 * 1024)
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True)])
+def test_stack_backward_computes_only_what_is_asked(emu, need):
+    x, params = make_stack(2, 140, *ROWS, dtype=torch.float32)
+    flat = [t.detach() for block in params for t in block]
+    gy = torch.randn(140, 48)
+    gx, grads = emu.stack_bwd(gy, x.detach(), flat, True, True, *need)
+    assert emu.last_kernel() == "rows"
+    full_gx, full_grads = emu.stack_bwd(gy, x.detach(), flat, True, True, True, True)
+    if need[0]:
+        assert torch.equal(gx, full_gx) and grads.numel() == 0
+    else:
+        assert gx.numel() == 0 and torch.equal(grads, full_grads)
+    empty_gx, empty_grads = emu.stack_bwd(gy[:0], x.detach()[:0], flat, True, True, True, True)
+    assert empty_gx.shape == (0, 48) and not empty_grads.any()
