@@ -26,6 +26,7 @@ SCALAR = {"float32": "float", "bfloat16": "c10::BFloat16", "float16": "c10::Half
 D, d, THREADS = 48, 8, 128  # the size the rows kernels are compiled for; their block size
 SIGNATURES = {  # kernel -> (parameters after the template arguments, pointer names in order)
     "fwd": ("(const {s}*, {s}*, DeviceParams<float>, int64_t, bool)", ["x", "y"]),
+    "fwd_bf16": ("(const {s}*, {s}*, DeviceParams<float>, int64_t, bool)", ["x", "y"]),  # bf16 only
     "bwd": (
         "(const {s}*, const {s}*, {s}*, float*, DeviceParams<float>, int64_t, bool)",
         ["gy", "x", "gx", "partials"],
@@ -37,6 +38,17 @@ SIGNATURES = {  # kernel -> (parameters after the template arguments, pointer na
     ),
 }
 ROLES = {"x": "act_in", "gy": "act_in", "y": "act_out", "gx": "act_out", "partials": "partial"}
+
+
+def symbol(kernel: str, dtype: str) -> str:
+    """The template instance of a kernel, as written in the source (and demangled)."""
+    if kernel == "fwd_bf16":
+        return f"ultimus_fwd_bf16_kernel<{D}, {d}>"
+    return f"ultimus_{kernel}_rows_kernel<{SCALAR[dtype]}, {D}, {d}>"
+
+
+def applies(kernel: str, dtype: str) -> bool:
+    return kernel != "fwd_bf16" or dtype == "bfloat16"
 
 
 def load_tool(path: str):
@@ -53,11 +65,10 @@ def build(tool, dtypes, kernels):
     cut = source.index("// Launchers")
     cut = source.rindex("// ----", 0, cut)
     lines = [
-        f"template __global__ void ultimus_{k}_rows_kernel<{SCALAR[t]}, {D}, {d}>"
-        + SIGNATURES[k][0].format(s=SCALAR[t])
-        + ";"
+        f"template __global__ void {symbol(k, t)}" + SIGNATURES[k][0].format(s=SCALAR[t]) + ";"
         for t in dtypes
         for k in kernels
+        if applies(k, t)
     ]
     unit = source[:cut] + "\n".join(lines) + "\n}  // namespace\n}  // namespace ultimus\n"
     unit = unit.replace('#include "../ultimus.h"', f'#include "{ROOT / "csrc" / "ultimus.h"}"')
@@ -81,7 +92,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tool", required=True, help="the path of sass_stats.py")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="activation dtypes: float32, bfloat16, float16")
-    ap.add_argument("--kernels", default="fwd,bwd,stack_fwd,stack_bwd", help="which rows kernels, comma-separated")
+    ap.add_argument(
+        "--kernels",
+        default="fwd,fwd_bf16,bwd,stack_fwd,stack_bwd",
+        help="which kernels, comma-separated (fwd_bf16: the bf16 forward on the tensor cores)",
+    )
     ap.add_argument("--B", type=int, default=4194304, help="the batch of the launch analysed")
     ap.add_argument("--L", type=int, default=4, help="blocks in the stack kernels' launch")
     ap.add_argument("--no-param-grads", action="store_true", help="backward launches without parameter gradients")
@@ -105,11 +120,15 @@ def main(argv=None):
     for dtype in dtypes:
         es = 4 if dtype == "float32" else 2
         for kernel in kernels:
-            want = f"ultimus_{kernel}_rows_kernel<{SCALAR[dtype]}, {D}, {d}>"
+            if not applies(kernel, dtype):
+                continue
+            want = symbol(kernel, dtype)
             sym = next(m for m, name in names.items() if want in name)
             grads = kernel.endswith("bwd") and not args.no_param_grads
             blocks_of_weights = L if kernel.startswith("stack") else 1
             smem = 4 * (blocks_of_weights * layout + (tile if grads else 0))
+            if kernel == "fwd_bf16":  # Bf16Forward::kSmemWords: fragments, then four warps' scratch
+                smem = 4 * (32 * 66 + 4 * (32 * (D // 2 + 4) + 32 * (D + 8) + 2 * 32 * (d // 2 + 8)))
             regs = usage.get(sym, {}).get("REG", spills.get(sym, {}).get("regs", 0))
             occupancy = tool.occupancy(regs, THREADS, smem)
             grid = min(-(-B // THREADS), tool.H100["sms"] * occupancy["ctas_per_sm"])

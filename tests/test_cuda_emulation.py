@@ -41,7 +41,9 @@ def check_block(emu, B, D, d, dtype, family, residual=True, bias=True, logit_sca
     gy = torch.randn(B, D, dtype=torch.float64)
     x, *params = [None if t is None else t.detach().to(dtype) for t in inputs]
     y = emu.fwd(x, *params, residual)
-    assert emu.last_kernel() == family and y.dtype == dtype and y.shape == (B, D)
+    # bf16 rows of the common size go forward on the tensor cores (from sm_80)
+    fwd_family = "bf16 tensor cores" if family == "rows" and dtype == torch.bfloat16 else family
+    assert emu.last_kernel() == fwd_family and y.dtype == dtype and y.shape == (B, D)
     gx, flat = emu.bwd(gy.to(dtype), x, *params, residual, *need)
     assert emu.last_kernel() == family
 
@@ -109,6 +111,27 @@ def test_gpus_without_tf32_tensor_cores_get_the_generic_backward(emu):
     finally:
         emu.set_compute_capability_major(9)
     check_block(emu, 200, *ROWS, torch.float32, "rows")
+
+
+@pytest.mark.parametrize("B", [50, 300])
+def test_bf16_forward_on_the_tensor_cores_keeps_fp32_accuracy(emu, B):
+    """The bf16 forward's products run as bf16 tensor-core products of split operands (good to about
+    2^-16 of their terms): its error must be the final rounding to bf16 (2^-8 of y) plus that, not the
+    2^-8 of the terms that bf16 math would leave (those of size 1 here)."""
+    inputs = make_inputs(B, *ROWS, requires_grad=False)
+    x = inputs.x.to(torch.bfloat16)
+    params = [None if t is None else t.float() for t in inputs[1:]]
+    y = emu.fwd(x, *params, True)
+    assert emu.last_kernel() == "bf16 tensor cores"
+    y32 = ultimus_reference(x.double(), *[None if t is None else t.double() for t in params])
+    excess = ((y.double() - y32).abs() - 2**-8 * y32.abs()).max().item()  # bf16: unit roundoff 2^-8
+    assert excess <= 1e-4, f"bf16 forward: error {excess:.2e} beyond the final bf16 rounding"
+    emu.set_compute_capability_major(7)
+    try:
+        assert torch.equal(emu.fwd(x, *params, True), y) or emu.last_kernel() == "rows"
+        assert emu.last_kernel() == "rows"  # before sm_80: the fp32-FMA rows kernel
+    finally:
+        emu.set_compute_capability_major(9)
 
 
 def test_huge_finite_logits_stay_exact(emu):

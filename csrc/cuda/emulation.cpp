@@ -21,12 +21,15 @@ std::array<const void*, 4> rows_kernels() {
           reinterpret_cast<const void*>(ultimus_stack_bwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>)};
 }
 
-// Which kernel the last launch ran: "rows", "generic", or "none" before any launch.
+// Which kernel the last launch ran: "rows", "bf16 tensor cores", "generic", or "none" before any launch.
 std::string last_kernel_family() {
   if (ultimus_emulation::last_kernel == nullptr) return "none";
   for (const auto& family : {rows_kernels<float>(), rows_kernels<at::Half>(), rows_kernels<at::BFloat16>()})
     for (const void* kernel : family)
       if (kernel == ultimus_emulation::last_kernel) return "rows";
+  if (ultimus_emulation::last_kernel ==
+      reinterpret_cast<const void*>(ultimus::ultimus_fwd_bf16_kernel<ultimus::kRowsD, ultimus::kRowsAttnDim>))
+    return "bf16 tensor cores";
   return "generic";
 }
 

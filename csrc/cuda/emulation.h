@@ -30,6 +30,9 @@ struct alignas(16) uint4 {
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+struct alignas(8) float2 {
+  float x, y;
+};
 
 namespace ultimus_emulation {
 
@@ -99,6 +102,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
 #define ULTIMUS_DYNAMIC_SHARED(name) unsigned char* name = ::ultimus_emulation::shared_memory
 
 inline void __syncthreads() { ::ultimus_emulation::block_barrier->arrive_and_wait(); }
+inline void __syncwarp() { ::ultimus_emulation::warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 inline float __fdividef(float a, float b) { return a / b; }
 using std::exp;
 using std::exp2;
@@ -131,3 +135,40 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32
   warp_barriers[warp]->arrive_and_wait();  // every lane has read them before any lane's next mma
   for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
+
+// mma.sync.aligned.m16n8k{16,8}.row.col.f32.bf16.bf16.f32 with C = D: d += A B, A 16 x K, B K x 8, K = 2 KW.
+// Each 32-bit register holds two bf16 of consecutive k (the lower half the even k). Lane l = 4 g + t
+// holds A[g + 8 (i % 2)][2 (t + 4 (i / 2)) + 0..1] in a[i], B[2 (t + 4 i) + 0..1][g] in b[i], and D as
+// in mma_m16n8k8_tf32.
+template <int KW>
+inline void mma_bf16(float (&d)[4], const uint32_t* a, const uint32_t* b) {
+  using namespace ultimus_emulation;
+  constexpr int kA = KW / 2, kB = KW / 4;  // registers per lane: A 16 x 2KW / 32, B 2KW x 8 / 32 (as pairs)
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  WarpRegisters& regs = warp_registers[warp];
+  auto bf16 = [](uint32_t word, int half) { return __uint_as_float((half ? word >> 16 : word & 0xffffu) << 16); };
+  for (int i = 0; i < kA; ++i) regs.a[lane][i] = __uint_as_float(a[i]);  // raw bits, unpacked below
+  for (int i = 0; i < kB; ++i) regs.b[lane][i] = __uint_as_float(b[i]);
+  warp_barriers[warp]->arrive_and_wait();
+  auto word = [](float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+  };
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const unsigned row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    float acc = d[i];
+    for (unsigned k = 0; k < 2 * KW; ++k) {
+      const unsigned kw = k / 2;  // the pair of k
+      const float a_val = bf16(word(regs.a[(row % 8) * 4 + kw % 4][(row >= 8) + 2 * (kw / 4)]), k % 2);
+      const float b_val = bf16(word(regs.b[col * 4 + kw % 4][kw / 4]), k % 2);
+      acc += a_val * b_val;
+    }
+    out[i] = acc;
+  }
+  warp_barriers[warp]->arrive_and_wait();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) { mma_bf16<8>(d, a, b); }
+inline void mma_m16n8k8_bf16(float (&d)[4], const uint32_t (&a)[2], uint32_t b) { mma_bf16<4>(d, a, &b); }

@@ -63,6 +63,28 @@ __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
+
+// The same for bf16 operands, two per register (the lower half the even k): K = 16 and K = 8.
+__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+__device__ __forceinline__ void mma_m16n8k8_bf16(float (&d)[4], const uint32_t (&a)[2], uint32_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(b));
+#endif
+}
 #endif
 
 namespace ultimus {
@@ -957,6 +979,198 @@ __global__ void __launch_bounds__(kRowsThreads)
 }
 
 // ------------------------------------------------------------------------------------------------
+// bf16 forward on the tensor cores
+// ------------------------------------------------------------------------------------------------
+// With bf16 rows the forward moves half the bytes of fp32 for the same fp32 FMAs, so the FMAs bound
+// it. Here the two projections run on the tensor cores instead, with fp32 accuracy kept: x is exact
+// in bf16, each weight is split into two bf16 (w = w_hi + w_lo to 2^-17), and x W = x w_hi + x w_lo
+// (bf16 products are exact in fp32, accumulated in fp32); z is split as well, z Wo^T = z_hi wo_hi +
+// z_hi wo_lo + z_lo wo_hi. Biases start the accumulators. Each warp owns 32 rows, two m16 tiles, and
+// exchanges them between the tensor-core fragments and one-row-per-thread form through its own
+// shared memory, so warps never wait for one another; the attention stays one row per thread.
+__device__ __forceinline__ uint16_t bf16_bits(float x) { return c10::BFloat16(x).x; }
+__device__ __forceinline__ float bf16_float(uint16_t bits) { return float(c10::BFloat16(bits, c10::BFloat16::from_bits())); }
+__device__ __forceinline__ uint32_t bf16_pair(uint16_t even, uint16_t odd) { return uint32_t(even) | (uint32_t(odd) << 16); }
+// x as hi + lo, each a pair-packable bf16: hi = bf16(x), lo = bf16(x - hi).
+__device__ __forceinline__ void split_bf16(float x, uint16_t& hi, uint16_t& lo) {
+  hi = bf16_bits(x);
+  lo = bf16_bits(x - bf16_float(hi));
+}
+
+template <int D, int d>
+struct Bf16Forward {
+  static_assert(D == 48 && d == 8, "the fragments below are laid out for D = 48, d = 8");
+  static constexpr int kQkvTiles = 3 * d / 8, kKSteps = D / 16, kOutTiles = D / 8;  // 3, 3, 6
+  // Per-lane fragments in shared memory, [fragment][lane] (each lane reads its own word: no conflicts):
+  // B of qkv (hi then lo) [kQkvTiles][kKSteps][2 regs], B of y (hi, lo) [kOutTiles], the biases of the
+  // accumulator columns a lane holds: qkv [kQkvTiles][2], y [kOutTiles][2].
+  static constexpr int kWqkv = 0, kWo = kWqkv + 2 * kQkvTiles * kKSteps * 2, kBqkv = kWo + 2 * kOutTiles,
+                       kBo = kBqkv + 2 * kQkvTiles, kFragments = kBo + 2 * kOutTiles;
+  // A warp's scratch, in 32-bit words: x rows (bf16, 24 words + 4 pad), q|k|v or y rows (fp32, 40 or
+  // 56 words: float2 stores by fragment without bank conflicts), z rows as bf16 hi and lo (4 + 8 pad).
+  static constexpr int kLdX = D / 2 + 4, kLdQkv = 3 * d + 16, kLdY = D + 8, kLdZ = d / 2 + 8;
+  static constexpr int kWarpWords = 32 * kLdX + 32 * kLdY + 2 * 32 * kLdZ;
+  static constexpr int kSmemWords = 32 * kFragments + 4 * kWarpWords;
+
+  // Fills the fragments from the weights (float, as the ops take them); biases may be null.
+  static __device__ void load(uint32_t* frags, const float* wq, const float* wk, const float* wv, const float* wo,
+                              const float* bq, const float* bk, const float* bv, const float* bo) {
+    for (int e = threadIdx.x; e < 32 * kFragments; e += blockDim.x) {
+      const int frag = e / 32, lane = e % 32, g = lane / 4, t = lane % 4;
+      uint32_t value;
+      if (frag < kWo) {  // B[k = n][col = m] = W_m[n], m = 8 tile + g, n = 16 step + 2 (t + 4 reg) + 0..1
+        const int f = frag % (kQkvTiles * kKSteps * 2), lo = frag >= kQkvTiles * kKSteps * 2;
+        const int tile = f / (kKSteps * 2), step = f / 2 % kKSteps, reg = f % 2;
+        const int m = 8 * tile + g, n = 16 * step + 2 * (t + 4 * reg);
+        const float* w = (m < d ? wq : m < 2 * d ? wk : wv) + (m % d) * D + n;
+        uint16_t hi0, lo0, hi1, lo1;
+        split_bf16(w[0], hi0, lo0);
+        split_bf16(w[1], hi1, lo1);
+        value = lo ? bf16_pair(lo0, lo1) : bf16_pair(hi0, hi1);
+      } else if (frag < kBqkv) {  // B[k = j][col = n] = Wo[n][j], n = 8 tile + g, j = 2 t + 0..1
+        const int tile = (frag - kWo) % kOutTiles, lo = frag - kWo >= kOutTiles;
+        const float* w = wo + (8 * tile + g) * d + 2 * t;
+        uint16_t hi0, lo0, hi1, lo1;
+        split_bf16(w[0], hi0, lo0);
+        split_bf16(w[1], hi1, lo1);
+        value = lo ? bf16_pair(lo0, lo1) : bf16_pair(hi0, hi1);
+      } else {  // the bias of accumulator column 8 tile + 2 t + half
+        const bool out = frag >= kBo;
+        const int f = out ? frag - kBo : frag - kBqkv, tile = f / 2, col = 8 * tile + 2 * t + f % 2;
+        const float* bias = out ? bo : (col < d ? bq : col < 2 * d ? bk : bv);
+        const float b = bias ? bias[out ? col : col % d] : 0.f;
+        memcpy(&value, &b, 4);
+      }
+      frags[frag * 32 + lane] = value;
+    }
+  }
+};
+
+template <int D, int d>
+__global__ void __launch_bounds__(kRowsThreads)
+    ultimus_fwd_bf16_kernel(const c10::BFloat16* __restrict__ x, c10::BFloat16* __restrict__ y, DeviceParams<float> p,
+                            int64_t B, bool residual) {
+  using F = Bf16Forward<D, d>;
+  ULTIMUS_DYNAMIC_SHARED(smem_raw);
+  uint32_t* frags = reinterpret_cast<uint32_t*>(smem_raw);
+  F::load(frags, p.wq, p.wk, p.wv, p.wo, p.bq, p.bk, p.bv, p.bo);
+  __syncthreads();  // the only block-wide barrier: from here each warp works alone
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  uint32_t* xs = frags + 32 * F::kFragments + warp * F::kWarpWords;  // this warp's scratch
+  float* ys = reinterpret_cast<float*>(xs + 32 * F::kLdX);          // q|k|v, then y
+  uint32_t* z_hi = xs + 32 * F::kLdX + 32 * F::kLdY;
+  uint32_t* z_lo = z_hi + 32 * F::kLdZ;
+  const uint32_t* frag = frags + lane;  // frag[32 f]: this lane's word of fragment f
+  const float scale_log2 = p.scale * kLog2e;
+  for (int64_t row0 = (int64_t(blockIdx.x) * 4 + warp) * 32; row0 < B; row0 += int64_t(gridDim.x) * kRowsThreads) {
+    const int64_t b = row0 + lane;
+    uint4 raw[D / 8];  // this lane's row, bf16
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) raw[c] = b < B ? reinterpret_cast<const uint4*>(x + b * D)[c] : uint4{0, 0, 0, 0};
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) *reinterpret_cast<uint4*>(xs + lane * F::kLdX + 4 * c) = raw[c];
+    __syncwarp();
+    // q|k|v = x W^T + b: rows 16 mt + (g, g + 8), columns 8 nt + 2 t + (0, 1)
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      float acc[F::kQkvTiles][4];
+#pragma unroll
+      for (int nt = 0; nt < F::kQkvTiles; ++nt) {
+        const float b0 = __uint_as_float(frag[32 * (F::kBqkv + 2 * nt)]), b1 = __uint_as_float(frag[32 * (F::kBqkv + 2 * nt + 1)]);
+        acc[nt][0] = acc[nt][2] = b0;
+        acc[nt][1] = acc[nt][3] = b1;
+      }
+#pragma unroll
+      for (int step = 0; step < F::kKSteps; ++step) {
+        const uint32_t* x0 = xs + (16 * mt + g) * F::kLdX + 8 * step + t;
+        const uint32_t a[4] = {x0[0], x0[8 * F::kLdX], x0[4], x0[8 * F::kLdX + 4]};
+#pragma unroll
+        for (int nt = 0; nt < F::kQkvTiles; ++nt) {
+          const int f = (nt * F::kKSteps + step) * 2;
+          const uint32_t hi[2] = {frag[32 * f], frag[32 * (f + 1)]};
+          const int flo = f + F::kQkvTiles * F::kKSteps * 2;
+          const uint32_t lo[2] = {frag[32 * flo], frag[32 * (flo + 1)]};
+          mma_m16n8k16_bf16(acc[nt], a, lo);
+          mma_m16n8k16_bf16(acc[nt], a, hi);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < F::kQkvTiles; ++nt) {
+        float* out = ys + (16 * mt + g) * F::kLdQkv + 8 * nt + 2 * t;
+        *reinterpret_cast<float2*>(out) = float2{acc[nt][0], acc[nt][1]};
+        *reinterpret_cast<float2*>(out + 8 * F::kLdQkv) = float2{acc[nt][2], acc[nt][3]};
+      }
+    }
+    __syncwarp();
+    float qkv[3 * d];
+#pragma unroll
+    for (int c = 0; c < 3 * d / 4; ++c) {
+      const float4 v = load4(ys + lane * F::kLdQkv + 4 * c);
+      qkv[4 * c] = v.x, qkv[4 * c + 1] = v.y, qkv[4 * c + 2] = v.z, qkv[4 * c + 3] = v.w;
+    }
+    float k_max, k_min, z[d];
+    k_extremes_rows<d>(qkv, k_max, k_min);
+#pragma unroll
+    for (int j = 0; j < d; ++j) z[j] = 0.f;
+#pragma unroll
+    for (int i = 0; i < d; ++i) {
+      float e[d];
+      const float w = __fdividef(qkv[2 * d + i], attention_row_rows<d>(qkv[i], qkv, k_max, k_min, scale_log2, e));
+#pragma unroll
+      for (int j = 0; j < d; ++j) z[j] += w * e[j];
+    }
+#pragma unroll
+    for (int jw = 0; jw < d / 2; ++jw) {
+      uint16_t h0, l0, h1, l1;
+      split_bf16(z[2 * jw], h0, l0);
+      split_bf16(z[2 * jw + 1], h1, l1);
+      z_hi[lane * F::kLdZ + jw] = bf16_pair(h0, h1);
+      z_lo[lane * F::kLdZ + jw] = bf16_pair(l0, l1);
+    }
+    __syncwarp();  // z shared; q|k|v read: y may take their place
+    // y = z Wo^T + bo (+ x below): rows 16 mt + (g, g + 8), columns 8 nt + 2 t + (0, 1)
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const int r0 = (16 * mt + g) * F::kLdZ + t, r1 = r0 + 8 * F::kLdZ;
+      const uint32_t a_hi[2] = {z_hi[r0], z_hi[r1]}, a_lo[2] = {z_lo[r0], z_lo[r1]};
+#pragma unroll
+      for (int nt = 0; nt < F::kOutTiles; ++nt) {
+        float acc[4];
+        acc[0] = acc[2] = __uint_as_float(frag[32 * (F::kBo + 2 * nt)]);
+        acc[1] = acc[3] = __uint_as_float(frag[32 * (F::kBo + 2 * nt + 1)]);
+        const uint32_t w_hi = frag[32 * (F::kWo + nt)], w_lo = frag[32 * (F::kWo + F::kOutTiles + nt)];
+        mma_m16n8k8_bf16(acc, a_lo, w_hi);
+        mma_m16n8k8_bf16(acc, a_hi, w_lo);
+        mma_m16n8k8_bf16(acc, a_hi, w_hi);
+        float* out = ys + (16 * mt + g) * F::kLdY + 8 * nt + 2 * t;
+        *reinterpret_cast<float2*>(out) = float2{acc[0], acc[1]};
+        *reinterpret_cast<float2*>(out + 8 * F::kLdY) = float2{acc[2], acc[3]};
+      }
+    }
+    __syncwarp();
+    if (b < B) {
+      float row[D];
+#pragma unroll
+      for (int c = 0; c < D / 4; ++c) {
+        const float4 v = load4(ys + lane * F::kLdY + 4 * c);
+        row[4 * c] = v.x, row[4 * c + 1] = v.y, row[4 * c + 2] = v.z, row[4 * c + 3] = v.w;
+      }
+      if (residual) {
+#pragma unroll
+        for (int c = 0; c < D / 8; ++c) {
+          c10::BFloat16 xv[8];
+          memcpy(xv, &raw[c], 16);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) row[8 * c + e] += static_cast<float>(xv[e]);
+        }
+      }
+      store_row<c10::BFloat16, D>(row, y + b * D);
+    }
+    __syncwarp();  // the scratch is read before the next rows overwrite it
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Launchers
 // ------------------------------------------------------------------------------------------------
 
@@ -1084,6 +1298,16 @@ using RowsL = RowsLayout<kRowsD, kRowsAttnDim>;
 // or activations not at 16-byte-aligned addresses.
 template <typename scalar_t>
 bool fwd_rows(const at::Tensor& x, at::Tensor& y, const AccParams& params, int64_t D, int64_t d, bool residual) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {  // on the tensor cores from sm_80
+    if (aligned16(x) && runtime::device_info().major >= 8) {
+      const auto kernel = ultimus_fwd_bf16_kernel<kRowsD, kRowsAttnDim>;
+      const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads,
+                                       Bf16Forward<kRowsD, kRowsAttnDim>::kSmemWords * sizeof(uint32_t));
+      runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(),
+                      y.mutable_data_ptr<scalar_t>(), params.ptrs<float, int>(D, d), x.size(0), residual);
+      return true;
+    }
+  }
   if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
     if (!aligned16(x)) return false;
     const auto kernel = ultimus_fwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>;
