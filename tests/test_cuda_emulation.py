@@ -165,6 +165,9 @@ def test_nan_stays_in_its_row_and_gradients_are_deterministic(emu):
     gy = torch.randn(300, 48)
     gx, _ = emu.bwd(gy, x, *inputs[1:], True, True, False)
     assert not gx[torch.arange(300) != 5].isnan().any()
+    y16 = emu.fwd(x.bfloat16(), *inputs[1:], True)  # the bf16 forward's rows pass through shared fragments
+    assert emu.last_kernel() == "bf16 tensor cores"
+    assert y16[5].isnan().all() and not y16[torch.arange(300) != 5].isnan().any()
     runs = [emu.bwd(gy, inputs.x, *inputs[1:], True, True, True) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
