@@ -10,7 +10,9 @@
 //   * the rows kernels (ultimus_*_rows_kernel) for the common block, D = 48 and d = 8 known at compile
 //     time, float32/float16/bfloat16 activations with float32 math: a thread holds its whole row in
 //     registers, read and written as 16-byte vectors; the weights sit in shared memory transposed so
-//     that every read is a 16-byte broadcast; the grid is persistent and sized by the occupancy API;
+//     that every read is a 16-byte broadcast; the backward sums the weight gradients on the tensor
+//     cores (TileParamGrads, 3xTF32); bf16 goes forward on the tensor cores (ultimus_fwd_bf16_kernel);
+//     the grid is persistent and sized by the occupancy API;
 //   * the generic kernels, for every other size and for float64, with run-time D and d (below).
 //
 // Generic layout. A thread block owns a tile of `rows` = blockDim.x rows and walks the batch with a
