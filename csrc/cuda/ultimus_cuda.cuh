@@ -1012,6 +1012,14 @@ struct Bf16Forward {
   // 56 words: float2 stores by fragment without bank conflicts), z rows as bf16 hi and lo (4 + 8 pad).
   static constexpr int kLdX = D / 2 + 4, kLdQkv = 3 * d + 16, kLdY = D + 8, kLdZ = d / 2 + 8;
   static constexpr int kWarpWords = 32 * kLdX + 32 * kLdY + 2 * 32 * kLdZ;
+
+  // Where column `col` of fp32 row `row` lives in a q|k|v or y tile of stride `ld`. The 16-byte chunks
+  // of rows 4..7 (mod 8) are swapped in pairs: with it, a thread reading its own row as float4 meets no
+  // bank conflict (without, rows r and r + 4 share banks), and the fragments' float2 stores still
+  // meet none (a pair of columns never straddles a chunk).
+  static __device__ __forceinline__ int at(int row, int col, int ld) {
+    return row * ld + ((((col >> 2) ^ (row >> 2)) & 1) | (col >> 2 & ~1)) * 4 + (col & 3);
+  }
   static constexpr int kSmemWords = 32 * kFragments + 4 * kWarpWords;
 
   // Fills the fragments from the weights (float, as the ops take them); biases may be null.
@@ -1098,16 +1106,16 @@ __global__ void __launch_bounds__(kRowsThreads)
       }
 #pragma unroll
       for (int nt = 0; nt < F::kQkvTiles; ++nt) {
-        float* out = ys + (16 * mt + g) * F::kLdQkv + 8 * nt + 2 * t;
-        *reinterpret_cast<float2*>(out) = float2{acc[nt][0], acc[nt][1]};
-        *reinterpret_cast<float2*>(out + 8 * F::kLdQkv) = float2{acc[nt][2], acc[nt][3]};
+        const int row = 16 * mt + g, col = 8 * nt + 2 * t;
+        *reinterpret_cast<float2*>(ys + F::at(row, col, F::kLdQkv)) = float2{acc[nt][0], acc[nt][1]};
+        *reinterpret_cast<float2*>(ys + F::at(row + 8, col, F::kLdQkv)) = float2{acc[nt][2], acc[nt][3]};
       }
     }
     __syncwarp();
     float qkv[3 * d];
 #pragma unroll
     for (int c = 0; c < 3 * d / 4; ++c) {
-      const float4 v = load4(ys + lane * F::kLdQkv + 4 * c);
+      const float4 v = load4(ys + F::at(lane, 4 * c, F::kLdQkv));
       qkv[4 * c] = v.x, qkv[4 * c + 1] = v.y, qkv[4 * c + 2] = v.z, qkv[4 * c + 3] = v.w;
     }
     float k_max, k_min, z[d];
@@ -1144,9 +1152,9 @@ __global__ void __launch_bounds__(kRowsThreads)
         mma_m16n8k8_bf16(acc, a_lo, w_hi);
         mma_m16n8k8_bf16(acc, a_hi, w_lo);
         mma_m16n8k8_bf16(acc, a_hi, w_hi);
-        float* out = ys + (16 * mt + g) * F::kLdY + 8 * nt + 2 * t;
-        *reinterpret_cast<float2*>(out) = float2{acc[0], acc[1]};
-        *reinterpret_cast<float2*>(out + 8 * F::kLdY) = float2{acc[2], acc[3]};
+        const int row = 16 * mt + g, col = 8 * nt + 2 * t;
+        *reinterpret_cast<float2*>(ys + F::at(row, col, F::kLdY)) = float2{acc[0], acc[1]};
+        *reinterpret_cast<float2*>(ys + F::at(row + 8, col, F::kLdY)) = float2{acc[2], acc[3]};
       }
     }
     __syncwarp();
@@ -1154,7 +1162,7 @@ __global__ void __launch_bounds__(kRowsThreads)
       float row[D];
 #pragma unroll
       for (int c = 0; c < D / 4; ++c) {
-        const float4 v = load4(ys + lane * F::kLdY + 4 * c);
+        const float4 v = load4(ys + F::at(lane, 4 * c, F::kLdY));
         row[4 * c] = v.x, row[4 * c + 1] = v.y, row[4 * c + 2] = v.z, row[4 * c + 3] = v.w;
       }
       if (residual) {
