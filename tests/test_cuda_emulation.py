@@ -234,3 +234,14 @@ def test_stack_backward_computes_only_what_is_asked(emu, need):
         assert gx.numel() == 0 and torch.equal(grads, full_grads)
     empty_gx, empty_grads = emu.stack_bwd(gy[:0], x.detach()[:0], flat, True, True, True, True)
     assert empty_gx.shape == (0, 48) and not empty_grads.any()
+
+
+def test_a_kernel_keeps_the_largest_shared_memory_it_was_allowed(emu):
+    """Past 48 KB a kernel needs an allowance (cudaFuncSetAttribute) for its shared memory, and the
+    emulation fails a launch beyond it, as a GPU does. A stack kernel launched for 6 blocks, then 5,
+    then 6 again must still be allowed the 6 blocks' shared memory: the allowance only ever grows."""
+    for L in (6, 5, 6):
+        x, params = make_stack(L, 130, *ROWS, dtype=torch.float32)
+        flat = [t.detach() for block in params for t in block]
+        emu.stack_bwd(torch.randn(130, 48), x.detach(), flat, True, True, True, True)
+        assert emu.last_kernel() == "rows"

@@ -16,7 +16,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -45,6 +48,9 @@ struct WarpRegisters {
 };
 inline std::vector<WarpRegisters> warp_registers;
 inline unsigned char* shared_memory = nullptr;
+// Each kernel's cudaFuncAttributeMaxDynamicSharedMemorySize: a launch asking for more than 48 KB of
+// dynamic shared memory beyond it fails, as on a GPU.
+inline std::map<const void*, size_t> max_dynamic_shared;
 // The kernel of the last launch (tests check which kernel a launcher chose) and the launch count.
 inline const void* last_kernel = nullptr;
 inline int64_t launches = 0;
@@ -59,6 +65,11 @@ template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args&&... args) {
   last_kernel = reinterpret_cast<const void*>(kernel);
   ++launches;
+  const size_t allowed = std::max<size_t>(48 * 1024, max_dynamic_shared[last_kernel]);
+  if (shared_bytes > allowed)
+    throw std::runtime_error("launch asks for " + std::to_string(shared_bytes) +
+                             " bytes of dynamic shared memory; the kernel is allowed " + std::to_string(allowed) +
+                             " (cudaFuncSetAttribute): on a GPU, an invalid-argument launch failure");
   const unsigned threads = block.x * block.y * block.z;
   std::vector<float4> shared((shared_bytes + sizeof(float4) - 1) / sizeof(float4) + 1);
   block_dim = block;

@@ -816,7 +816,8 @@ struct TileParamGrads {
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int row = g + 8 * (r / 2), col = 2 * t + r % 2;  // of the 16 x 8 tile
-        float* out = warp < 3 ? partial + (8 * i + col) * D + 16 * warp + row : partial + 3 * dD + (16 * i + row) * d + col;
+        float* out = warp < 3 ? partial + (8 * i + col) * D + 16 * warp + row  // gWqkv[m][n]
+                              : partial + 3 * dD + (16 * i + row) * d + col;  // gWo[n][j]
         *out = kAdd ? *out + sum[i][r] : sum[i][r];
         float* out_bias = nullptr;
         if (warp == 1 && row == 0) out_bias = partial + 4 * dD + 8 * i + col;   // every row holds the sums
@@ -991,8 +992,12 @@ __global__ void __launch_bounds__(kRowsThreads)
 // exchanges them between the tensor-core fragments and one-row-per-thread form through its own
 // shared memory, so warps never wait for one another; the attention stays one row per thread.
 __device__ __forceinline__ uint16_t bf16_bits(float x) { return c10::BFloat16(x).x; }
-__device__ __forceinline__ float bf16_float(uint16_t bits) { return float(c10::BFloat16(bits, c10::BFloat16::from_bits())); }
-__device__ __forceinline__ uint32_t bf16_pair(uint16_t even, uint16_t odd) { return uint32_t(even) | (uint32_t(odd) << 16); }
+__device__ __forceinline__ float bf16_float(uint16_t bits) {
+  return float(c10::BFloat16(bits, c10::BFloat16::from_bits()));
+}
+__device__ __forceinline__ uint32_t bf16_pair(uint16_t even, uint16_t odd) {
+  return uint32_t(even) | (uint32_t(odd) << 16);
+}
 // x as hi + lo, each a pair-packable bf16: hi = bf16(x), lo = bf16(x - hi).
 __device__ __forceinline__ void split_bf16(float x, uint16_t& hi, uint16_t& lo) {
   hi = bf16_bits(x);
@@ -1086,7 +1091,8 @@ __global__ void __launch_bounds__(kRowsThreads)
       float acc[F::kQkvTiles][4];
 #pragma unroll
       for (int nt = 0; nt < F::kQkvTiles; ++nt) {
-        const float b0 = __uint_as_float(frag[32 * (F::kBqkv + 2 * nt)]), b1 = __uint_as_float(frag[32 * (F::kBqkv + 2 * nt + 1)]);
+        const float b0 = __uint_as_float(frag[32 * (F::kBqkv + 2 * nt)]);
+        const float b1 = __uint_as_float(frag[32 * (F::kBqkv + 2 * nt + 1)]);
         acc[nt][0] = acc[nt][2] = b0;
         acc[nt][1] = acc[nt][3] = b1;
       }
@@ -1194,12 +1200,17 @@ namespace runtime {
 struct DeviceGuard {
   explicit DeviceGuard(const at::Device&) {}
 };
+inline int current_device() { return 0; }
 inline DeviceInfo device_info() {
   return {ultimus_emulation::multiprocessors, ultimus_emulation::shared_memory_per_block,
           ultimus_emulation::compute_capability_major};
 }
 template <typename... P>
-int blocks_per_sm(void (*)(P...), int, size_t) {
+void set_max_dynamic_shared(void (*kernel)(P...), size_t smem) {
+  ultimus_emulation::max_dynamic_shared[reinterpret_cast<const void*>(kernel)] = smem;
+}
+template <typename... P>
+int occupancy(void (*)(P...), int, size_t) {
   return 1;
 }
 template <typename... P, typename... A>
@@ -1209,12 +1220,17 @@ void launch(void (*kernel)(P...), int blocks, int threads, size_t smem, A&&... a
 #else
 using DeviceGuard = c10::cuda::CUDAGuard;
 
+inline int current_device() {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  return dev;
+}
+
 // Queried once per device: driver calls are not free on the small-B hot path.
 inline DeviceInfo device_info() {
   static std::mutex mutex;
   static std::unordered_map<int, DeviceInfo> cache;
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const int dev = current_device();
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(dev);
   if (it == cache.end()) {
@@ -1227,6 +1243,25 @@ inline DeviceInfo device_info() {
   return it->second;
 }
 
+template <typename... P>
+void set_max_dynamic_shared(void (*kernel)(P...), size_t smem) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+}
+
+template <typename... P>
+int occupancy(void (*kernel)(P...), int threads, size_t smem) {
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+  return blocks;
+}
+
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), int blocks, int threads, size_t smem, A&&... args) {
+  kernel<<<blocks, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(std::forward<A>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
+
 // How many blocks of `kernel` an SM holds at once (the occupancy API), once per kernel, device and
 // launch shape; first it allows the kernel the shared memory asked for past the default 48 KB. That
 // allowance only ever grows (per kernel and device): a stack kernel launched for 4 blocks, then 3,
@@ -1236,30 +1271,19 @@ int blocks_per_sm(void (*kernel)(P...), int threads, size_t smem) {
   static std::mutex mutex;
   static std::map<std::tuple<const void*, int, int, size_t>, int> cache;
   static std::map<std::pair<const void*, int>, size_t> allowed;
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const int dev = current_device();
   const void* id = reinterpret_cast<const void*>(kernel);
   std::lock_guard<std::mutex> lock(mutex);
   size_t& allowance = allowed[{id, dev}];
   if (smem > 48 * 1024 && smem > allowance) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    set_max_dynamic_shared(kernel, smem);
     allowance = smem;
   }
   auto it = cache.find({id, dev, threads, smem});
-  if (it == cache.end()) {
-    int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
-    it = cache.emplace(std::make_tuple(id, dev, threads, smem), std::max(blocks, 1)).first;
-  }
+  if (it == cache.end())
+    it = cache.emplace(std::make_tuple(id, dev, threads, smem), std::max(occupancy(kernel, threads, smem), 1)).first;
   return it->second;
 }
-
-template <typename... P, typename... A>
-void launch(void (*kernel)(P...), int blocks, int threads, size_t smem, A&&... args) {
-  kernel<<<blocks, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(std::forward<A>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-#endif
 }  // namespace runtime
 
 struct LaunchConfig {
@@ -1322,8 +1346,8 @@ bool fwd_rows(const at::Tensor& x, at::Tensor& y, const AccParams& params, int64
     if (!aligned16(x)) return false;
     const auto kernel = ultimus_fwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>;
     const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, RowsL::kSize * sizeof(float));
-    runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                    params.ptrs<float, int>(D, d), x.size(0), residual);
+    runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(),
+                    y.mutable_data_ptr<scalar_t>(), params.ptrs<float, int>(D, d), x.size(0), residual);
     return true;
   }
   return false;
@@ -1360,9 +1384,9 @@ bool stack_fwd_rows(const at::Tensor& x, at::Tensor& y, const at::Tensor& packed
     if (!aligned16(x)) return false;
     const auto kernel = ultimus_stack_fwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>;
     const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, size_t(L) * RowsL::kSize * sizeof(float));
-    runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                    packed.const_data_ptr<float>(), int(L), float(1.0 / std::sqrt(double(kRowsAttnDim))), x.size(0),
-                    residual);
+    runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(),
+                    y.mutable_data_ptr<scalar_t>(), packed.const_data_ptr<float>(), int(L),
+                    float(1.0 / std::sqrt(double(kRowsAttnDim))), x.size(0), residual);
     return true;
   }
   return false;
@@ -1434,7 +1458,8 @@ bool stack_bwd_rows(const at::Tensor& gy, const at::Tensor& x, at::Tensor& gx, a
     if (!aligned16(x) || !aligned16(gy)) return false;
     const auto kernel = ultimus_stack_bwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>;
     const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, rows_bwd_smem(L, need_gw));
-    if (need_gw) partials = at::empty({cfg.blocks, L * num_params(kRowsD, kRowsAttnDim)}, x.options().dtype(at::kFloat));
+    if (need_gw)
+      partials = at::empty({cfg.blocks, L * num_params(kRowsD, kRowsAttnDim)}, x.options().dtype(at::kFloat));
     runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                     need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr,
                     need_gw ? partials.mutable_data_ptr<float>() : nullptr, packed.const_data_ptr<float>(), int(L),
