@@ -50,17 +50,17 @@ def sass_stats_specs(ctx) -> list:
         es = torch.empty((), dtype=dt).element_size()
         t = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype)  # noqa: E731
         x, y, w, b, wo, bo = t(64, D), t(64, D), t(d, D), t(d), t(D, d), t(D)
+        rw, rb, rwo, rbo = ut._per_sample_weights(B, w, b, wo, bo)  # as the per-sample launchers pass them
         packed = t(L, num_params, dtype=acc_dtype)
         weights = ("wq_ptr", "bq_ptr", "wk_ptr", "bk_ptr", "wv_ptr", "bv_ptr", "wo_ptr", "bo_ptr")
         weight_roles = {n: ("weight", es) for n in weights}
+        rw_roles = {n: ("weight", rw.element_size()) for n in weights}
         stack_roles = {"p_ptr": ("weight", packed.element_size())}
         bwd_roles = {"gy_ptr": ("act_in", es), "x_ptr": ("act_in", es), "gx_ptr": ("act_out", es)}
         bwd_roles["part_ptr"] = ("partial", 4)
         flags = dict(HAS_BQ=True, HAS_BK=True, HAS_BV=True, RESIDUAL=True)
         need = dict(NEED_GX=True, NEED_GW=True)
         exp = dict(ACC=acc, EXACT_EXP=False, EXP2=dt != torch.float64)
-        pairs = ut._weight_pairs(D, d, ut._rows_config(B, D, d)["WIDTH"], (w, w, w), wo)
-        stack_pairs = ut._weight_pairs(D, d, ut._rows_config(B, D, d)["WIDTH"], (packed,), packed)
 
         # forward and stack forward: see ultimus_triton_fwd, ultimus_triton_stack_fwd (one sample per thread)
         rows = ut._rows_config(B, D, d)
@@ -68,16 +68,16 @@ def sass_stats_specs(ctx) -> list:
         grid = cdiv(B, rows["BLOCK_B"])
         config = f"BLOCK_B={rows['BLOCK_B']} WIDTH={rows['WIDTH']} num_warps={rows['num_warps']}"
         specs.append(_spec(
-            B, f"triton fwd {dtype_name}", ut.ultimus_fwd_kernel, [x, y, w, b, w, b, w, b, wo, bo, B, D, 1],
-            dict(**flags, HAS_BO=True, **launch, **pairs), rows["num_warps"],
-            {"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **weight_roles}, lambda tiles: dict(B=B, stride_xb=D),
+            B, f"triton fwd {dtype_name}", ut.ultimus_fwd_kernel, [x, y, rw, rb, rw, rb, rw, rb, rwo, rbo, B, D, 1],
+            dict(**flags, HAS_BO=True, **launch), rows["num_warps"],
+            {"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **rw_roles}, lambda tiles: dict(B=B, stride_xb=D),
             grid, rows["BLOCK_B"], 2 * D * es, ("triton", "fwd", dtype_name), config,
         ))  # fmt: skip
         h_is_y = dt == packed.dtype
         specs.append(_spec(
             B, f"triton stack fwd L={L} {dtype_name}", ut.ultimus_stack_fwd_kernel,
             [x, y if h_is_y else packed, y, packed, B, L, D, 1],
-            dict(HAS_BIAS=True, RESIDUAL=True, H_IS_Y=h_is_y, **launch, **stack_pairs), rows["num_warps"],
+            dict(HAS_BIAS=True, RESIDUAL=True, H_IS_Y=h_is_y, **launch), rows["num_warps"],
             {"x_ptr": ("act_in", es), "h_ptr": ("act_out", es), "y_ptr": ("act_out", es), **stack_roles},
             lambda tiles: dict(B=B, L=L, stride_xb=D), grid, rows["BLOCK_B"], 2 * D * es,
             ("triton-stack", "fwd", dtype_name), config + f" L={L}",
@@ -98,8 +98,8 @@ def sass_stats_specs(ctx) -> list:
 
             specs.append(_spec(
                 B, f"triton bwd {dtype_name}", ut.ultimus_bwd_rows_kernel,
-                [y, x, y, t(P, num_params, dtype=acc_dtype), w, b, w, b, w, b, wo, B, D, 1, D, 1, tiles],
-                dict(**flags, **need, **launch, **pairs), rows_bwd["num_warps"], {**bwd_roles, **weight_roles}, values,
+                [y, x, y, t(P, num_params, dtype=acc_dtype), rw, rb, rw, rb, rw, rb, rwo, B, D, 1, D, 1, tiles],
+                dict(**flags, **need, **launch), rows_bwd["num_warps"], {**bwd_roles, **rw_roles}, values,
                 P, rows_bwd["BLOCK_B"], 3 * D * es, ("triton", "bwd", dtype_name), config, persistent=True, tiles=tiles,
             ))  # fmt: skip
             scratch = t(2, P * rows_bwd["BLOCK_B"], D, dtype=acc_dtype)
@@ -107,7 +107,7 @@ def sass_stats_specs(ctx) -> list:
                 B, f"triton stack bwd L={L} {dtype_name}", ut.ultimus_stack_bwd_rows_kernel,
                 [y, x, y, t(P, L * num_params, dtype=acc_dtype), packed, scratch[0], scratch[1], B, L, D, 1, D, 1,
                  tiles],
-                dict(HAS_BIAS=True, RESIDUAL=True, **need, **launch, **stack_pairs), rows_bwd["num_warps"],
+                dict(HAS_BIAS=True, RESIDUAL=True, **need, **launch), rows_bwd["num_warps"],
                 {**bwd_roles, **stack_roles, "h_ptr": ("partial", 4), "g_ptr": ("partial", 4)}, values, P,
                 rows_bwd["BLOCK_B"], 3 * D * es, ("triton-stack", "bwd", dtype_name), config + f" L={L}",
                 persistent=True, tiles=tiles,

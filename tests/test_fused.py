@@ -279,9 +279,10 @@ def test_half_precision_on_gpu(backend, dtype, B, D, d):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_large_batch_on_gpu(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_batch_on_gpu(backend, dtype):
     device = gpu_backend_or_skip(backend)
-    check_against_reference(backend, device, 100_003, 48, 8, torch.float32)
+    check_against_reference(backend, device, 100_003, 48, 8, dtype)
 
 
 @pytest.mark.gpu
@@ -321,26 +322,33 @@ def test_torch_compile_fullgraph_on_gpu(backend):
         assert rel_err(g, p.grad) < 1e-3
 
 
-def test_triton_reads_weights_two_at_a_time_only_where_that_is_safe():
-    """The per-sample Triton kernels read float32 weights two per 8-byte load. The launcher allows that
-    only for float32 weights at 8-byte-aligned addresses with rows of even length (on a GPU a misaligned
-    8-byte load faults), and the results match the reference either way."""
+@pytest.mark.parametrize("large_batch", [1, 1 << 40], ids=["float32 copies", "converted per thread"])
+def test_triton_half_precision_weights_either_way(monkeypatch, large_batch):
+    """From B = _LARGE_BATCH up, the per-sample Triton launchers hand the kernels float32 copies of
+    half-precision weights rather than have every thread convert every weight it reads: exact copies,
+    the same numbers either way."""
     device = backend_or_skip("triton")
     from ultimus_kernels.ops import ultimus_triton
 
-    w, wo = torch.randn(8, 48, device=device), torch.randn(48, 8, device=device)
-    shifted = torch.randn(8 * 48 + 1, device=device)[1:].view(8, 48)  # 4 bytes past an aligned address
-    pairs = ultimus_triton._weight_pairs
-    assert pairs(48, 8, 4, (w, w, w), wo) == dict(W_PAIRS=True, WO_PAIRS=True)
-    assert pairs(48, 8, 4, (w, shifted, w), wo) == dict(W_PAIRS=False, WO_PAIRS=True)
-    assert pairs(48, 8, 4, (w, w, w), wo.half()) == dict(W_PAIRS=True, WO_PAIRS=False)
-    assert pairs(48, 8, 1, (w, w, w), wo)["W_PAIRS"] is False  # odd vector width: pairs would straddle loads
-    assert pairs(47, 7, 1, (w[:, :47],) * 3, wo[:47, :7]) == dict(W_PAIRS=False, WO_PAIRS=False)
+    dtype = torch.float16 if device.type == "cpu" else torch.bfloat16  # the interpreter has no bfloat16
+    w, b = torch.randn(8, 48, device=device, dtype=dtype), None
+    copied, no_bias = ultimus_triton._per_sample_weights(ultimus_triton._LARGE_BATCH, w, b)
+    assert copied.dtype == torch.float32 and torch.equal(copied, w.float()) and no_bias is None
+    assert ultimus_triton._per_sample_weights(ultimus_triton._LARGE_BATCH - 1, w)[0].dtype == dtype
 
+    monkeypatch.setattr(ultimus_triton, "_LARGE_BATCH", large_batch)
+    check_against_reference("triton", device, 9, 48, 8, dtype)
+
+
+def test_triton_vector_weight_loads_hold_for_misaligned_weights():
+    """The per-sample Triton kernels read weights four at a time in 16-byte vector loads, which Triton
+    emits only where it has specialised the pointer as 16-byte aligned (on a GPU a misaligned vector load
+    faults). A weight 4 bytes past an aligned address takes the narrower loads and the same numbers."""
+    device = backend_or_skip("triton")
     args = make_inputs(9, 48, 8, dtype=torch.float32, device=device)
     buffer = torch.randn(8 * 48 + 1, device=device)
     buffer[1:].view(8, 48).copy_(args.wk.detach())
-    args = args._replace(wk=buffer[1:].view(8, 48).requires_grad_())  # misaligned for 8-byte loads
+    args = args._replace(wk=buffer[1:].view(8, 48).requires_grad_())  # misaligned for 16-byte loads
     y = ultimus(*args, backend="triton")
     gy = torch.randn_like(y)
     grads = torch.autograd.grad(y, args.tensors(), gy)

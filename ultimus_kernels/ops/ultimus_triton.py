@@ -153,32 +153,29 @@ def _bias_added(cols, b_ptr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, d: tl.co
 
 
 @triton.jit
-def _weights(w_ptr, offset, COUNT: tl.constexpr, ACC: tl.constexpr, PAIRS: tl.constexpr):
-    """w[offset : offset + COUNT] as a tuple of scalars. PAIRS (float32 weights, 8-byte aligned at an even
-    offset, COUNT even): two per 8-byte load, which halves the loads that bound these kernels."""
+def _weights(w_ptr, offset, COUNT: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
+    """w[offset : offset + COUNT] as a tuple of COUNT (BLOCK_B,) vectors, each the same number in every
+    entry. Loaded as (BLOCK_B, 4) tiles whose rows all point at the same 16 bytes: one vector load per
+    thread for four weights, every lane of a warp at one address (a single L1 wavefront), where a scalar
+    load would take four. Triton vectorises it when the address is 16-byte aligned (it specialises on
+    that), and falls back to narrower loads otherwise."""
+    CHUNK: tl.constexpr = 4 if COUNT % 4 == 0 else (2 if COUNT % 2 == 0 else 1)
+    same_row = tl.zeros((BLOCK_B, 1), tl.int32)
     out = ()
-    if PAIRS:
-        pairs = (w_ptr + offset).to(tl.pointer_type(tl.uint64), bitcast=True)
-        for t in tl.static_range(COUNT // 2):
-            bits = tl.load(pairs + t)  # little-endian: the low half is the first weight
-            first = (bits & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
-            second = (bits >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
-            out = out + (first.to(ACC), second.to(ACC))
-    else:
-        for t in tl.static_range(COUNT):
-            out = out + (tl.load(w_ptr + offset + t).to(ACC),)
+    for t in tl.static_range(COUNT // CHUNK):
+        tile = tl.load(w_ptr + (offset + t * CHUNK) + same_row + tl.arange(0, CHUNK)[None, :])
+        out = out + _split_columns(tile.to(ACC), CHUNK)
     return out
 
 
 @triton.jit
-def _add_columns_times_w(
-    acc, cols, w_ptr, c, ACC: tl.constexpr, D: tl.constexpr, d: tl.constexpr, WIDTH: tl.constexpr, PAIRS: tl.constexpr
-):
+def _add_columns_times_w(acc, cols, w_ptr, c, ACC: tl.constexpr, D: tl.constexpr, d: tl.constexpr,
+                         WIDTH: tl.constexpr):  # fmt: skip
     """acc[i] += sum_t cols[t] * W[i, c + t] for W in (d, D) nn.Linear layout."""
     out = ()
     for i in tl.static_range(d):
         a = acc[i]
-        w = _weights(w_ptr, i * D + c, WIDTH, ACC, PAIRS)
+        w = _weights(w_ptr, i * D + c, WIDTH, ACC, cols[0].shape[0])
         for t in tl.static_range(WIDTH):
             a += cols[t] * w[t]
         out = out + (a,)
@@ -257,7 +254,7 @@ def _block_forward_rows(
     src_rows, src_stride_d, dst_rows, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, scale,
     HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr, HAS_BO: tl.constexpr, RESIDUAL: tl.constexpr,
     ACC: tl.constexpr, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, D: tl.constexpr, d: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     """One block for the rows of a tile: reads each input row at src_rows (once for q, k, v, again chunk by
     chunk for the residual, from L1), writes each output row at dst_rows (contiguous). dst may be src: a
@@ -267,9 +264,9 @@ def _block_forward_rows(
     v = q
     for c in tl.range(0, D, WIDTH):
         cols = _load_columns(src_rows, c, src_stride_d, row_ok, ACC, WIDTH)
-        q = _add_columns_times_w(q, cols, wq_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
-        k = _add_columns_times_w(k, cols, wk_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
-        v = _add_columns_times_w(v, cols, wv_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
+        q = _add_columns_times_w(q, cols, wq_ptr, c, ACC, D, d, WIDTH)
+        k = _add_columns_times_w(k, cols, wk_ptr, c, ACC, D, d, WIDTH)
+        v = _add_columns_times_w(v, cols, wv_ptr, c, ACC, D, d, WIDTH)
     q = _bias_added(q, bq_ptr, HAS_BQ, ACC, d)
     k = _bias_added(k, bk_ptr, HAS_BK, ACC, d)
     v = _bias_added(v, bv_ptr, HAS_BV, ACC, d)
@@ -277,6 +274,8 @@ def _block_forward_rows(
     for c in tl.range(0, D, WIDTH):
         if RESIDUAL:
             cols = _load_columns(src_rows, c, src_stride_d, row_ok, ACC, WIDTH)
+        if HAS_BO:
+            bo = _weights(bo_ptr, c, WIDTH, ACC, BLOCK_B)
         out = ()
         for t in tl.static_range(WIDTH):
             if RESIDUAL:
@@ -284,8 +283,8 @@ def _block_forward_rows(
             else:
                 y = tl.zeros_like(z[0])
             if HAS_BO:
-                y += tl.load(bo_ptr + c + t).to(ACC)
-            wo = _weights(wo_ptr, (c + t) * d, d, ACC, WO_PAIRS)
+                y += bo[t]
+            wo = _weights(wo_ptr, (c + t) * d, d, ACC, BLOCK_B)
             for j in tl.static_range(d):
                 y += z[j] * wo[j]
             out = out + (y,)
@@ -302,7 +301,7 @@ def ultimus_fwd_kernel(
     x_ptr, y_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, B, stride_xb, stride_xd,
     D: tl.constexpr, d: tl.constexpr, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
     HAS_BO: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
     row_ok = rows < B
@@ -310,7 +309,6 @@ def ultimus_fwd_kernel(
     _block_forward_rows(
         x_ptr + rows * stride_xb, stride_xd, y_ptr + rows * D, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
         wo_ptr, bo_ptr, scale, HAS_BQ, HAS_BK, HAS_BV, HAS_BO, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B,
-        W_PAIRS, WO_PAIRS,
     )  # fmt: skip
 
 
@@ -321,7 +319,6 @@ def ultimus_stack_fwd_kernel(
     x_ptr, h_ptr, y_ptr, p_ptr, B, L, stride_xb, stride_xd,
     D: tl.constexpr, d: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr,
     EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, H_IS_Y: tl.constexpr, WIDTH: tl.constexpr, BLOCK_B: tl.constexpr,
-    W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
 ):  # fmt: skip
     """The activations go to h, (B, D) in the accumulation dtype: y itself when y has that dtype (H_IS_Y),
     else a scratch copied into y at the end. Block 0 reads x, each later block reads the rows of h its
@@ -337,15 +334,13 @@ def ultimus_stack_fwd_kernel(
     _block_forward_rows(
         x_ptr + rows * stride_xb, stride_xd, h_rows, row_ok, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD,
         b + 3 * d, scale, HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B,
-        W_PAIRS, WO_PAIRS,
     )  # fmt: skip
     for block in range(1, L):
         w = p_ptr + block * NUM_PARAMS
         b = w + 4 * dD
         _block_forward_rows(
             h_rows, 1, h_rows, row_ok, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD, b + 3 * d, scale,
-            HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B, W_PAIRS,
-            WO_PAIRS,
+            HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B,
         )  # fmt: skip
     if not H_IS_Y:
         _copy_rows(h_rows, 1, y_ptr + rows * D, row_ok, ACC, D, WIDTH)
@@ -364,12 +359,10 @@ def ultimus_stack_fwd_kernel(
 
 
 @triton.jit
-def _add_columns_times_wo(
-    acc, cols, wo_ptr, c, ACC: tl.constexpr, d: tl.constexpr, WIDTH: tl.constexpr, PAIRS: tl.constexpr
-):
+def _add_columns_times_wo(acc, cols, wo_ptr, c, ACC: tl.constexpr, d: tl.constexpr, WIDTH: tl.constexpr):
     """acc[j] += sum_t cols[t] * Wo[c + t, j] for Wo in (D, d) nn.Linear layout: gz = Wo^T gy."""
     for t in tl.static_range(WIDTH):
-        wo = _weights(wo_ptr, (c + t) * d, d, ACC, PAIRS)
+        wo = _weights(wo_ptr, (c + t) * d, d, ACC, cols[0].shape[0])
         out = ()
         for j in tl.static_range(d):
             out = out + (acc[j] + cols[t] * wo[j],)
@@ -419,47 +412,62 @@ def _attend_rows_backward(q, k, v, gz, scale, EXACT_EXP: tl.constexpr, EXP2: tl.
 
 
 @triton.jit
-def _zero_padded(cols, n: tl.constexpr, width: tl.constexpr, like):
-    """cols[:n] followed by zero vectors up to `width` entries."""
+def _zero_padded(cols, n: tl.constexpr, width: tl.constexpr, like, ONE_AT: tl.constexpr = -1):
+    """cols[:n] followed by zero vectors up to `width` entries (a vector of ones at ONE_AT, if given)."""
     out = ()
     for t in tl.static_range(width):
         if t < n:
             out = out + (cols[t],)
+        elif t == ONE_AT:
+            out = out + (tl.full(like.shape, 1.0, like.dtype),)
         else:
             out = out + (tl.zeros_like(like),)
     return out
 
 
 @triton.jit
-def _stacked_qkv_weights(wq_ptr, wk_ptr, wv_ptr, ACC: tl.constexpr, D: tl.constexpr, d: tl.constexpr,
-                         BLOCK_DIM: tl.constexpr, ATT: tl.constexpr):  # fmt: skip
-    """[Wq; Wk; Wv; 0] as a (4 * ATT, BLOCK_DIM) tile: row m is row m % ATT of matrix m // ATT."""
-    cols = tl.arange(0, BLOCK_DIM)
-    m = tl.arange(0, 4 * ATT)
-    which = m // ATT
-    i_of_m = m % ATT
-    m_ok = (i_of_m < d) & (which < 3)
-    w3_rows = tl.where(which == 0, wq_ptr, tl.where(which == 1, wk_ptr, wv_ptr)) + i_of_m * D
-    return tl.load(w3_rows[:, None] + cols[None, :], mask=m_ok[:, None] & (cols[None, :] < D), other=0.0).to(ACC)
+def _input_gradient_rows(
+    gy_rows, gy_stride_d, gx_rows, row_ok, g, wq_ptr, wk_ptr, wv_ptr, RESIDUAL: tl.constexpr, ACC: tl.constexpr,
+    D: tl.constexpr, d: tl.constexpr, WIDTH: tl.constexpr,
+):  # fmt: skip
+    """gx = (gy if RESIDUAL) + [Wq; Wk; Wv]^T [gq | gk | gv] for the rows of a tile, g the 3d-tuple of
+    columns: per sample, WIDTH columns of gx at a time, each weight a broadcast vector load."""
+    for c in tl.range(0, D, WIDTH):
+        if RESIDUAL:
+            out = _load_columns(gy_rows, c, gy_stride_d, row_ok, ACC, WIDTH)
+        else:
+            out = _zeros(WIDTH, ACC, g[0].shape[0])
+        for m in tl.static_range(3 * d):
+            if m < d:
+                w = _weights(wq_ptr, m * D + c, WIDTH, ACC, g[0].shape[0])
+            elif m < 2 * d:
+                w = _weights(wk_ptr, (m - d) * D + c, WIDTH, ACC, g[0].shape[0])
+            else:
+                w = _weights(wv_ptr, (m - 2 * d) * D + c, WIDTH, ACC, g[0].shape[0])
+            new_out = ()
+            for t in tl.static_range(WIDTH):
+                new_out = new_out + (out[t] + g[m] * w[t],)
+            out = new_out
+        gx = _join_columns(out, WIDTH).to(gx_rows.dtype.element_ty)
+        tl.store(gx_rows[:, None] + (c + tl.arange(0, WIDTH))[None, :], gx, mask=row_ok[:, None])
 
 
 @triton.jit
 def _block_backward_rows(
-    x_rows, x_stride_d, gy_rows, gy_stride_d, gx_rows, row_ok, w3, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
-    wo_ptr, scale, acc_w3, acc_wo_t, acc_b3, acc_bo, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr,
-    HAS_BV: tl.constexpr, RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
-    EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr, d: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr,
-    LOG2_ZW: tl.constexpr, W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
+    x_rows, x_stride_d, gy_rows, gy_stride_d, gx_rows, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
+    wo_ptr, scale, acc_w3, acc_wo_t, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
+    RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, GX_OVER_GY: tl.constexpr,
+    ACC: tl.constexpr, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, PRECISION: tl.constexpr, D: tl.constexpr,
+    d: tl.constexpr, WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr,
+    LOG2_ZW: tl.constexpr,
 ):  # fmt: skip
     """One block's backward for the rows of a tile: writes gx at gx_rows (contiguous rows) if NEED_GX and,
-    if NEED_GW, adds the tile's parameter-gradient terms to the accumulators ([gWq; gWk; gWv; 0], gWo^T,
-    [gbq | gbk | gbv | 0], gbo), which it returns (the products accumulate inside tl.dot). gx_rows may be
-    gy_rows: the tile's gy is read before gx is written."""
+    if NEED_GW, adds the tile's parameter-gradient terms to the accumulators, which it returns:
+    acc_w3 = [gWq; gWk; gWv; 0] with [gbq; gbk; gbv; 0] in column D, acc_wo_t = gWo^T with gbo in row d
+    (see _param_grad_offsets). GX_OVER_GY: gx_rows are gy_rows, so the tile's gy is read before a barrier
+    and gx written after it."""
     ATT: tl.constexpr = 1 << LOG2_ATT  # q, k, v padded to ATT >= 4 columns each: [gq | gk | gv | 0] >= 16
-    ZW: tl.constexpr = 1 << LOG2_ZW  # z padded to ZW >= 16 columns (tl.dot's minimum)
-    cols = tl.arange(0, BLOCK_DIM)
-    tile_ok = row_ok[:, None] & (cols[None, :] < D)
+    ZW: tl.constexpr = 1 << LOG2_ZW  # z padded to ZW >= 16 columns (tl.dot's minimum), a ones column at d
     zero = tl.zeros((BLOCK_B,), ACC)
     q = _zeros(d, ACC, BLOCK_B)
     k = q
@@ -467,54 +475,59 @@ def _block_backward_rows(
     gz = q
     for c in tl.range(0, D, WIDTH):
         x_cols = _load_columns(x_rows, c, x_stride_d, row_ok, ACC, WIDTH)
-        q = _add_columns_times_w(q, x_cols, wq_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
-        k = _add_columns_times_w(k, x_cols, wk_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
-        v = _add_columns_times_w(v, x_cols, wv_ptr, c, ACC, D, d, WIDTH, W_PAIRS)
+        q = _add_columns_times_w(q, x_cols, wq_ptr, c, ACC, D, d, WIDTH)
+        k = _add_columns_times_w(k, x_cols, wk_ptr, c, ACC, D, d, WIDTH)
+        v = _add_columns_times_w(v, x_cols, wv_ptr, c, ACC, D, d, WIDTH)
         gy_cols = _load_columns(gy_rows, c, gy_stride_d, row_ok, ACC, WIDTH)
-        gz = _add_columns_times_wo(gz, gy_cols, wo_ptr, c, ACC, d, WIDTH, WO_PAIRS)
+        gz = _add_columns_times_wo(gz, gy_cols, wo_ptr, c, ACC, d, WIDTH)
     q = _bias_added(q, bq_ptr, HAS_BQ, ACC, d)
     k = _bias_added(k, bk_ptr, HAS_BK, ACC, d)
     v = _bias_added(v, bv_ptr, HAS_BV, ACC, d)
     gq, gk, gv, z = _attend_rows_backward(q, k, v, gz, scale, EXACT_EXP, EXP2, d)
-    # Rows past B have gy = 0, hence gz = gq = gk = gv = 0: they add nothing below.
-    g3 = _columns_to_tile(
-        _zero_padded(gq, d, ATT, zero) + _zero_padded(gk, d, ATT, zero) + _zero_padded(gv, d, ATT, zero)
-        + _zero_padded(gq, 0, ATT, zero),
-        LOG2_ATT + 2,
-    )  # fmt: skip
-    gy = tl.load(gy_rows[:, None] + cols[None, :] * gy_stride_d, mask=tile_ok, other=0.0).to(ACC)
-    if NEED_GX:
-        gx = tl.dot(g3, w3, input_precision=PRECISION, out_dtype=ACC)
-        if RESIDUAL:
-            gx += gy
-        tl.store(gx_rows[:, None] + cols[None, :], gx.to(gx_rows.dtype.element_ty), mask=tile_ok)
     if NEED_GW:
+        # The weight gradients sum over the tile's samples: tensor-core products of the columns joined into
+        # tiles. A column of ones beside x (column D) and beside z (column d) makes the same products sum the
+        # bias gradients. Rows past B have gy = 0, hence gz = gq = gk = gv = 0: they add nothing.
+        g3 = _columns_to_tile(
+            _zero_padded(gq, d, ATT, zero) + _zero_padded(gk, d, ATT, zero) + _zero_padded(gv, d, ATT, zero)
+            + _zero_padded(gq, 0, ATT, zero),
+            LOG2_ATT + 2,
+        )  # fmt: skip
+        z_tile = _columns_to_tile(_zero_padded(z, d, ZW, zero, d), LOG2_ZW)
+        cols = tl.arange(0, BLOCK_DIM)
+        tile_ok = row_ok[:, None] & (cols[None, :] < D)
         x = tl.load(x_rows[:, None] + cols[None, :] * x_stride_d, mask=tile_ok, other=0.0).to(ACC)
-        z_tile = _columns_to_tile(_zero_padded(z, d, ZW, zero), LOG2_ZW)
+        x = tl.where(cols[None, :] == D, 1.0, x)
+        gy = tl.load(gy_rows[:, None] + cols[None, :] * gy_stride_d, mask=tile_ok, other=0.0).to(ACC)
         acc_w3 = tl.dot(tl.trans(g3), x, acc_w3, input_precision=PRECISION, out_dtype=ACC)
         acc_wo_t = tl.dot(tl.trans(z_tile), gy, acc_wo_t, input_precision=PRECISION, out_dtype=ACC)
-        acc_b3 += tl.sum(g3, axis=0)
-        acc_bo += tl.sum(gy, axis=0)
-    return acc_w3, acc_wo_t, acc_b3, acc_bo
+        if GX_OVER_GY:
+            tl.debug_barrier()  # every thread has read the gy tile before any gx row overwrites it
+    if NEED_GX:
+        _input_gradient_rows(gy_rows, gy_stride_d, gx_rows, row_ok, gq + gk + gv, wq_ptr, wk_ptr, wv_ptr, RESIDUAL,
+                             ACC, D, d, WIDTH)  # fmt: skip
+    return acc_w3, acc_wo_t
 
 
 @triton.jit
 def _param_grad_offsets(D: tl.constexpr, d: tl.constexpr, BLOCK_DIM: tl.constexpr, ATT: tl.constexpr,
                         ZW: tl.constexpr):  # fmt: skip
-    """Where the terms _block_backward_rows returns go in a partial row [gWq | gWk | gWv | gWo | gbq | gbk |
-    gbv | gbo] (see ops/autograd.py): (offsets, mask) for each of the four."""
+    """Where the accumulators _block_backward_rows returns go in a partial row [gWq | gWk | gWv | gWo |
+    gbq | gbk | gbv | gbo] (see ops/autograd.py): (offsets, mask) for acc_w3 (column D: the biases) and
+    for acc_wo_t (row d: gbo)."""
     cols = tl.arange(0, BLOCK_DIM)
-    col_ok = cols < D
     m = tl.arange(0, 4 * ATT)
     which = m // ATT
     i_of_m = m % ATT
     m_ok = (i_of_m < d) & (which < 3)
     j = tl.arange(0, ZW)
-    w3 = (which[:, None] * (d * D) + i_of_m[:, None] * D + cols[None, :], m_ok[:, None] & col_ok[None, :])
-    wo_t = (3 * d * D + cols[None, :] * d + j[:, None], (j[:, None] < d) & col_ok[None, :])
-    b3 = (4 * d * D + which * d + i_of_m, m_ok)
-    bo = (4 * d * D + 3 * d + cols, col_ok)
-    return w3, wo_t, b3, bo
+    w3_offs = which[:, None] * (d * D) + i_of_m[:, None] * D + cols[None, :]
+    b3_offs = 4 * d * D + which[:, None] * d + i_of_m[:, None] + 0 * cols[None, :]
+    w3 = (tl.where(cols[None, :] == D, b3_offs, w3_offs), m_ok[:, None] & (cols[None, :] <= D))
+    wo_t_offs = 3 * d * D + cols[None, :] * d + j[:, None]
+    bo_offs = 4 * d * D + 3 * d + cols[None, :] + 0 * j[:, None]
+    wo_t = (tl.where(j[:, None] == d, bo_offs, wo_t_offs), (j[:, None] <= d) & (cols[None, :] < D))
+    return w3, wo_t
 
 
 @triton.jit
@@ -525,7 +538,7 @@ def ultimus_bwd_rows_kernel(
     RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
     EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr,
-    LOG2_ZW: tl.constexpr, W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
+    LOG2_ZW: tl.constexpr,
 ):  # fmt: skip
     """The single block: each program sums its tiles' parameter-gradient terms in registers and writes one
     partial row at the end."""
@@ -533,26 +546,21 @@ def ultimus_bwd_rows_kernel(
     ZW: tl.constexpr = 1 << LOG2_ZW
     pid = tl.program_id(0)
     scale = 1.0 / tl.sqrt(tl.full((), d, ACC))
-    w3 = _stacked_qkv_weights(wq_ptr, wk_ptr, wv_ptr, ACC, D, d, BLOCK_DIM, ATT)
     acc_w3 = tl.zeros((4 * ATT, BLOCK_DIM), ACC)
     acc_wo_t = tl.zeros((ZW, BLOCK_DIM), ACC)
-    acc_b3 = tl.zeros((4 * ATT,), ACC)
-    acc_bo = tl.zeros((BLOCK_DIM,), ACC)
     for tile in range(pid, num_tiles, NUM_PROGRAMS):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
-        acc_w3, acc_wo_t, acc_b3, acc_bo = _block_backward_rows(
+        acc_w3, acc_wo_t = _block_backward_rows(
             x_ptr + rows * stride_xb, stride_xd, gy_ptr + rows * stride_gyb, stride_gyd, gx_ptr + rows * D, rows < B,
-            w3, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, scale, acc_w3, acc_wo_t, acc_b3, acc_bo,
-            HAS_BQ, HAS_BK, HAS_BV, RESIDUAL, NEED_GX, NEED_GW, ACC, EXACT_EXP, EXP2, PRECISION, D, d, WIDTH, BLOCK_B,
-            BLOCK_DIM, LOG2_ATT, LOG2_ZW, W_PAIRS, WO_PAIRS,
+            wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, scale, acc_w3, acc_wo_t, HAS_BQ, HAS_BK, HAS_BV,
+            RESIDUAL, NEED_GX, NEED_GW, False, ACC, EXACT_EXP, EXP2, PRECISION, D, d, WIDTH, BLOCK_B, BLOCK_DIM,
+            LOG2_ATT, LOG2_ZW,
         )  # fmt: skip
     if NEED_GW:
         row = part_ptr + pid * (4 * d * D + 3 * d + D)
-        w3_at, wo_t_at, b3_at, bo_at = _param_grad_offsets(D, d, BLOCK_DIM, ATT, ZW)
+        w3_at, wo_t_at = _param_grad_offsets(D, d, BLOCK_DIM, ATT, ZW)
         tl.store(row + w3_at[0], acc_w3, mask=w3_at[1])
         tl.store(row + wo_t_at[0], acc_wo_t, mask=wo_t_at[1])
-        tl.store(row + b3_at[0], acc_b3, mask=b3_at[1])
-        tl.store(row + bo_at[0], acc_bo, mask=bo_at[1])
 
 
 @triton.jit
@@ -568,7 +576,7 @@ def ultimus_stack_bwd_rows_kernel(
     D: tl.constexpr, d: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr,
     NEED_GW: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, PRECISION: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr,
-    LOG2_ATT: tl.constexpr, LOG2_ZW: tl.constexpr, W_PAIRS: tl.constexpr, WO_PAIRS: tl.constexpr,
+    LOG2_ATT: tl.constexpr, LOG2_ZW: tl.constexpr,
 ):  # fmt: skip
     """The stack, per tile, blocks in reverse. Each program has its own (BLOCK_B, D) scratch rows in the
     accumulation dtype: h, the block's input, recomputed from x through the blocks before it (rather than
@@ -582,11 +590,11 @@ def ultimus_stack_bwd_rows_kernel(
     dD: tl.constexpr = d * D
     pid = tl.program_id(0)
     scale = 1.0 / tl.sqrt(tl.full((), d, ACC))
+    w3_at, wo_t_at = _param_grad_offsets(D, d, BLOCK_DIM, ATT, ZW)
     local = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     h_rows = h_ptr + local * D
     g_rows = g_ptr + local * D
     my_row = part_ptr + pid.to(tl.int64) * L * NUM_PARAMS
-    w3_at, wo_t_at, b3_at, bo_at = _param_grad_offsets(D, d, BLOCK_DIM, ATT, ZW)
     for tile in range(pid, num_tiles, NUM_PROGRAMS):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
         row_ok = rows < B
@@ -601,25 +609,22 @@ def ultimus_stack_bwd_rows_kernel(
                 _block_forward_rows(
                     h_rows, 1, h_rows, row_ok, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD, b + 3 * d,
                     scale, HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH,
-                    BLOCK_B, W_PAIRS, WO_PAIRS,
+                    BLOCK_B,
                 )  # fmt: skip
             tl.debug_barrier()  # h and g complete before any thread reads other threads' rows
             w = p_ptr + block * NUM_PARAMS
             b = w + 4 * dD
-            w3 = _stacked_qkv_weights(w, w + dD, w + 2 * dD, ACC, D, d, BLOCK_DIM, ATT)
-            g_w3, g_wo_t, g_b3, g_bo = _block_backward_rows(
-                h_rows, 1, g_rows, 1, g_rows, row_ok, w3, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD,
-                scale, tl.zeros((4 * ATT, BLOCK_DIM), ACC), tl.zeros((ZW, BLOCK_DIM), ACC), tl.zeros((4 * ATT,), ACC),
-                tl.zeros((BLOCK_DIM,), ACC), HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, True, NEED_GW, ACC, EXACT_EXP,
-                EXP2, PRECISION, D, d, WIDTH, BLOCK_B, BLOCK_DIM, LOG2_ATT, LOG2_ZW, W_PAIRS, WO_PAIRS,
+            g_w3, g_wo_t = _block_backward_rows(
+                h_rows, 1, g_rows, 1, g_rows, row_ok, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD, scale,
+                tl.zeros((4 * ATT, BLOCK_DIM), ACC), tl.zeros((ZW, BLOCK_DIM), ACC), HAS_BIAS, HAS_BIAS, HAS_BIAS,
+                RESIDUAL, True, NEED_GW, True, ACC, EXACT_EXP, EXP2, PRECISION, D, d, WIDTH, BLOCK_B, BLOCK_DIM,
+                LOG2_ATT, LOG2_ZW,
             )  # fmt: skip
             if NEED_GW:
                 row = my_row + block * NUM_PARAMS
                 _add_to_row(row, w3_at[0], w3_at[1], g_w3)
                 _add_to_row(row, wo_t_at[0], wo_t_at[1], g_wo_t)
-                _add_to_row(row, b3_at[0], b3_at[1], g_b3)
-                _add_to_row(row, bo_at[0], bo_at[1], g_bo)
-            tl.debug_barrier()  # the new g, written as a tile, complete before the next block reads it
+            tl.debug_barrier()  # every thread is done reading the h tile before the next block rewrites h
         if NEED_GX:
             _copy_rows(g_rows, 1, gx_ptr + rows * D, row_ok, ACC, D, WIDTH)
 
@@ -938,6 +943,21 @@ def _tile_config(B: int, D: int, d: int) -> tuple[int, int, int, int, int]:
     return BLOCK_B, BLOCK_DIM, BLOCK_ATT, 4, num_stages
 
 
+# From this batch size up, the per-sample kernels' own work outweighs a few extra small launches.
+_LARGE_BATCH = 65536
+
+
+def _per_sample_weights(B: int, *params: Optional[Tensor]) -> list:
+    """The parameters as the per-sample kernels read them: contiguous and, at large B, float32. Every
+    thread converts each half-precision weight it reads, one integer instruction per weight per sample
+    (~1.6k per sample forward, ~2.7k backward: about a third of the bf16 kernels' instructions in the
+    offline model); converting the few thousand numbers once on the host side costs a launch each, which
+    only small batches would feel. Exact either way: float32 holds every float16 and bfloat16 value."""
+    half = (torch.float16, torch.bfloat16)
+    to_float = B >= _LARGE_BATCH
+    return [None if p is None else (p.float() if to_float and p.dtype in half else p).contiguous() for p in params]
+
+
 def _rows_config(B: int, D: int, d: int) -> dict:
     """Launch settings of the one-sample-per-thread forward kernels: BLOCK_B, WIDTH, num_warps."""
     WIDTH = 4 if D % 4 == 0 else 2 if D % 2 == 0 else 1  # columns per vector load (16 B for float32)
@@ -947,16 +967,17 @@ def _rows_config(B: int, D: int, d: int) -> dict:
     # load/store pipe) and fit in 128 registers at d <= 8, so 16 warps stay resident per SM to hide DRAM
     # latency. Small batches are bound by one thread's latency instead: one sample per thread halves it
     # (the threshold is a guess from the offline model, not yet timed on a GPU).
-    samples_per_thread = 2 if d <= 8 and B >= 65536 else 1
+    samples_per_thread = 2 if d <= 8 and B >= _LARGE_BATCH else 1
     return dict(BLOCK_B=128 * samples_per_thread, WIDTH=WIDTH, num_warps=4)
 
 
 def _rows_backward_config(B: int, D: int, d: int, acc: torch.dtype) -> Optional[dict]:
     """Settings of ultimus_bwd_rows_kernel, or None where its per-program gradient accumulators
-    ((4 ATT + ZW) x BLOCK_DIM numbers) would not fit in registers: the tile kernel runs instead."""
-    BLOCK_DIM = max(16, triton.next_power_of_2(D))
+    ((4 ATT + ZW) x BLOCK_DIM numbers) would not fit in registers: the tile kernel runs instead. x's tile
+    and z's have a spare column for the ones that sum the bias gradients (BLOCK_DIM > D, ZW > d)."""
+    BLOCK_DIM = max(16, triton.next_power_of_2(D + 1))
     ATT = max(4, triton.next_power_of_2(d))
-    ZW = max(16, ATT)
+    ZW = max(16, triton.next_power_of_2(d + 1))
     if (4 * ATT + ZW) * BLOCK_DIM > 3072:  # D = 48, d = 8 is exactly 3072
         return None
     WIDTH = 4 if D % 4 == 0 else 2 if D % 2 == 0 else 1
@@ -968,21 +989,6 @@ def _rows_backward_config(B: int, D: int, d: int, acc: torch.dtype) -> Optional[
         BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, LOG2_ATT=ATT.bit_length() - 1, LOG2_ZW=ZW.bit_length() - 1,
         WIDTH=WIDTH, PRECISION="tf32x3" if acc == torch.float32 else "ieee", num_warps=4,
     )  # fmt: skip
-
-
-def _weight_pairs(D: int, d: int, width: int, w_qkv: tuple, wo: Tensor) -> dict:
-    """W_PAIRS, WO_PAIRS for the per-sample kernels (see _weights): float32 weights at 8-byte-aligned
-    addresses with rows of even length are read two at a time."""
-
-    def paired(weights, row_length: int) -> bool:
-        if row_length % 2 or any(w.dtype != torch.float32 for w in weights):
-            return False
-        try:
-            return all(w.data_ptr() % 8 == 0 for w in weights)
-        except (RuntimeError, NotImplementedError):  # fake or functional tensors while tracing: no address
-            return False
-
-    return dict(W_PAIRS=width % 2 == 0 and paired(w_qkv, D), WO_PAIRS=paired((wo,), d))
 
 
 def _exp_flags(x: Tensor) -> dict:
@@ -1030,13 +1036,13 @@ def ultimus_triton_fwd(
     y = torch.empty((B, D), dtype=x.dtype, device=x.device)
     if B == 0:
         return y
-    wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
+    wq, bq, wk, bk, wv, bv, wo, bo = _per_sample_weights(B, wq, bq, wk, bk, wv, bv, wo, bo)
     (bq, bk, bv, bo), (has_bq, has_bk, has_bv, has_bo) = _bias_args(bq, bk, bv, bo, fallback=wq)
     config = _rows_config(B, D, d)
     torch.library.wrap_triton(ultimus_fwd_kernel)[(triton.cdiv(B, config["BLOCK_B"]),)](
         x, y, wq, bq, wk, bk, wv, bv, wo, bo, B, x.stride(0), x.stride(1),
         D=D, d=d, HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo, RESIDUAL=residual,
-        ACC=_TL_ACC[_acc_dtype(x)], **_exp_flags(x), **config, **_weight_pairs(D, d, config["WIDTH"], (wq, wk, wv), wo),
+        ACC=_TL_ACC[_acc_dtype(x)], **_exp_flags(x), **config,
     )  # fmt: skip
     return y
 
@@ -1074,14 +1080,13 @@ def ultimus_triton_bwd(
     # Parameter-gradient partials, one row per program (see ops/autograd.py for the layout).
     partials = torch.empty((P if need_gw else 0, num_params), dtype=acc, device=dev)
     if P > 0 and rows_config is not None:
-        wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
+        wq, bq, wk, bk, wv, bv, wo = _per_sample_weights(B, wq, bq, wk, bk, wv, bv, wo)
         (bq, bk, bv), (has_bq, has_bk, has_bv) = _bias_args(bq, bk, bv, fallback=wq)
         torch.library.wrap_triton(ultimus_bwd_rows_kernel)[(P,)](
             gy, x, gx, partials, wq, bq, wk, bk, wv, bv, wo,
             B, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
             D=D, d=d, HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, RESIDUAL=residual, NEED_GX=need_gx,
             NEED_GW=need_gw, ACC=_TL_ACC[acc], **_exp_flags(x), NUM_PROGRAMS=P, **rows_config,
-            **_weight_pairs(D, d, rows_config["WIDTH"], (wq, wk, wv), wo),
         )  # fmt: skip
     elif P > 0:
         wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
@@ -1151,17 +1156,13 @@ def ultimus_triton_stack_fwd(x: Tensor, params: list[Tensor], bias: bool, residu
         return y
     packed = _pack_stack(params, bias, D, d, _acc_dtype(x))
     config = _rows_config(B, D, d)
-    if D % 2 == 0 and d % 2 == 0:  # every block's weights then start at an even offset in `packed`
-        pairs = _weight_pairs(D, d, config["WIDTH"], (packed,), packed)
-    else:
-        pairs = dict(W_PAIRS=False, WO_PAIRS=False)
     # Between blocks the activations stay in the accumulation dtype: a half-precision y cannot hold them.
     h_is_y = y.dtype == packed.dtype
     h = y if h_is_y else torch.empty((B, D), dtype=packed.dtype, device=x.device)
     torch.library.wrap_triton(ultimus_stack_fwd_kernel)[(triton.cdiv(B, config["BLOCK_B"]),)](
         x, h, y, packed, B, L, x.stride(0), x.stride(1),
         D=D, d=d, HAS_BIAS=bias, RESIDUAL=residual, ACC=_TL_ACC[_acc_dtype(x)], H_IS_Y=h_is_y, **_exp_flags(x),
-        **config, **pairs,
+        **config,
     )  # fmt: skip
     return y
 
@@ -1187,15 +1188,11 @@ def ultimus_triton_stack_bwd(
     partials = torch.zeros((P if need_gw else 0, L * num_params), dtype=acc, device=dev)
     if P > 0 and rows_config is not None:
         packed = _pack_stack(params, bias, D, d, acc)
-        if D % 2 == 0 and d % 2 == 0:  # every block's weights then start at an even offset in `packed`
-            pairs = _weight_pairs(D, d, rows_config["WIDTH"], (packed,), packed)
-        else:
-            pairs = dict(W_PAIRS=False, WO_PAIRS=False)
         h, g = torch.empty((2, P * BLOCK_B, D), dtype=acc, device=dev)  # each program's scratch rows
         torch.library.wrap_triton(ultimus_stack_bwd_rows_kernel)[(P,)](
             gy, x, gx, partials, packed, h, g, B, L, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
             D=D, d=d, HAS_BIAS=bias, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
-            **_exp_flags(x), NUM_PROGRAMS=P, **rows_config, **pairs,
+            **_exp_flags(x), NUM_PROGRAMS=P, **rows_config,
         )  # fmt: skip
     elif P > 0:
         packed = _pack_stack(params, bias, D, d, acc)
