@@ -31,6 +31,10 @@ SIGNATURES = {  # kernel -> (parameters after the template arguments, pointer na
         "(const {s}*, const {s}*, {s}*, float*, DeviceParams<float>, int64_t, bool)",
         ["gy", "x", "gx", "partials"],
     ),
+    "bwd_half": (  # float16 and bfloat16 only
+        "(const {s}*, const {s}*, {s}*, float*, DeviceParams<float>, int64_t, bool)",
+        ["gy", "x", "gx", "partials"],
+    ),
     "stack_fwd": ("(const {s}*, {s}*, const float*, int, float, int64_t, bool)", ["x", "y", "packed"]),
     "stack_bwd": (
         "(const {s}*, const {s}*, {s}*, float*, const float*, int, float, int64_t, bool)",
@@ -44,11 +48,17 @@ def symbol(kernel: str, dtype: str) -> str:
     """The template instance of a kernel, as written in the source (and demangled)."""
     if kernel == "fwd_bf16":
         return f"ultimus_fwd_bf16_kernel<{D}, {d}>"
+    if kernel == "bwd_half":
+        return f"ultimus_bwd_half_kernel<{SCALAR[dtype]}, {D}, {d}>"
     return f"ultimus_{kernel}_rows_kernel<{SCALAR[dtype]}, {D}, {d}>"
 
 
 def applies(kernel: str, dtype: str) -> bool:
-    return kernel != "fwd_bf16" or dtype == "bfloat16"
+    if kernel == "fwd_bf16":
+        return dtype == "bfloat16"
+    if kernel == "bwd_half":
+        return dtype != "float32"
+    return True
 
 
 def load_tool(path: str):
@@ -94,8 +104,10 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float32,bfloat16", help="activation dtypes: float32, bfloat16, float16")
     ap.add_argument(
         "--kernels",
-        default="fwd,fwd_bf16,bwd,stack_fwd,stack_bwd",
-        help="which kernels, comma-separated (fwd_bf16: the bf16 forward on the tensor cores)",
+        default="fwd,fwd_bf16,bwd,bwd_half,stack_fwd,stack_bwd",
+        help="which kernels, comma-separated (fwd_bf16: the bf16 forward on the tensor cores; bwd_half: the "
+        "half-precision backward with its projections on the tensor cores, which the launcher runs in place of "
+        "bwd for float16 and bfloat16)",
     )
     ap.add_argument("--B", type=int, default=4194304, help="the batch of the launch analysed")
     ap.add_argument("--L", type=int, default=4, help="blocks in the stack kernels' launch")
@@ -124,11 +136,14 @@ def main(argv=None):
                 continue
             want = symbol(kernel, dtype)
             sym = next(m for m, name in names.items() if want in name)
-            grads = kernel.endswith("bwd") and not args.no_param_grads
+            backward = "bwd" in kernel
+            grads = backward and not args.no_param_grads
             blocks_of_weights = L if kernel.startswith("stack") else 1
             smem = 4 * (blocks_of_weights * layout + (tile if grads else 0))
             if kernel == "fwd_bf16":  # Bf16Forward::kSmemWords: fragments, then four warps' scratch
                 smem = 4 * (32 * 66 + 4 * (32 * (D // 2 + 4) + 32 * (D + 8) + 2 * 32 * (d // 2 + 8)))
+            if kernel == "bwd_half":  # TensorCoreProjections::kSmemWords: fragments, then the tile
+                smem = 4 * (32 * 174 + tile)
             regs = usage.get(sym, {}).get("REG", spills.get(sym, {}).get("regs", 0))
             occupancy = tool.occupancy(regs, THREADS, smem)
             grid = min(-(-B // THREADS), tool.H100["sms"] * occupancy["ctas_per_sm"])
@@ -159,11 +174,11 @@ def main(argv=None):
 
             spill = spills.get(sym, {})
             spec = tool.KernelSpec(
-                name=f"cuda rows {kernel} {dtype}" + ("" if grads or not kernel.endswith("bwd") else " (gx only)"),
+                name=f"cuda rows {kernel} {dtype}" + ("" if grads or not backward else " (gx only)"),
                 fn_sass=funcs[sym], threads=THREADS, grid=grid, params=pack, grid_emu=lambda t, g=grid: g,
                 samples_per_tile=THREADS, persistent=True, tiles_real=-(-B // THREADS), buffers=buffers,
-                dram_bytes_per_sample=(3 if kernel.endswith("bwd") else 2) * D * es, B=B,
-                bench=("cuda", "bwd" if kernel.endswith("bwd") else "fwd", dtype),
+                dram_bytes_per_sample=(3 if backward else 2) * D * es, B=B,
+                bench=("cuda", "bwd" if backward else "fwd", dtype),
                 config=f"{THREADS} threads, grid {grid}, shared {smem} B" + (f", L={L}" * kernel.startswith("stack")),
                 resources=dict(regs=regs, spill_st=spill.get("spill_st"), spill_ld=spill.get("spill_ld"),
                                stack=spill.get("stack"), local=usage.get(sym, {}).get("LOCAL"), smem=smem),

@@ -45,7 +45,9 @@ def check_block(emu, B, D, d, dtype, family, residual=True, bias=True, logit_sca
     fwd_family = "bf16 tensor cores" if family == "rows" and dtype == torch.bfloat16 else family
     assert emu.last_kernel() == fwd_family and y.dtype == dtype and y.shape == (B, D)
     gx, flat = emu.bwd(gy.to(dtype), x, *params, residual, *need)
-    assert emu.last_kernel() == family
+    # half-precision rows of the common size go backward with their projections on the tensor cores
+    bwd_family = "tf32 tensor cores" if family == "rows" and dtype in (torch.float16, torch.bfloat16) else family
+    assert emu.last_kernel() == bwd_family
 
     y64 = ultimus_reference(*inputs, residual=residual)
     tensors = inputs.tensors()
@@ -74,15 +76,17 @@ def test_rows_kernels_match_the_reference(emu, B, dtype):
     check_block(emu, B, *ROWS, dtype, "rows")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_rows_kernels_without_residual_or_bias(emu, residual, bias):
-    check_block(emu, 300, *ROWS, torch.float32, "rows", residual=residual, bias=bias)
+def test_rows_kernels_without_residual_or_bias(emu, residual, bias, dtype):
+    check_block(emu, 300, *ROWS, dtype, "rows", residual=residual, bias=bias)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("need", [(True, False), (False, True)])
-def test_rows_backward_computes_only_what_is_asked(emu, need):
-    check_block(emu, 260, *ROWS, torch.float32, "rows", need=need)
+def test_rows_backward_computes_only_what_is_asked(emu, need, dtype):
+    check_block(emu, 260, *ROWS, dtype, "rows", need=need)
 
 
 @pytest.mark.parametrize(
@@ -134,6 +138,31 @@ def test_bf16_forward_on_the_tensor_cores_keeps_fp32_accuracy(emu, B):
         emu.set_compute_capability_major(9)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_backward_on_the_tensor_cores_keeps_fp32_accuracy(emu, dtype):
+    """The half-precision backward's projections run as tf32 tensor-core products: exact rows times
+    split weights, and split g times split weights for gx. gx's error must be its final rounding (the
+    dtype's unit roundoff of gx) plus 1e-4, and the float32 parameter gradients must hold float32's
+    tolerance, against float64 math on the same half-precision rows; one-pass tf32 products (2^-11)
+    would fail both."""
+    B = 300
+    inputs = make_inputs(B, *ROWS, requires_grad=False)
+    x, gy = inputs.x.to(dtype), torch.randn(B, 48).to(dtype)
+    params = [None if t is None else t.float() for t in inputs[1:]]
+    gx, flat = emu.bwd(gy, x, *params, True, True, True)
+    assert emu.last_kernel() == "tf32 tensor cores"
+    again = emu.bwd(gy, x, *params, True, True, True)
+    assert torch.equal(again[0], gx) and torch.equal(again[1], flat)  # deterministic
+    inputs64 = type(inputs)(x.double().requires_grad_(), *[t.double().requires_grad_() for t in params])
+    y64 = ultimus_reference(*inputs64)
+    grads64 = torch.autograd.grad(y64, inputs64.tensors(), gy.double())
+    unit = 2**-8 if dtype == torch.bfloat16 else 2**-11
+    excess = ((gx.double() - grads64[0]).abs() - unit * grads64[0].abs()).max().item()
+    assert excess <= 1e-4, f"{dtype} backward: gx error {excess:.2e} beyond its final rounding"
+    scale = max(per_sample_norms(inputs64, gy.double(), True)[1:])
+    assert_rel_close(flat, flat_param_grads(grads64[1:], inputs64), TOL[torch.float32], "parameter gradients", scale)
+
+
 def test_huge_finite_logits_stay_exact(emu):
     """Logits near 1e30: the row maximum is exact, so the softmax neither overflows nor loses its top entry."""
     check_block(emu, 200, *ROWS, torch.float32, "rows", logit_scale=1e15)
@@ -168,6 +197,9 @@ def test_nan_stays_in_its_row_and_gradients_are_deterministic(emu):
     y16 = emu.fwd(x.bfloat16(), *inputs[1:], True)  # the bf16 forward's rows pass through shared fragments
     assert emu.last_kernel() == "bf16 tensor cores"
     assert y16[5].isnan().all() and not y16[torch.arange(300) != 5].isnan().any()
+    gx16, _ = emu.bwd(gy.bfloat16(), x.bfloat16(), *inputs[1:], True, True, False)  # and its backward's too
+    assert emu.last_kernel() == "tf32 tensor cores"
+    assert not gx16[torch.arange(300) != 5].isnan().any()
     runs = [emu.bwd(gy, inputs.x, *inputs[1:], True, True, True) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 

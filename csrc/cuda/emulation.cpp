@@ -4,24 +4,30 @@
 #define ULTIMUS_CUDA_EMULATION
 #include <torch/extension.h>
 
-#include <array>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "ultimus_cuda.cuh"
 
 namespace {
 
-// The rows kernels (D and d at compile time) of one activation dtype.
+// The rows kernels (D and d at compile time) of one activation dtype (the single-block backward only
+// for float32: half-precision rows go backward on the tensor cores).
 template <typename scalar_t>
-std::array<const void*, 4> rows_kernels() {
+std::vector<const void*> rows_kernels() {
   using namespace ultimus;
-  return {reinterpret_cast<const void*>(ultimus_fwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>),
-          reinterpret_cast<const void*>(ultimus_bwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>),
-          reinterpret_cast<const void*>(ultimus_stack_fwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>),
-          reinterpret_cast<const void*>(ultimus_stack_bwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>)};
+  std::vector<const void*> kernels = {
+      reinterpret_cast<const void*>(ultimus_fwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_stack_fwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>),
+      reinterpret_cast<const void*>(ultimus_stack_bwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>)};
+  if constexpr (std::is_same_v<scalar_t, float>)
+    kernels.push_back(reinterpret_cast<const void*>(ultimus_bwd_rows_kernel<float, kRowsD, kRowsAttnDim>));
+  return kernels;
 }
 
-// Which kernel the last launch ran: "rows", "bf16 tensor cores", "generic", or "none" before any launch.
+// Which kernel the last launch ran: "rows", "bf16 tensor cores" (the bf16 forward), "tf32 tensor cores"
+// (the half-precision backward), "generic", or "none" before any launch.
 std::string last_kernel_family() {
   if (ultimus_emulation::last_kernel == nullptr) return "none";
   for (const auto& family : {rows_kernels<float>(), rows_kernels<at::Half>(), rows_kernels<at::BFloat16>()})
@@ -30,6 +36,11 @@ std::string last_kernel_family() {
   if (ultimus_emulation::last_kernel ==
       reinterpret_cast<const void*>(ultimus::ultimus_fwd_bf16_kernel<ultimus::kRowsD, ultimus::kRowsAttnDim>))
     return "bf16 tensor cores";
+  using ultimus::kRowsAttnDim, ultimus::kRowsD, ultimus::ultimus_bwd_half_kernel;
+  const void* half_bwd = reinterpret_cast<const void*>(ultimus_bwd_half_kernel<at::Half, kRowsD, kRowsAttnDim>);
+  const void* bf16_bwd = reinterpret_cast<const void*>(ultimus_bwd_half_kernel<at::BFloat16, kRowsD, kRowsAttnDim>);
+  if (ultimus_emulation::last_kernel == half_bwd || ultimus_emulation::last_kernel == bf16_bwd)
+    return "tf32 tensor cores";
   return "generic";
 }
 
@@ -52,7 +63,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return ultimus::ultimus_stack_bwd_cuda(gy, x, params, bias, residual, need_gx, need_gw);
       },
       "the cuda stack_bwd op's kernel, on CPU tensors");
-  m.def("last_kernel", &last_kernel_family, "'rows' or 'generic': the family of the last kernel launched");
+  m.def("last_kernel", &last_kernel_family, "the family of the last kernel launched (see last_kernel_family)");
   m.def("launches", [] { return ultimus_emulation::launches; }, "kernel launches so far");
   m.def(
       "set_multiprocessors", [](int n) { ultimus_emulation::multiprocessors = n; },

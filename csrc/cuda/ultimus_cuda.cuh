@@ -628,28 +628,15 @@ __device__ __forceinline__ void block_forward_rows(const float* sp, float (&row)
   }
 }
 
-// One block's backward on a row: from the block's input x and the gradient gy of its output, the
-// gradients g = (gq | gk | gv) of q, k, v and the attention output z (for the parameter gradients).
-template <int D, int d>
-__device__ __forceinline__ void block_backward_rows(const float* sp, const float (&x)[D], const float (&gy)[D],
-                                                    float scale, float (&g)[3 * d], float (&z)[d]) {
-  using L = RowsLayout<D, d>;
-  float qkv[3 * d], gz[d];
-  project_qkv_rows<D, d>(sp, x, qkv);
-#pragma unroll
-  for (int j = 0; j < d; ++j) gz[j] = z[j] = 0.f;
-#pragma unroll
-  for (int n = 0; n < D; ++n)  // gz = Wo^T gy
-#pragma unroll
-    for (int c = 0; c < d / 4; ++c) {
-      const float4 w = load4(sp + L::kWo + n * d + 4 * c);
-      gz[4 * c] += w.x * gy[n];
-      gz[4 * c + 1] += w.y * gy[n];
-      gz[4 * c + 2] += w.z * gy[n];
-      gz[4 * c + 3] += w.w * gy[n];
-    }
+// The attention's backward on a row: from q|k|v and gz = Wo^T gy, the gradients g = (gq | gk | gv) and
+// the attention output z (for the parameter gradients); A recomputed exactly as in the forward.
+template <int d>
+__device__ __forceinline__ void attention_backward_rows(const float (&qkv)[3 * d], const float (&gz)[d], float scale,
+                                                        float (&g)[3 * d], float (&z)[d]) {
   float k_max, k_min;
   k_extremes_rows<d>(qkv, k_max, k_min);
+#pragma unroll
+  for (int j = 0; j < d; ++j) z[j] = 0.f;
 #pragma unroll
   for (int m = 0; m < 3 * d; ++m) g[m] = 0.f;
 #pragma unroll
@@ -672,6 +659,29 @@ __device__ __forceinline__ void block_backward_rows(const float* sp, const float
       g[d + j] += g_score * qkv[i];
     }
   }
+}
+
+// One block's backward on a row: from the block's input x and the gradient gy of its output, the
+// gradients g = (gq | gk | gv) of q, k, v and the attention output z (for the parameter gradients).
+template <int D, int d>
+__device__ __forceinline__ void block_backward_rows(const float* sp, const float (&x)[D], const float (&gy)[D],
+                                                    float scale, float (&g)[3 * d], float (&z)[d]) {
+  using L = RowsLayout<D, d>;
+  float qkv[3 * d], gz[d];
+  project_qkv_rows<D, d>(sp, x, qkv);
+#pragma unroll
+  for (int j = 0; j < d; ++j) gz[j] = 0.f;
+#pragma unroll
+  for (int n = 0; n < D; ++n)  // gz = Wo^T gy
+#pragma unroll
+    for (int c = 0; c < d / 4; ++c) {
+      const float4 w = load4(sp + L::kWo + n * d + 4 * c);
+      gz[4 * c] += w.x * gy[n];
+      gz[4 * c + 1] += w.y * gy[n];
+      gz[4 * c + 2] += w.z * gy[n];
+      gz[4 * c + 3] += w.w * gy[n];
+    }
+  attention_backward_rows<d>(qkv, gz, scale, g, z);
 }
 
 // The input gradient gx = (residual ? gy : 0) + W^T g, in place of gy.
@@ -732,10 +742,13 @@ struct TileParamGrads {
     const int row = threadIdx.x;
     share_row<D>(x, xs + row * kLdX);
     share_row<D>(gy, gys + row * kLdX);
+    share_gz(g, z, live, gs);
+  }
+  static __device__ __forceinline__ void share_gz(const float (&g)[3 * d], const float (&z)[d], bool live, float* gs) {
     float gz[4 * d];
 #pragma unroll
     for (int m = 0; m < 4 * d; ++m) gz[m] = live ? (m < 3 * d ? g[m] : z[m - 3 * d]) : 0.f;
-    share_row<4 * d>(gz, gs + row * kLdG);
+    share_row<4 * d>(gz, gs + threadIdx.x * kLdG);
   }
 
   // One branch per tile on the warp's role (warp-uniform): mma.sync must run on converged warps, and
@@ -1187,6 +1200,246 @@ __global__ void __launch_bounds__(kRowsThreads)
 }
 
 // ------------------------------------------------------------------------------------------------
+// The half-precision backward with its projections on the tensor cores
+// ------------------------------------------------------------------------------------------------
+// With float16 or bfloat16 rows the rows backward moves half the bytes of fp32 for the same fp32 FMAs,
+// and its projections (q|k|v and gz from the rows, gx from g: 2.7k FMAs per sample) bound it. Here they
+// run as tf32 mma.sync on the tile in shared memory. A half-precision value is exact in tf32 (10
+// mantissa bits, fp32's range), so x W^T = x w_hi + x w_lo and gy Wo the same way are as exact as fp32
+// in two products (w = w_hi + w_lo, both tf32, to 2^-21 |w|); gx = W^T g takes 3xTF32, g being fp32.
+// The weights' tf32 halves sit in shared memory as per-lane fragments. The tile (x, gy, then g|z rows)
+// is TileParamGrads' own, so the parameter gradients are summed from it as in the rows backward. Each
+// warp projects its own 32 rows (no block barrier); q|k|v|gz land in the g|z rows, which the attention
+// then overwrites with g|z, and gx lands in the x rows once the parameter gradients have read them.
+template <int D, int d>
+struct TensorCoreProjections {
+  static_assert(D == 48 && d == 8 && kRowsThreads == 128, "the fragments below are laid out for D = 48, d = 8");
+  using Grads = TileParamGrads<D, d>;
+  static constexpr int kLdX = Grads::kLdX, kLdG = Grads::kLdG;
+  static constexpr int kSteps = D / 8, kQkvTiles = 3 * d / 8, kGSteps = 3 * d / 8, kOutTiles = D / 8;  // 6 3 3 6
+  // Fragments [f][lane]. B of m16n8k8 holds B[k = t][n = g] (reg 0) and B[k = t + 4][n = g] (reg 1);
+  // each weight fragment comes as its tf32 hi then lo, so f % 2 is the half:
+  //   Wqkv [kQkvTiles][kSteps][2 regs][hi, lo]: B[k = n][col = m] = W_m[n]   (q|k|v = x Wqkv^T)
+  //   Wo   [kSteps][2 regs][hi, lo]:            B[k = n][col = j] = Wo[n][j] (gz = gy Wo)
+  //   W3   [kOutTiles][kGSteps][2 regs][hi, lo]: B[k = m][col = n] = W_m[n]  (gx = g Wqkv)
+  //   bqkv [kQkvTiles][2]: the bias of accumulator column 8 tile + 2 t + 0..1
+  static constexpr int kWqkv = 0, kWo = kWqkv + kQkvTiles * kSteps * 4, kW3 = kWo + kSteps * 4,
+                       kBqkv = kW3 + kOutTiles * kGSteps * 4, kFragments = kBqkv + 2 * kQkvTiles;
+  static constexpr int kSmemWords = 32 * kFragments + kRowsThreads * (2 * kLdX + kLdG);
+
+  // The hi fragment of each (lo: + 1).
+  static __device__ __forceinline__ int wqkv(int tile, int step, int reg) {
+    return kWqkv + (tile * kSteps + step) * 4 + 2 * reg;
+  }
+  static __device__ __forceinline__ int wo(int step, int reg) { return kWo + step * 4 + 2 * reg; }
+  static __device__ __forceinline__ int w3(int tile, int step, int reg) {
+    return kW3 + (tile * kGSteps + step) * 4 + 2 * reg;
+  }
+
+  // Fills the fragments from the weights (float, as the ops take them); biases may be null.
+  static __device__ void load(uint32_t* frags, const float* wq, const float* wk, const float* wv, const float* wo_w,
+                              const float* bq, const float* bk, const float* bv) {
+    for (int e = threadIdx.x; e < 32 * kFragments; e += blockDim.x) {
+      const int f = e / 32, lane = e % 32, g = lane / 4, t = lane % 4;
+      if (f >= kBqkv) {
+        const int col = 8 * ((f - kBqkv) / 2) + 2 * t + (f - kBqkv) % 2;
+        const float* bias = col < d ? bq : col < 2 * d ? bk : bv;
+        const float b = bias ? bias[col % d] : 0.f;
+        memcpy(&frags[e], &b, 4);
+        continue;
+      }
+      float w;
+      if (f < kWo) {
+        const int i = f - kWqkv, tile = i / (4 * kSteps), step = i / 4 % kSteps, reg = i / 2 % 2;
+        const int m = 8 * tile + g, n = 8 * step + t + 4 * reg;
+        w = (m < d ? wq : m < 2 * d ? wk : wv)[(m % d) * D + n];
+      } else if (f < kW3) {
+        const int i = f - kWo, step = i / 4, reg = i / 2 % 2;
+        w = wo_w[(8 * step + t + 4 * reg) * d + g];
+      } else {
+        const int i = f - kW3, tile = i / (4 * kGSteps), step = i / 4 % kGSteps, reg = i / 2 % 2;
+        const int m = 8 * step + t + 4 * reg, n = 8 * tile + g;
+        w = (m < d ? wq : m < 2 * d ? wk : wv)[(m % d) * D + n];
+      }
+      uint32_t hi, lo;
+      split_tf32(w, hi, lo);
+      frags[e] = f % 2 ? lo : hi;
+    }
+  }
+
+  // A of m16n8k8 from a row-major tile: A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4] at `at`.
+  static __device__ __forceinline__ void a_bits(const float* at, int ld, uint32_t (&a)[4]) {
+    memcpy(&a[0], at, 4);
+    memcpy(&a[1], at + 8 * ld, 4);
+    memcpy(&a[2], at + 4, 4);
+    memcpy(&a[3], at + 8 * ld + 4, 4);
+  }
+
+  // q|k|v = x Wqkv^T + b and gz = gy Wo for rows 32 warp + 0..31, into columns 0..4d of their g|z rows.
+  // Both 16-row halves per step: each weight fragment is read once per tile.
+  static __device__ __forceinline__ void project(const uint32_t* frag, const float* xs, const float* gys, float* gs,
+                                                 int warp, int g, int t) {
+    const int r0 = 32 * warp + g;
+    float acc[2][kQkvTiles + 1][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+      for (int tile = 0; tile < kQkvTiles; ++tile) {
+        acc[mt][tile][0] = acc[mt][tile][2] = __uint_as_float(frag[32 * (kBqkv + 2 * tile)]);
+        acc[mt][tile][1] = acc[mt][tile][3] = __uint_as_float(frag[32 * (kBqkv + 2 * tile + 1)]);
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mt][kQkvTiles][r] = 0.f;
+    }
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      uint32_t ax[2][4], agy[2][4];  // exact in tf32: no lo parts
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        a_bits(xs + (r0 + 16 * mt) * kLdX + 8 * step + t, kLdX, ax[mt]);
+        a_bits(gys + (r0 + 16 * mt) * kLdX + 8 * step + t, kLdX, agy[mt]);
+      }
+#pragma unroll
+      for (int tile = 0; tile <= kQkvTiles; ++tile) {
+        const int f0 = tile < kQkvTiles ? wqkv(tile, step, 0) : wo(step, 0);
+        const int f1 = tile < kQkvTiles ? wqkv(tile, step, 1) : wo(step, 1);
+        const uint32_t hi[2] = {frag[32 * f0], frag[32 * f1]}, lo[2] = {frag[32 * (f0 + 1)], frag[32 * (f1 + 1)]};
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          const uint32_t(&a)[4] = tile < kQkvTiles ? ax[mt] : agy[mt];
+          mma_m16n8k8_tf32(acc[mt][tile], a, lo);
+          mma_m16n8k8_tf32(acc[mt][tile], a, hi);
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int tile = 0; tile <= kQkvTiles; ++tile) {
+        float* out = gs + (r0 + 16 * mt) * kLdG + 8 * tile + 2 * t;
+        *reinterpret_cast<float2*>(out) = float2{acc[mt][tile][0], acc[mt][tile][1]};
+        *reinterpret_cast<float2*>(out + 8 * kLdG) = float2{acc[mt][tile][2], acc[mt][tile][3]};
+      }
+  }
+
+  // gx = (residual ? gy : 0) + g Wqkv for rows 32 warp + 0..31 (g in their g|z rows), into their x rows.
+  static __device__ __forceinline__ void input_grad(const uint32_t* frag, const float* gs, const float* gys, float* xs,
+                                                    bool residual, int warp, int g, int t) {
+    const int r0 = 32 * warp + g;
+    uint32_t a_hi[2][kGSteps][4], a_lo[2][kGSteps][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int step = 0; step < kGSteps; ++step) {
+        const float* at = gs + (r0 + 16 * mt) * kLdG + 8 * step + t;
+        split_tf32(at[0], a_hi[mt][step][0], a_lo[mt][step][0]);
+        split_tf32(at[8 * kLdG], a_hi[mt][step][1], a_lo[mt][step][1]);
+        split_tf32(at[4], a_hi[mt][step][2], a_lo[mt][step][2]);
+        split_tf32(at[8 * kLdG + 4], a_hi[mt][step][3], a_lo[mt][step][3]);
+      }
+#pragma unroll
+    for (int tile = 0; tile < kOutTiles; ++tile) {
+      float acc[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const float* gy0 = gys + (r0 + 16 * mt) * kLdX + 8 * tile + 2 * t;
+        const bool r = residual;
+        acc[mt][0] = r ? gy0[0] : 0.f, acc[mt][1] = r ? gy0[1] : 0.f;
+        acc[mt][2] = r ? gy0[8 * kLdX] : 0.f, acc[mt][3] = r ? gy0[8 * kLdX + 1] : 0.f;
+      }
+#pragma unroll
+      for (int step = 0; step < kGSteps; ++step) {
+        const int f0 = w3(tile, step, 0), f1 = w3(tile, step, 1);
+        const uint32_t hi[2] = {frag[32 * f0], frag[32 * f1]}, lo[2] = {frag[32 * (f0 + 1)], frag[32 * (f1 + 1)]};
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma_m16n8k8_tf32(acc[mt], a_lo[mt][step], hi);
+          mma_m16n8k8_tf32(acc[mt], a_hi[mt][step], lo);
+          mma_m16n8k8_tf32(acc[mt], a_hi[mt][step], hi);
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        float* out = xs + (r0 + 16 * mt) * kLdX + 8 * tile + 2 * t;
+        *reinterpret_cast<float2*>(out) = float2{acc[mt][0], acc[mt][1]};
+        *reinterpret_cast<float2*>(out + 8 * kLdX) = float2{acc[mt][2], acc[mt][3]};
+      }
+    }
+  }
+};
+
+// float16 and bfloat16 activations, sm_80 and later (the launcher picks it in place of the rows backward).
+template <typename scalar_t, int D, int d>
+__global__ void __launch_bounds__(kRowsThreads)
+    ultimus_bwd_half_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
+                            scalar_t* __restrict__ gx, float* __restrict__ partials, DeviceParams<float> p, int64_t B,
+                            bool residual) {
+  using P = TensorCoreProjections<D, d>;
+  using Grads = TileParamGrads<D, d>;
+  ULTIMUS_DYNAMIC_SHARED(smem_raw);
+  uint32_t* frags = reinterpret_cast<uint32_t*>(smem_raw);
+  float* xs = reinterpret_cast<float*>(frags + 32 * P::kFragments);
+  float* gys = xs + kRowsThreads * P::kLdX;
+  float* gs = gys + kRowsThreads * P::kLdX;
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  float* my_partial = partials ? partials + int64_t(blockIdx.x) * num_params(D, d) : nullptr;
+  if (my_partial) Grads().template write<false>(my_partial);  // zeros
+  P::load(frags, p.wq, p.wk, p.wv, p.wo, p.bq, p.bk, p.bv);
+  __syncthreads();
+  const uint32_t* frag = frags + lane;  // frag[32 f]: this lane's word of fragment f
+  for (int64_t row0 = int64_t(blockIdx.x) * kRowsThreads; row0 < B; row0 += int64_t(gridDim.x) * kRowsThreads) {
+    const int64_t b = row0 + t;
+    const bool live = b < B;
+    {
+      float row[D];
+      if (live) load_row<scalar_t, D>(x + b * D, row);
+#pragma unroll
+      for (int n = 0; n < D; ++n) row[n] = live ? row[n] : 0.f;
+      share_row<D>(row, xs + t * P::kLdX);
+      if (live) load_row<scalar_t, D>(gy + b * D, row);
+#pragma unroll
+      for (int n = 0; n < D; ++n) row[n] = live ? row[n] : 0.f;
+      share_row<D>(row, gys + t * P::kLdX);
+    }
+    __syncwarp();  // the warp's rows are shared
+    P::project(frag, xs, gys, gs, warp, lane / 4, lane % 4);
+    __syncwarp();  // and projected
+    float qkv[3 * d], gz[d], g[3 * d], z[d];
+#pragma unroll
+    for (int c = 0; c < d; ++c) {
+      const float4 v = load4(gs + t * P::kLdG + 4 * c);
+      float* dst = c < 3 * d / 4 ? qkv + 4 * c : gz + 4 * c - 3 * d;
+      dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+    }
+    attention_backward_rows<d>(qkv, gz, p.scale, g, z);
+    Grads::share_gz(g, z, live, gs);
+    if (my_partial) {
+      __syncthreads();  // the tile's rows are shared
+      Grads grads;
+      grads.accumulate(xs, gys, gs, kRowsThreads);
+      grads.template write<true>(my_partial);
+      __syncthreads();  // and read: gx and the next tile may overwrite them
+    } else {
+      __syncwarp();  // the warp's g rows are shared
+    }
+    if (gx) {
+      P::input_grad(frag, gs, gys, xs, residual, warp, lane / 4, lane % 4);
+      __syncwarp();  // the warp's gx rows are in its x rows
+      if (live) {
+        float row[D];
+#pragma unroll
+        for (int c = 0; c < D / 4; ++c) {
+          const float4 v = load4(xs + t * P::kLdX + 4 * c);
+          row[4 * c] = v.x, row[4 * c + 1] = v.y, row[4 * c + 2] = v.z, row[4 * c + 3] = v.w;
+        }
+        store_row<scalar_t, D>(row, gx + b * D);
+      }
+    }
+    __syncwarp();  // the warp's rows are read before the next tile overwrites them
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Launchers
 // ------------------------------------------------------------------------------------------------
 
@@ -1364,8 +1617,19 @@ inline size_t rows_bwd_smem(int64_t blocks, bool need_gw) {
 template <typename scalar_t>
 bool bwd_rows(const at::Tensor& gy, const at::Tensor& x, at::Tensor& gx, at::Tensor& partials,
               const AccParams& params, int64_t D, int64_t d, bool residual, bool need_gx, bool need_gw) {
-  if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
-    if (!aligned16(x) || !aligned16(gy)) return false;
+  if (!aligned16(x) || !aligned16(gy)) return false;
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    // the projections on the tensor cores (rows_apply has checked for sm_80)
+    const auto kernel = ultimus_bwd_half_kernel<scalar_t, kRowsD, kRowsAttnDim>;
+    const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads,
+                                     TensorCoreProjections<kRowsD, kRowsAttnDim>::kSmemWords * sizeof(uint32_t));
+    if (need_gw) partials = at::empty({cfg.blocks, num_params(D, d)}, x.options().dtype(at::kFloat));
+    runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                    need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+                    need_gw ? partials.mutable_data_ptr<float>() : nullptr, params.ptrs<float, int>(D, d), x.size(0),
+                    residual);
+    return true;
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
     const auto kernel = ultimus_bwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>;
     const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, rows_bwd_smem(1, need_gw));
     if (need_gw) partials = at::empty({cfg.blocks, num_params(D, d)}, x.options().dtype(at::kFloat));
