@@ -286,6 +286,29 @@ def test_large_batch_on_gpu(backend, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_backward_keeps_fp32_accuracy_on_gpu(dtype):
+    """The CUDA half-precision backward runs its projections as tf32 tensor-core products of exact rows
+    and split weights (tests/test_cuda_emulation.py checks the same on the CPU emulation): on the
+    hardware, gx within its final rounding plus 1e-4 and the float32 parameter gradients within
+    float32's tolerance of float64 math on the same rows."""
+    device = gpu_backend_or_skip("cuda")
+    inputs = make_inputs(100_003, 48, 8, requires_grad=False)
+    x, gy = inputs.x.to(device, dtype), torch.randn(100_003, 48).to(device, dtype)
+    params = [t.to(device, torch.float32) for t in inputs[1:]]
+    gx, flat = torch.ops.ultimus_ext.bwd(gy, x, *params, True, True, True)
+    inputs64 = type(inputs)(x.double().requires_grad_(), *[t.double().requires_grad_() for t in params])
+    grads64 = torch.autograd.grad(ultimus_reference(*inputs64), inputs64.tensors(), gy.double())
+    unit = 2**-8 if dtype == torch.bfloat16 else 2**-11
+    excess = ((gx.double() - grads64[0]).abs() - unit * grads64[0].abs()).max().item()
+    assert excess <= 1e-4, f"{dtype} backward: gx error {excess:.2e} beyond its final rounding"
+    # the op's flat layout: gWq | gWk | gWv | gWo | gbq | gbk | gbv | gbo
+    want = torch.cat([g.reshape(-1) for g in grads64[1::2] + grads64[2::2]])
+    scale = max(per_sample_norms(inputs64, gy.double(), True)[1:])
+    assert_rel_close(flat, want, TOL[torch.float32], "parameter gradients", scale)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_autocast_on_gpu(backend):
     device = gpu_backend_or_skip(backend)
