@@ -127,7 +127,7 @@ def main(argv=None):
     )
     B, L, hw = args.B, args.L, dict(tool.H100)
     layout = 3 * d * D + 3 * d + D * d + D  # RowsLayout<D, d>::kSize, floats
-    tile = THREADS * (2 * (D + 8) + 4 * d + 8)  # TileParamGrads' x, gy and g|z rows, floats
+    tile = THREADS * (2 * (D + 4) + 4 * d + 8)  # TileParamGrads' x, gy and g|z rows, floats
     lanes = list(range(32)) if args.lanes == "all" else [int(v) for v in args.lanes.split(",")]
     for dtype in dtypes:
         es = 4 if dtype == "float32" else 2

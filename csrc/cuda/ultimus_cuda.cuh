@@ -723,8 +723,12 @@ __device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) 
 template <int D, int d>
 struct TileParamGrads {
   static_assert(D == 48 && d == 8 && kRowsThreads == 128, "three warps of 16 rows of gWqkv^T and one for gWo");
-  // Row strides of the tile: = 24 and 8 (mod 32) words, so fragment loads hit 32 different banks.
-  static constexpr int kLdX = D + 8, kLdG = 4 * d + 8;
+  // Row strides of the tile, in words. x and gy rows: 52 = 20 (mod 32), so a row's 16-byte chunks
+  // (share_row: lane r writes row r) and row-major fragments (TensorCoreProjections: lane (g, t) reads
+  // row g, column t) meet no bank conflict; this struct's transposed reads (row t, column g) meet a
+  // 2-way conflict on a quarter of the lanes (24 = 24 mod 32 would avoid it and give both others
+  // 2-way ones: more wavefronts in all, in the offline model). g|z rows: 40 = 8 (mod 32).
+  static constexpr int kLdX = D + 4, kLdG = 4 * d + 8;
   float sum[3][4], bias[3][4];
   int warp, g, t;
 
@@ -1375,7 +1379,7 @@ __global__ void __launch_bounds__(kRowsThreads)
                             scalar_t* __restrict__ gx, float* __restrict__ partials, DeviceParams<float> p, int64_t B,
                             bool residual) {
   using P = TensorCoreProjections<D, d>;
-  using Grads = TileParamGrads<D, d>;
+  using Grads = typename P::Grads;
   ULTIMUS_DYNAMIC_SHARED(smem_raw);
   uint32_t* frags = reinterpret_cast<uint32_t*>(smem_raw);
   float* xs = reinterpret_cast<float*>(frags + 32 * P::kFragments);
