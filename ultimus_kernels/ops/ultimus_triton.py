@@ -79,9 +79,10 @@ def _attn_scale(d, ACC: tl.constexpr):
 # split into WIDTH column vectors of shape (BLOCK_B,) without moving data; q, k, v, the attention and z
 # are d-tuples of such vectors. The block is then elementwise FMAs: no shuffles, no shared memory, no
 # padding of D to a power of two or of d to tl.dot's 16 (the tile forward this replaced paid all three:
-# ~490 warp-instructions per sample in the offline SASS analysis against ~100 here). Every weight is a
-# scalar load, one per warp for 32 * SAMPLES_PER_THREAD samples, served by L1. D and d are compile-time
-# constants: the d-loops unroll, the D-loop stays a loop over WIDTH columns (short code, quick compiles).
+# ~490 warp-instructions per sample in the offline SASS analysis against ~85 here). Weights come four at a
+# time in loads every lane of a warp makes at one address (_weights), one per warp for 32 *
+# SAMPLES_PER_THREAD samples, served by L1. D and d are compile-time constants: the d-loops unroll, the
+# D-loop stays a loop over WIDTH columns (short code, quick compiles).
 
 
 @triton.jit
@@ -963,9 +964,9 @@ def _rows_config(B: int, D: int, d: int) -> dict:
     WIDTH = 4 if D % 4 == 0 else 2 if D % 2 == 0 else 1  # columns per vector load (16 B for float32)
     if interpreter_active():
         return dict(BLOCK_B=max(16, min(1024, triton.next_power_of_2(max(B, 1)))), WIDTH=WIDTH, num_warps=4)
-    # At large B, two samples per thread halve the weight loads per sample (they bound the kernel on the
-    # load/store pipe) and fit in 128 registers at d <= 8, so 16 warps stay resident per SM to hide DRAM
-    # latency. Small batches are bound by one thread's latency instead: one sample per thread halves it
+    # At large B, two samples per thread halve the weight loads per sample (most of the kernel's load/store
+    # pipe) and fit in 128 registers at d <= 8, so 16 warps stay resident per SM to hide DRAM latency.
+    # Small batches are bound by one thread's latency instead: one sample per thread halves it
     # (the threshold is a guess from the offline model, not yet timed on a GPU).
     samples_per_thread = 2 if d <= 8 and B >= _LARGE_BATCH else 1
     return dict(BLOCK_B=128 * samples_per_thread, WIDTH=WIDTH, num_warps=4)
