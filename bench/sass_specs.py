@@ -96,10 +96,11 @@ def sass_stats_specs(ctx) -> list:
                 n = P * tiles_per_program
                 return dict(B=n * BLOCK_B, stride_xb=D, stride_gyb=D, num_tiles=n, L=L)
 
+            single = dict(launch, PRECISION=ut._product_precision(acc_dtype, (dt, dt)))  # its rows: x and gy
             specs.append(_spec(
                 B, f"triton bwd {dtype_name}", ut.ultimus_bwd_rows_kernel,
                 [y, x, y, t(P, num_params, dtype=acc_dtype), rw, rb, rw, rb, rw, rb, rwo, B, D, 1, D, 1, tiles],
-                dict(**flags, **need, **launch), rows_bwd["num_warps"], {**bwd_roles, **rw_roles}, values,
+                dict(**flags, **need, **single), rows_bwd["num_warps"], {**bwd_roles, **rw_roles}, values,
                 P, rows_bwd["BLOCK_B"], 3 * D * es, ("triton", "bwd", dtype_name), config, persistent=True, tiles=tiles,
             ))  # fmt: skip
             scratch = t(2, P * rows_bwd["BLOCK_B"], D, dtype=acc_dtype)

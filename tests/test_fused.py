@@ -285,6 +285,15 @@ def test_large_batch_on_gpu(backend, dtype):
     check_against_reference(backend, device, 100_003, 48, 8, dtype)
 
 
+def half_rows_reference(inputs, x, gy, params):
+    """float64 math on half-precision rows x, gy and float32 parameters: (gx, the parameters' gradients in
+    the bwd ops' flat layout gWq | gWk | gWv | gWo | gbq | gbk | gbv | gbo, their per-sample scale)."""
+    inputs64 = type(inputs)(x.double().requires_grad_(), *[t.double().requires_grad_() for t in params])
+    grads64 = torch.autograd.grad(ultimus_reference(*inputs64), inputs64.tensors(), gy.double())
+    flat = torch.cat([g.reshape(-1) for g in grads64[1::2] + grads64[2::2]])
+    return grads64[0], flat, max(per_sample_norms(inputs64, gy.double(), True)[1:])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_half_backward_keeps_fp32_accuracy_on_gpu(dtype):
@@ -297,15 +306,27 @@ def test_cuda_half_backward_keeps_fp32_accuracy_on_gpu(dtype):
     x, gy = inputs.x.to(device, dtype), torch.randn(100_003, 48).to(device, dtype)
     params = [t.to(device, torch.float32) for t in inputs[1:]]
     gx, flat = torch.ops.ultimus_ext.bwd(gy, x, *params, True, True, True)
-    inputs64 = type(inputs)(x.double().requires_grad_(), *[t.double().requires_grad_() for t in params])
-    grads64 = torch.autograd.grad(ultimus_reference(*inputs64), inputs64.tensors(), gy.double())
+    gx64, flat64, scale = half_rows_reference(inputs, x, gy, params)
     unit = 2**-8 if dtype == torch.bfloat16 else 2**-11
-    excess = ((gx.double() - grads64[0]).abs() - unit * grads64[0].abs()).max().item()
+    excess = ((gx.double() - gx64).abs() - unit * gx64.abs()).max().item()
     assert excess <= 1e-4, f"{dtype} backward: gx error {excess:.2e} beyond its final rounding"
-    # the op's flat layout: gWq | gWk | gWv | gWo | gbq | gbk | gbv | gbo
-    want = torch.cat([g.reshape(-1) for g in grads64[1::2] + grads64[2::2]])
-    scale = max(per_sample_norms(inputs64, gy.double(), True)[1:])
-    assert_rel_close(flat, want, TOL[torch.float32], "parameter gradients", scale)
+    assert_rel_close(flat, flat64, TOL[torch.float32], "parameter gradients", scale)
+
+
+def test_triton_half_rows_weight_gradients_keep_float32_accuracy():
+    """With half-precision x and gy the Triton backward's weight-gradient products split only the
+    per-sample factor into tf32 parts (tf32x2: the rows are exact in tf32). The float32 parameter
+    gradients must still hold float32's tolerance against float64 math on the same rows; on a GPU, one-pass
+    tf32 products miss it (Triton's interpreter computes every dot in float32, so on the CPU this checks
+    the split and the layout only)."""
+    device = backend_or_skip("triton")
+    dtype = torch.float16 if device.type == "cpu" else torch.bfloat16  # the interpreter has no bfloat16
+    inputs = make_inputs(300, 48, 8, requires_grad=False)
+    x, gy = inputs.x.to(device, dtype), torch.randn(300, 48).to(device, dtype)
+    params = [t.to(device, torch.float32) for t in inputs[1:]]
+    _, flat = torch.ops.ultimus_triton.bwd(gy, x, *params, True, True, True)
+    _, flat64, scale = half_rows_reference(inputs, x, gy, params)
+    assert_rel_close(flat, flat64, TOL[torch.float32], "parameter gradients", scale)
 
 
 @pytest.mark.gpu

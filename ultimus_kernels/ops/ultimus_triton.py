@@ -454,6 +454,19 @@ def _input_gradient_rows(
 
 
 @triton.jit
+def _add_product(acc, a, rows, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """acc + a^T rows on the tensor cores. "tf32x2": the rows are exact in tf32 (float16 or bfloat16 values),
+    so splitting `a` alone into its tf32 head and the rest keeps float32 accuracy in two tf32 products,
+    where tf32x3 would split both operands and take three."""
+    if PRECISION == "tf32x2":
+        head = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        acc = tl.dot(tl.trans(head), rows, acc, input_precision="tf32", out_dtype=ACC)
+        return tl.dot(tl.trans(a - head), rows, acc, input_precision="tf32", out_dtype=ACC)
+    else:
+        return tl.dot(tl.trans(a), rows, acc, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
 def _block_backward_rows(
     x_rows, x_stride_d, gy_rows, gy_stride_d, gx_rows, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
     wo_ptr, scale, acc_w3, acc_wo_t, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
@@ -500,8 +513,8 @@ def _block_backward_rows(
         x = tl.load(x_rows[:, None] + cols[None, :] * x_stride_d, mask=tile_ok, other=0.0).to(ACC)
         x = tl.where(cols[None, :] == D, 1.0, x)
         gy = tl.load(gy_rows[:, None] + cols[None, :] * gy_stride_d, mask=tile_ok, other=0.0).to(ACC)
-        acc_w3 = tl.dot(tl.trans(g3), x, acc_w3, input_precision=PRECISION, out_dtype=ACC)
-        acc_wo_t = tl.dot(tl.trans(z_tile), gy, acc_wo_t, input_precision=PRECISION, out_dtype=ACC)
+        acc_w3 = _add_product(acc_w3, g3, x, PRECISION, ACC)
+        acc_wo_t = _add_product(acc_wo_t, z_tile, gy, PRECISION, ACC)
         if GX_OVER_GY:
             tl.debug_barrier()  # every thread has read the gy tile before any gx row overwrites it
     if NEED_GX:
@@ -972,10 +985,11 @@ def _rows_config(B: int, D: int, d: int) -> dict:
     return dict(BLOCK_B=128 * samples_per_thread, WIDTH=WIDTH, num_warps=4)
 
 
-def _rows_backward_config(B: int, D: int, d: int, acc: torch.dtype) -> Optional[dict]:
+def _rows_backward_config(B: int, D: int, d: int, acc: torch.dtype, rows: tuple = ()) -> Optional[dict]:
     """Settings of ultimus_bwd_rows_kernel, or None where its per-program gradient accumulators
     ((4 ATT + ZW) x BLOCK_DIM numbers) would not fit in registers: the tile kernel runs instead. x's tile
-    and z's have a spare column for the ones that sum the bias gradients (BLOCK_DIM > D, ZW > d)."""
+    and z's have a spare column for the ones that sum the bias gradients (BLOCK_DIM > D, ZW > d). `rows`:
+    the dtypes of the x and gy rows the weight-gradient products read (see _add_product)."""
     BLOCK_DIM = max(16, triton.next_power_of_2(D + 1))
     ATT = max(4, triton.next_power_of_2(d))
     ZW = max(16, triton.next_power_of_2(d + 1))
@@ -988,8 +1002,16 @@ def _rows_backward_config(B: int, D: int, d: int, acc: torch.dtype) -> Optional[
         BLOCK_B = 128  # one sample per thread
     return dict(
         BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, LOG2_ATT=ATT.bit_length() - 1, LOG2_ZW=ZW.bit_length() - 1,
-        WIDTH=WIDTH, PRECISION="tf32x3" if acc == torch.float32 else "ieee", num_warps=4,
+        WIDTH=WIDTH, PRECISION=_product_precision(acc, rows), num_warps=4,
     )  # fmt: skip
+
+
+def _product_precision(acc: torch.dtype, rows: tuple) -> str:
+    """How the backward's weight-gradient products keep the accumulation dtype's accuracy: float64 in
+    ieee; float32 in tf32x3, or in tf32x2 where every row they read is float16 or bfloat16."""
+    if acc == torch.float64:
+        return "ieee"
+    return "tf32x2" if rows and all(r in (torch.float16, torch.bfloat16) for r in rows) else "tf32x3"
 
 
 def _exp_flags(x: Tensor) -> dict:
@@ -1072,7 +1094,7 @@ def ultimus_triton_bwd(
     dev = x.device
     num_params = 4 * d * D + 3 * d + D
     gx = torch.empty((B, D) if need_gx else (0,), dtype=x.dtype, device=dev)
-    rows_config = _rows_backward_config(B, D, d, acc)
+    rows_config = _rows_backward_config(B, D, d, acc, (x.dtype, gy.dtype))
     BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages = _tile_config(B, D, d)
     if rows_config is not None:
         BLOCK_B = rows_config["BLOCK_B"]
