@@ -84,7 +84,7 @@ def sass_stats_specs(ctx) -> list:
         ))  # fmt: skip
 
         # backward and stack backward for small blocks: see ultimus_triton_bwd, _rows_backward_config
-        rows_bwd = ut._rows_backward_config(B, D, d, acc_dtype)
+        rows_bwd = ut._rows_backward_config(B, D, d, acc_dtype, (acc_dtype,))  # the stack's; the single's below
         if rows_bwd is not None:
             tiles = cdiv(B, rows_bwd["BLOCK_B"])
             P = ut._num_programs(tiles, cuda)

@@ -985,7 +985,7 @@ def _rows_config(B: int, D: int, d: int) -> dict:
     return dict(BLOCK_B=128 * samples_per_thread, WIDTH=WIDTH, num_warps=4)
 
 
-def _rows_backward_config(B: int, D: int, d: int, acc: torch.dtype, rows: tuple = ()) -> Optional[dict]:
+def _rows_backward_config(B: int, D: int, d: int, acc: torch.dtype, rows: tuple) -> Optional[dict]:
     """Settings of ultimus_bwd_rows_kernel, or None where its per-program gradient accumulators
     ((4 ATT + ZW) x BLOCK_DIM numbers) would not fit in registers: the tile kernel runs instead. x's tile
     and z's have a spare column for the ones that sum the bias gradients (BLOCK_DIM > D, ZW > d). `rows`:
@@ -1011,7 +1011,7 @@ def _product_precision(acc: torch.dtype, rows: tuple) -> str:
     ieee; float32 in tf32x3, or in tf32x2 where every row they read is float16 or bfloat16."""
     if acc == torch.float64:
         return "ieee"
-    return "tf32x2" if rows and all(r in (torch.float16, torch.bfloat16) for r in rows) else "tf32x3"
+    return "tf32x2" if all(r in (torch.float16, torch.bfloat16) for r in rows) else "tf32x3"
 
 
 def _exp_flags(x: Tensor) -> dict:
@@ -1201,7 +1201,7 @@ def ultimus_triton_stack_bwd(
     acc, dev = _acc_dtype(x), x.device
     num_params = 4 * d * D + 3 * d + D
     gx = torch.empty((B, D) if need_gx else (0,), dtype=x.dtype, device=dev)
-    rows_config = _rows_backward_config(B, D, d, acc)
+    rows_config = _rows_backward_config(B, D, d, acc, (acc,))  # its products read the scratch rows h, g (in acc)
     BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages = _tile_config(B, D, d)
     if rows_config is not None:
         BLOCK_B = rows_config["BLOCK_B"]
