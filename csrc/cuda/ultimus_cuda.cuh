@@ -33,8 +33,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -565,6 +567,21 @@ __device__ __forceinline__ void project_qkv_rows(const float* sp, const float (&
     }
 }
 
+// 2^x in one MUFU.EX2, results below 2^-126 flushed to zero (ex2.approx.ftz). exp2f takes three more
+// instructions per call to scale such results up and back, which an attention weight never needs: the
+// row's largest weight is 2^0 = 1, and a subnormal beside it is lost in the row sum anyway. The error
+// is ex2.approx's, as exp2f's: 2 ulp.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#ifdef ULTIMUS_CUDA_EMULATION
+  const float r = std::exp2(x);
+  return r < std::numeric_limits<float>::min() ? 0.f : r;
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+
 // Row i of the attention before normalisation: e[j] = exp(s q_i k_j - max_j s q_i k_j); returns the
 // row's sum. The row maximum is exact in O(1) from k's extremes, and the exponent s q_i (k_j - k_ext)
 // is exactly 0 for the largest entry (see attention_row); s log2(e) is folded into scale_log2 so the
@@ -573,12 +590,12 @@ template <int d>
 __device__ __forceinline__ float attention_row_rows(float q_i, const float (&qkv)[3 * d], float k_max, float k_min,
                                                     float scale_log2, float (&e)[d]) {
   const float sq = scale_log2 * q_i;
-  const float k_ext = sq >= 0.f ? k_max : k_min;
+  // sq == 0: every exponent is 0 (times k_j), and k_j - k_ext might overflow to infinity (0 * inf = NaN)
+  const float k_ext = sq > 0.f ? k_max : sq < 0.f ? k_min : 0.f;
   float total = 0.f;
 #pragma unroll
   for (int j = 0; j < d; ++j) {
-    const float k_j = qkv[d + j];
-    e[j] = exp2f(sq == 0.f ? sq * k_j : sq * (k_j - k_ext));  // sq == 0: k_j - k_ext may overflow
+    e[j] = exp2_ftz(sq * (qkv[d + j] - k_ext));
     total += e[j];
   }
   return total;
@@ -594,28 +611,33 @@ __device__ __forceinline__ void k_extremes_rows(const float (&qkv)[3 * d], float
   }
 }
 
-// One block's forward on a row held in registers, in place (y[n] needs only x[n] of the input).
-template <int D, int d>
-__device__ __forceinline__ void block_forward_rows(const float* sp, float (&row)[D], float scale_log2,
-                                                   bool residual) {
-  using L = RowsLayout<D, d>;
-  float qkv[3 * d];
-  project_qkv_rows<D, d>(sp, row, qkv);
+// The attention's forward on a row: z[j] = sum_i v_i A[i, j] from q|k|v.
+template <int d>
+__device__ __forceinline__ void attention_forward_rows(const float (&qkv)[3 * d], float scale_log2, float (&z)[d]) {
   float k_max, k_min;
   k_extremes_rows<d>(qkv, k_max, k_min);
-  float z[d];
 #pragma unroll
   for (int j = 0; j < d; ++j) z[j] = 0.f;
 #pragma unroll
   for (int i = 0; i < d; ++i) {
     float e[d];
     const float total = attention_row_rows<d>(qkv[i], qkv, k_max, k_min, scale_log2, e);
-    // v_i / row sum, z = sum_i v_i A[i, :]; the sum is in [1, d] (its largest term is exp2(0) = 1), so
-    // the fast division (2 ulp) is exact enough and needs no slow path for tiny divisors.
+    // v_i / row sum; the sum is in [1, d] (its largest term is exp2(0) = 1), so the fast division
+    // (2 ulp) is exact enough and needs no slow path for tiny divisors.
     const float w = __fdividef(qkv[2 * d + i], total);
 #pragma unroll
     for (int j = 0; j < d; ++j) z[j] += w * e[j];
   }
+}
+
+// One block's forward on a row held in registers, in place (y[n] needs only x[n] of the input).
+template <int D, int d>
+__device__ __forceinline__ void block_forward_rows(const float* sp, float (&row)[D], float scale_log2,
+                                                   bool residual) {
+  using L = RowsLayout<D, d>;
+  float qkv[3 * d], z[d];
+  project_qkv_rows<D, d>(sp, row, qkv);
+  attention_forward_rows<d>(qkv, scale_log2, z);
 #pragma unroll
   for (int n = 0; n < D; ++n) {
     float out = sp[L::kBo + n] + (residual ? row[n] : 0.f);
@@ -713,6 +735,14 @@ __device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) 
   memcpy(&lo, &rest, 4);
 }
 
+// acc += a b in 3xTF32 from split operands, the small products first.
+__device__ __forceinline__ void mma_3xtf32(float (&acc)[4], const uint32_t (&a_hi)[4], const uint32_t (&a_lo)[4],
+                                           const uint32_t (&b_hi)[2], const uint32_t (&b_lo)[2]) {
+  mma_m16n8k8_tf32(acc, a_lo, b_hi);
+  mma_m16n8k8_tf32(acc, a_hi, b_lo);
+  mma_m16n8k8_tf32(acc, a_hi, b_hi);
+}
+
 // The parameter gradients of one tile, summed over its rows on the tensor cores (3xTF32) from the
 // tile in shared memory: x, gy and (g | z) of every row, g = (gq | gk | gv). Four warps:
 //   warps 0-2: gWqkv^T[n][m] = sum_r x[r][n] g[r][m] for n in 16 w + 0..15, all 3d = 24 m
@@ -786,9 +816,7 @@ struct TileParamGrads {
         uint32_t b_hi[2], b_lo[2];
         split_tf32(g0[0], b_hi[0], b_lo[0]);
         split_tf32(g0[4 * kLdG], b_hi[1], b_lo[1]);
-        mma_m16n8k8_tf32(sum[i], a_lo, b_hi);
-        mma_m16n8k8_tf32(sum[i], a_hi, b_lo);
-        mma_m16n8k8_tf32(sum[i], a_hi, b_hi);
+        mma_3xtf32(sum[i], a_hi, a_lo, b_hi, b_lo);
         if (kBias) {
           mma_m16n8k8_tf32(bias[i], ones, b_lo);
           mma_m16n8k8_tf32(bias[i], ones, b_hi);
@@ -814,9 +842,7 @@ struct TileParamGrads {
         split_tf32(y0[8], a_hi[1], a_lo[1]);
         split_tf32(y1[0], a_hi[2], a_lo[2]);
         split_tf32(y1[8], a_hi[3], a_lo[3]);
-        mma_m16n8k8_tf32(sum[i], a_lo, b_hi);
-        mma_m16n8k8_tf32(sum[i], a_hi, b_lo);
-        mma_m16n8k8_tf32(sum[i], a_hi, b_hi);
+        mma_3xtf32(sum[i], a_hi, a_lo, b_hi, b_lo);
         mma_m16n8k8_tf32(bias[i], a_lo, ones);
         mma_m16n8k8_tf32(bias[i], a_hi, ones);
       }
@@ -998,6 +1024,14 @@ __global__ void __launch_bounds__(kRowsThreads)
   }
 }
 
+// Where column `col` of fp32 row `row` lives in a tile of row stride `ld` (8 or 24 mod 32 words) that
+// the tensor-core fragments and the threads' own rows both read and write: the 16-byte chunks of rows
+// 4..7 (mod 8) are swapped in pairs. With it a thread reading or writing its own row as float4 meets no
+// bank conflict (without, rows r and r + 4 share banks), nor do the fragments' float2 accesses to
+// columns 2 t, 2 t + 1 of rows g (a pair never straddles a chunk), nor their 32-bit A reads at columns
+// t and t + 4.
+__device__ __forceinline__ int swizzled(int row, int col, int ld) { return row * ld + (col ^ (row & 4)); }
+
 // ------------------------------------------------------------------------------------------------
 // bf16 forward on the tensor cores
 // ------------------------------------------------------------------------------------------------
@@ -1035,13 +1069,6 @@ struct Bf16Forward {
   static constexpr int kLdX = D / 2 + 4, kLdQkv = 3 * d + 16, kLdY = D + 8, kLdZ = d / 2 + 8;
   static constexpr int kWarpWords = 32 * kLdX + 32 * kLdY + 2 * 32 * kLdZ;
 
-  // Where column `col` of fp32 row `row` lives in a q|k|v or y tile of stride `ld`. The 16-byte chunks
-  // of rows 4..7 (mod 8) are swapped in pairs: with it, a thread reading its own row as float4 meets no
-  // bank conflict (without, rows r and r + 4 share banks), and the fragments' float2 stores still
-  // meet none (a pair of columns never straddles a chunk).
-  static __device__ __forceinline__ int at(int row, int col, int ld) {
-    return row * ld + ((((col >> 2) ^ (row >> 2)) & 1) | (col >> 2 & ~1)) * 4 + (col & 3);
-  }
   static constexpr int kSmemWords = 32 * kFragments + 4 * kWarpWords;
 
   // Fills the fragments from the weights (float, as the ops take them); biases may be null.
@@ -1130,28 +1157,19 @@ __global__ void __launch_bounds__(kRowsThreads)
 #pragma unroll
       for (int nt = 0; nt < F::kQkvTiles; ++nt) {
         const int row = 16 * mt + g, col = 8 * nt + 2 * t;
-        *reinterpret_cast<float2*>(ys + F::at(row, col, F::kLdQkv)) = float2{acc[nt][0], acc[nt][1]};
-        *reinterpret_cast<float2*>(ys + F::at(row + 8, col, F::kLdQkv)) = float2{acc[nt][2], acc[nt][3]};
+        *reinterpret_cast<float2*>(ys + swizzled(row, col, F::kLdQkv)) = float2{acc[nt][0], acc[nt][1]};
+        *reinterpret_cast<float2*>(ys + swizzled(row + 8, col, F::kLdQkv)) = float2{acc[nt][2], acc[nt][3]};
       }
     }
     __syncwarp();
     float qkv[3 * d];
 #pragma unroll
     for (int c = 0; c < 3 * d / 4; ++c) {
-      const float4 v = load4(ys + F::at(lane, 4 * c, F::kLdQkv));
+      const float4 v = load4(ys + swizzled(lane, 4 * c, F::kLdQkv));
       qkv[4 * c] = v.x, qkv[4 * c + 1] = v.y, qkv[4 * c + 2] = v.z, qkv[4 * c + 3] = v.w;
     }
-    float k_max, k_min, z[d];
-    k_extremes_rows<d>(qkv, k_max, k_min);
-#pragma unroll
-    for (int j = 0; j < d; ++j) z[j] = 0.f;
-#pragma unroll
-    for (int i = 0; i < d; ++i) {
-      float e[d];
-      const float w = __fdividef(qkv[2 * d + i], attention_row_rows<d>(qkv[i], qkv, k_max, k_min, scale_log2, e));
-#pragma unroll
-      for (int j = 0; j < d; ++j) z[j] += w * e[j];
-    }
+    float z[d];
+    attention_forward_rows<d>(qkv, scale_log2, z);
 #pragma unroll
     for (int jw = 0; jw < d / 2; ++jw) {
       uint16_t h0, l0, h1, l1;
@@ -1176,8 +1194,8 @@ __global__ void __launch_bounds__(kRowsThreads)
         mma_m16n8k8_bf16(acc, a_hi, w_lo);
         mma_m16n8k8_bf16(acc, a_hi, w_hi);
         const int row = 16 * mt + g, col = 8 * nt + 2 * t;
-        *reinterpret_cast<float2*>(ys + F::at(row, col, F::kLdY)) = float2{acc[0], acc[1]};
-        *reinterpret_cast<float2*>(ys + F::at(row + 8, col, F::kLdY)) = float2{acc[2], acc[3]};
+        *reinterpret_cast<float2*>(ys + swizzled(row, col, F::kLdY)) = float2{acc[0], acc[1]};
+        *reinterpret_cast<float2*>(ys + swizzled(row + 8, col, F::kLdY)) = float2{acc[2], acc[3]};
       }
     }
     __syncwarp();
@@ -1185,7 +1203,7 @@ __global__ void __launch_bounds__(kRowsThreads)
       float row[D];
 #pragma unroll
       for (int c = 0; c < D / 4; ++c) {
-        const float4 v = load4(ys + F::at(lane, 4 * c, F::kLdY));
+        const float4 v = load4(ys + swizzled(lane, 4 * c, F::kLdY));
         row[4 * c] = v.x, row[4 * c + 1] = v.y, row[4 * c + 2] = v.z, row[4 * c + 3] = v.w;
       }
       if (residual) {
@@ -1357,9 +1375,7 @@ struct TensorCoreProjections {
         const uint32_t hi[2] = {frag[32 * f0], frag[32 * f1]}, lo[2] = {frag[32 * (f0 + 1)], frag[32 * (f1 + 1)]};
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
-          mma_m16n8k8_tf32(acc[mt], a_lo[mt][step], hi);
-          mma_m16n8k8_tf32(acc[mt], a_hi[mt][step], lo);
-          mma_m16n8k8_tf32(acc[mt], a_hi[mt][step], hi);
+          mma_3xtf32(acc[mt], a_hi[mt][step], a_lo[mt][step], hi, lo);
         }
       }
 #pragma unroll
