@@ -213,12 +213,13 @@ def test_empty_batch(emu):
     assert emu.launches() == launches
 
 
-def check_stack(emu, L, D, d, dtype, family):
+def check_stack(emu, L, D, d, dtype, family, fwd_family=None):
+    """fwd_family: the forward's kernel family where it is not the backward's (`family`)."""
     B = 300
     x, params = make_stack(L, B, D, d)
     flat = [t.detach().to(dtype) for block in params for t in block]
     y = emu.stack_fwd(x.detach().to(dtype), flat, True, True)
-    assert emu.last_kernel() == family
+    assert emu.last_kernel() == (fwd_family or family)
     y64 = ultimus_stack_reference(x, params)
     assert_rel_close(y, y64, TOL[dtype], "stack forward")
     gy = torch.randn(B, D, dtype=torch.float64)
@@ -239,7 +240,70 @@ def check_stack(emu, L, D, d, dtype, family):
     [(1, *ROWS, torch.float32), (3, *ROWS, torch.float32), (2, 20, 5, torch.float32), (2, *ROWS, torch.bfloat16)],
 )
 def test_stack_kernels_match_the_reference_block_by_block(emu, L, D, d, dtype):
-    check_stack(emu, L, D, d, dtype, "rows" if (D, d) == ROWS else "generic")
+    # the stack forward of the common size runs on the tensor cores (from sm_80)
+    if (D, d) == ROWS:
+        check_stack(emu, L, D, d, dtype, "rows", fwd_family="tf32 tensor cores")
+    else:
+        check_stack(emu, L, D, d, dtype, "generic")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_stack_forward_on_the_tensor_cores_keeps_fp32_accuracy(emu, dtype, residual, bias):
+    """The stack forward's projections run as 3xTF32 tensor-core products of split rows and split
+    weights, block after block on rows kept in shared memory. Its error must be the final rounding to
+    the dtype plus float32's tolerance, against float64 math on the same rounded inputs; one-pass tf32
+    products (2^-11 of their terms) would fail it. B = 300: rows past B pad a warp's last 32, and the
+    persistent grid walks several tiles per warp."""
+    L, B = 4, 300
+    x, params = make_stack(L, B, *ROWS, bias=bias)
+    x = x.detach().to(dtype)
+    blocks = [[None if t is None else t.detach().float() for t in block] for block in params]
+    flat = [t for block in blocks for t in block if t is not None]
+    y = emu.stack_fwd(x, flat, bias, residual)
+    assert emu.last_kernel() == "tf32 tensor cores" and y.dtype == dtype
+    blocks64 = [[None if t is None else t.double() for t in block] for block in blocks]
+    y64 = ultimus_stack_reference(x.double(), blocks64, residual=residual)
+    unit = {torch.float32: 0.0, torch.float16: 2**-11, torch.bfloat16: 2**-8}[dtype]
+    scale = y64.abs().max().item()
+    excess = ((y.double() - y64).abs() - unit * y64.abs()).max().item() / scale
+    assert excess <= TOL[torch.float32], f"{dtype} stack forward: error {excess:.2e} of max|y| beyond its rounding"
+    assert torch.equal(emu.stack_fwd(x, flat, bias, residual), y)  # deterministic
+
+
+def test_stack_forward_falls_back_to_the_rows_kernel(emu):
+    """Before sm_80, or where the L blocks' tensor-core fragments (14.6 KB a block, and 20 KB of the
+    warps' scratch) do not fit in shared memory but their RowsLayouts (6.4 KB) do, the stack forward is
+    the rows kernel's, with the same results."""
+    x, params = make_stack(3, 130, *ROWS, dtype=torch.float32)
+    flat = [t.detach() for block in params for t in block]
+    y = emu.stack_fwd(x.detach(), flat, True, True)
+    assert emu.last_kernel() == "tf32 tensor cores"
+    y64 = ultimus_stack_reference(x.double(), [[t.double() for t in block] for block in params])
+    assert_rel_close(y, y64, 2e-5, "stack forward on the tensor cores")
+    try:
+        emu.set_compute_capability_major(7)
+        assert_rel_close(emu.stack_fwd(x.detach(), flat, True, True), y64, 2e-5, "sm_70 stack forward")
+        assert emu.last_kernel() == "rows"
+        emu.set_compute_capability_major(9)
+        emu.set_shared_memory_per_block(48 * 1024)
+        assert_rel_close(emu.stack_fwd(x.detach(), flat, True, True), y64, 2e-5, "48 KB stack forward")
+        assert emu.last_kernel() == "rows"
+    finally:
+        emu.set_compute_capability_major(9)
+        emu.set_shared_memory_per_block(227 * 1024)
+
+
+def test_nan_stays_in_its_row_through_the_tensor_core_stack(emu):
+    """A row's A fragments feed only that row's accumulators: a NaN in x row 5 leaves every other row
+    of the stack's output finite."""
+    x, params = make_stack(4, 200, *ROWS, dtype=torch.float32)
+    x = x.detach().clone()
+    x[5, 7] = float("nan")
+    y = emu.stack_fwd(x, [t.detach() for block in params for t in block], True, True)
+    assert emu.last_kernel() == "tf32 tensor cores"
+    assert y[5].isnan().all() and y[torch.arange(200) != 5].isfinite().all()
 
 
 def test_a_stack_past_what_shared_memory_holds_gets_the_generic_kernels(emu):

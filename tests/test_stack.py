@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from _util import FUSED, assert_rel_close, backend_or_skip, make_inputs, rel_err
+from _util import FUSED, assert_rel_close, backend_or_skip, gpu_backend_or_skip, make_inputs, rel_err
 from ultimus_kernels import (
     UltimusBlock,
     UltimusParams,
@@ -79,6 +79,23 @@ def check_stack(backend, device, L, B, D, d, dtype, residual=True, bias=True):
 def test_stack_matches_the_reference_block_by_block(fused_backend, L, dtype):
     backend, device = fused_backend
     check_stack(backend, device, L, 37, 20, 3, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_stack_of_four_at_a_large_batch_on_gpu(backend):
+    """The common size at a batch of many tiles per thread block: the kernels the GPU runs at scale (for
+    CUDA, the forward on the tensor cores, 3xTF32), against float64 block by block; then bf16 rows with
+    float32 weights, whose forward must be off by no more than its final rounding plus float32's
+    tolerance (fp32 math between the blocks)."""
+    device = gpu_backend_or_skip(backend)
+    check_stack(backend, device, 4, 20_003, 48, 8, torch.float32)
+    x, params = make_stack(4, 20_003, 48, 8, dtype=torch.float32, device=device)
+    x = x.detach().bfloat16()
+    y = ultimus_stack(x, params, backend=backend)
+    y64 = ultimus_stack_reference(x.double(), [[t.detach().double() for t in block] for block in params])
+    excess = ((y.double() - y64).abs() - 2**-8 * y64.abs()).max().item() / y64.abs().max().item()
+    assert excess <= TOL[torch.float32], f"bf16 stack forward: error {excess:.2e} of max|y| beyond its rounding"
 
 
 @pytest.mark.parametrize("B,D,d", [(1, 48, 8), (70, 7, 1), (5, 17, 32)])

@@ -27,7 +27,7 @@ std::vector<const void*> rows_kernels() {
 }
 
 // Which kernel the last launch ran: "rows", "bf16 tensor cores" (the bf16 forward), "tf32 tensor cores"
-// (the half-precision backward), "generic", or "none" before any launch.
+// (the half-precision backward and the stack forward), "generic", or "none" before any launch.
 std::string last_kernel_family() {
   if (ultimus_emulation::last_kernel == nullptr) return "none";
   for (const auto& family : {rows_kernels<float>(), rows_kernels<at::Half>(), rows_kernels<at::BFloat16>()})
@@ -41,6 +41,12 @@ std::string last_kernel_family() {
   const void* bf16_bwd = reinterpret_cast<const void*>(ultimus_bwd_half_kernel<at::BFloat16, kRowsD, kRowsAttnDim>);
   if (ultimus_emulation::last_kernel == half_bwd || ultimus_emulation::last_kernel == bf16_bwd)
     return "tf32 tensor cores";
+  using ultimus::ultimus_stack_fwd_tc_kernel;
+  for (const void* kernel : {reinterpret_cast<const void*>(ultimus_stack_fwd_tc_kernel<float, kRowsD, kRowsAttnDim>),
+                             reinterpret_cast<const void*>(ultimus_stack_fwd_tc_kernel<at::Half, kRowsD, kRowsAttnDim>),
+                             reinterpret_cast<const void*>(
+                                 ultimus_stack_fwd_tc_kernel<at::BFloat16, kRowsD, kRowsAttnDim>)})
+    if (kernel == ultimus_emulation::last_kernel) return "tf32 tensor cores";
   return "generic";
 }
 

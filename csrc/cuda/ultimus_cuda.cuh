@@ -11,8 +11,10 @@
 //     time, float32/float16/bfloat16 activations with float32 math: a thread holds its whole row in
 //     registers, read and written as 16-byte vectors; the weights sit in shared memory transposed so
 //     that every read is a 16-byte broadcast; the backward sums the weight gradients on the tensor
-//     cores (TileParamGrads, 3xTF32); bf16 goes forward on the tensor cores (ultimus_fwd_bf16_kernel);
-//     the grid is persistent and sized by the occupancy API;
+//     cores (TileParamGrads, 3xTF32); bf16 goes forward on the tensor cores (ultimus_fwd_bf16_kernel),
+//     half-precision rows backward with their projections there (ultimus_bwd_half_kernel), and a stack
+//     forward with all of its projections there (ultimus_stack_fwd_tc_kernel); the grid is persistent
+//     and sized by the occupancy API;
 //   * the generic kernels, for every other size and for float64, with run-time D and d (below).
 //
 // Generic layout. A thread block owns a tile of `rows` = blockDim.x rows and walks the batch with a
@@ -534,6 +536,30 @@ __device__ __forceinline__ void store_row(const float (&row)[D], scalar_t* __res
     uint4 raw;
     memcpy(&raw, vals, 16);
     chunks[c] = raw;
+  }
+}
+
+// Two consecutive activations (at an even column of a 16-byte-aligned row) <-> two floats.
+template <typename scalar_t>
+__device__ __forceinline__ float2 load_pair(const scalar_t* __restrict__ src) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return *reinterpret_cast<const float2*>(src);
+  } else {
+    const uint32_t raw = *reinterpret_cast<const uint32_t*>(src);
+    scalar_t vals[2];
+    memcpy(vals, &raw, 4);
+    return float2{static_cast<float>(vals[0]), static_cast<float>(vals[1])};
+  }
+}
+template <typename scalar_t>
+__device__ __forceinline__ void store_pair(float a, float b, scalar_t* __restrict__ dst) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    *reinterpret_cast<float2*>(dst) = float2{a, b};
+  } else {
+    const scalar_t vals[2] = {static_cast<scalar_t>(a), static_cast<scalar_t>(b)};
+    uint32_t raw;
+    memcpy(&raw, vals, 4);
+    *reinterpret_cast<uint32_t*>(dst) = raw;
   }
 }
 
@@ -1460,6 +1486,224 @@ __global__ void __launch_bounds__(kRowsThreads)
 }
 
 // ------------------------------------------------------------------------------------------------
+// The stack forward on the tensor cores
+// ------------------------------------------------------------------------------------------------
+// A stack of L blocks does L times one block's FMAs for the same bytes, so FMAs bound the rows stack
+// forward (34% of copy bandwidth for L = 4 in the offline model). Here both projections of every block
+// run as tf32 mma.sync in 3xTF32 (the rows between blocks are fp32, so both factors are split) and the
+// attention stays one row per thread. A warp carries 32 rows through all L blocks in its registers,
+// as the accumulators of the output projection: lane (g, t) holds columns 8 c + 2 t and 8 c + 2 t + 1
+// of rows g and g + 8 of each 16-row half, for c = 0..5. With the input features of each 8-column
+// chunk taken in the order 0, 2, 4, 6, 1, 3, 5, 7 (the weight fragments are laid out so), those very
+// registers are the A fragments of the next block's q|k|v projection, and they start the output
+// projection's accumulators as the residual: the rows never go back to shared memory, which only turns
+// q|k|v to one row per thread for the attention and z back to A fragments. Only the first read and the
+// last write touch device memory, straight from and to the fragments (each group of 4 lanes covers 32
+// contiguous bytes of a row). Every block's weights sit in shared memory as per-lane fragments (L
+// blocks of them: the launcher checks they fit), so after the first barrier no warp waits for another.
+template <int D, int d>
+struct TensorCoreStackForward {
+  static_assert(D == 48 && d == 8 && kRowsThreads == 128, "the fragments below are laid out for D = 48, d = 8");
+  static constexpr int kSteps = D / 8, kQkvTiles = 3 * d / 8, kOutTiles = D / 8;  // 6 3 6
+  // One block's fragments, in 32-bit words. The weights in 16-byte groups [group][lane][hi0, hi1, lo0,
+  // lo1]: B of m16n8k8 holds B[k = t][n = g] (reg 0) and B[k = t + 4][n = g] (reg 1), each as its tf32
+  // hi and lo, so a lane reads a group in one conflict-free 16-byte load. The biases of the accumulator
+  // columns 8 tile + 2 t + 0..1 that a lane holds, as [tile][lane][2]:
+  //   Wqkv groups [kQkvTiles][kSteps]: B[k][col = m] = W_m[8 step + 2 (k % 4) + k / 4]  (q|k|v = x Wqkv^T,
+  //                                    the input features in the registers' order, see above)
+  //   Wo groups [kOutTiles]:           B[k = j][col = n] = Wo[n][j]                      (y = z Wo^T)
+  //   bqkv [kQkvTiles], bo [kOutTiles]
+  static constexpr int kWqkv = 0, kWo = kWqkv + 128 * kQkvTiles * kSteps, kBqkv = kWo + 128 * kOutTiles,
+                       kBo = kBqkv + 64 * kQkvTiles, kBlockWords = kBo + 64 * kOutTiles;
+  // A warp's scratch: q|k|v, then z, of its 32 rows [32][kLdQkv], in swizzled() order.
+  static constexpr int kLdQkv = 3 * d + 16, kWarpWords = 32 * kLdQkv;
+  static constexpr size_t smem_bytes(int64_t L) {
+    return (size_t(L) * kBlockWords + size_t(kRowsThreads / 32) * kWarpWords) * sizeof(uint32_t);
+  }
+  using Rows = float[2][kOutTiles][4];  // a warp's rows as accumulators: [16-row half][column chunk][reg]
+
+  // Fills one block's fragments from its weights and biases (null: zeros).
+  static __device__ void load(uint32_t* frags, const float* wq, const float* wk, const float* wv, const float* wo,
+                              const float* bq, const float* bk, const float* bv, const float* bo) {
+    for (int e = threadIdx.x; e < kBlockWords; e += blockDim.x) {
+      if (e >= kBqkv) {
+        const bool out = e >= kBo;
+        const int i = e - (out ? kBo : kBqkv), lane = i / 2 % 32, col = 8 * (i / 64) + 2 * (lane % 4) + i % 2;
+        const float* bias = out ? bo : col < d ? bq : col < 2 * d ? bk : bv;
+        const float b = bias ? bias[out ? col : col % d] : 0.f;
+        memcpy(&frags[e], &b, 4);
+        continue;
+      }
+      const bool out = e >= kWo;
+      const int i = e - (out ? kWo : kWqkv), group = i / 128, lane = i / 4 % 32, reg = i % 2;
+      const int g = lane / 4, t = lane % 4;
+      float w;
+      if (!out) {
+        const int m = 8 * (group / kSteps) + g, n = 8 * (group % kSteps) + 2 * t + reg;
+        w = (m < d ? wq : m < 2 * d ? wk : wv)[(m % d) * D + n];
+      } else {
+        w = wo[(8 * group + g) * d + t + 4 * reg];
+      }
+      uint32_t hi, lo;
+      split_tf32(w, hi, lo);
+      frags[e] = i % 4 < 2 ? hi : lo;
+    }
+  }
+
+  // The rows of a warp's tile from device memory (rows past B: zeros), and back.
+  template <typename scalar_t>
+  static __device__ __forceinline__ void load_rows(const scalar_t* __restrict__ x, int64_t row0, int64_t B, int lane,
+                                                   Rows& rows) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t b = row0 + 16 * mt + 8 * half + lane / 4;
+#pragma unroll
+        for (int c = 0; c < kOutTiles; ++c) {
+          const float2 v = b < B ? load_pair(x + b * D + 8 * c + 2 * (lane % 4)) : float2{0.f, 0.f};
+          rows[mt][c][2 * half] = v.x, rows[mt][c][2 * half + 1] = v.y;
+        }
+      }
+  }
+  template <typename scalar_t>
+  static __device__ __forceinline__ void store_rows(const Rows& rows, int64_t row0, int64_t B, int lane,
+                                                    scalar_t* __restrict__ y) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t b = row0 + 16 * mt + 8 * half + lane / 4;
+        if (b < B)
+#pragma unroll
+          for (int c = 0; c < kOutTiles; ++c)
+            store_pair(rows[mt][c][2 * half], rows[mt][c][2 * half + 1], y + b * D + 8 * c + 2 * (lane % 4));
+      }
+  }
+
+  // q|k|v = x Wqkv^T + b for the warp's rows, into `qs`. Each weight group is read once per tile.
+  static __device__ __forceinline__ void project_qkv(const uint32_t* block, const Rows& rows, float* qs, int lane) {
+    const int g = lane / 4, t = lane % 4;
+    const uint4* w = reinterpret_cast<const uint4*>(block + kWqkv) + lane;
+    const float2* bias = reinterpret_cast<const float2*>(block + kBqkv) + lane;
+    float acc[2][kQkvTiles][4];
+#pragma unroll
+    for (int tile = 0; tile < kQkvTiles; ++tile) {
+      const float2 b = bias[32 * tile];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        acc[mt][tile][0] = acc[mt][tile][2] = b.x;
+        acc[mt][tile][1] = acc[mt][tile][3] = b.y;
+      }
+    }
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      uint32_t a_hi[2][4], a_lo[2][4];  // A[g][k], A[g + 8][k], A[g][k + 4], A[g + 8][k + 4]: features 2t, 2t + 1
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        split_tf32(rows[mt][step][0], a_hi[mt][0], a_lo[mt][0]);
+        split_tf32(rows[mt][step][2], a_hi[mt][1], a_lo[mt][1]);
+        split_tf32(rows[mt][step][1], a_hi[mt][2], a_lo[mt][2]);
+        split_tf32(rows[mt][step][3], a_hi[mt][3], a_lo[mt][3]);
+      }
+#pragma unroll
+      for (int tile = 0; tile < kQkvTiles; ++tile) {
+        const uint4 f = w[32 * (tile * kSteps + step)];
+        const uint32_t b_hi[2] = {f.x, f.y}, b_lo[2] = {f.z, f.w};
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) mma_3xtf32(acc[mt][tile], a_hi[mt], a_lo[mt], b_hi, b_lo);
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int tile = 0; tile < kQkvTiles; ++tile) {
+        const int row = 16 * mt + g, col = 8 * tile + 2 * t;
+        *reinterpret_cast<float2*>(qs + swizzled(row, col, kLdQkv)) = float2{acc[mt][tile][0], acc[mt][tile][1]};
+        *reinterpret_cast<float2*>(qs + swizzled(row + 8, col, kLdQkv)) = float2{acc[mt][tile][2], acc[mt][tile][3]};
+      }
+  }
+
+  // rows = z Wo^T + bo (+ rows), z in columns 0..d-1 of the scratch's rows.
+  template <bool kResidual>
+  static __device__ __forceinline__ void project_out(const uint32_t* block, const float* zs, int lane, Rows& rows) {
+    const int g = lane / 4, t = lane % 4;
+    const uint4* w = reinterpret_cast<const uint4*>(block + kWo) + lane;
+    const float2* bias = reinterpret_cast<const float2*>(block + kBo) + lane;
+    uint32_t a_hi[2][4], a_lo[2][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const int r = 16 * mt + g;
+      split_tf32(zs[swizzled(r, t, kLdQkv)], a_hi[mt][0], a_lo[mt][0]);
+      split_tf32(zs[swizzled(r + 8, t, kLdQkv)], a_hi[mt][1], a_lo[mt][1]);
+      split_tf32(zs[swizzled(r, t + 4, kLdQkv)], a_hi[mt][2], a_lo[mt][2]);
+      split_tf32(zs[swizzled(r + 8, t + 4, kLdQkv)], a_hi[mt][3], a_lo[mt][3]);
+    }
+#pragma unroll
+    for (int tile = 0; tile < kOutTiles; ++tile) {
+      const uint4 f = w[32 * tile];
+      const uint32_t b_hi[2] = {f.x, f.y}, b_lo[2] = {f.z, f.w};
+      const float2 b = bias[32 * tile];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        float(&acc)[4] = rows[mt][tile];  // x, the residual
+        acc[0] = kResidual ? acc[0] + b.x : b.x, acc[1] = kResidual ? acc[1] + b.y : b.y;
+        acc[2] = kResidual ? acc[2] + b.x : b.x, acc[3] = kResidual ? acc[3] + b.y : b.y;
+        mma_3xtf32(acc, a_hi[mt], a_lo[mt], b_hi, b_lo);
+      }
+    }
+  }
+};
+
+// float32, float16 and bfloat16 activations, sm_80 and later (the launcher picks it in place of the
+// rows stack forward while the L blocks' fragments fit in shared memory).
+template <typename scalar_t, int D, int d>
+__global__ void __launch_bounds__(kRowsThreads)
+    ultimus_stack_fwd_tc_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                const float* __restrict__ packed, int L, float scale, int64_t B, bool residual) {
+  using F = TensorCoreStackForward<D, d>;
+  ULTIMUS_DYNAMIC_SHARED(smem_raw);
+  uint32_t* frags = reinterpret_cast<uint32_t*>(smem_raw);
+  constexpr int dD = d * D, np = 4 * dD + 3 * d + D;
+  for (int block = 0; block < L; ++block) {  // packed rows are in the partial-row layout
+    const float* p = packed + int64_t(block) * np;
+    F::load(frags + block * F::kBlockWords, p, p + dD, p + 2 * dD, p + 3 * dD, p + 4 * dD, p + 4 * dD + d,
+            p + 4 * dD + 2 * d, p + 4 * dD + 3 * d);
+  }
+  __syncthreads();  // the only block-wide barrier: from here each warp works alone
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* qs = reinterpret_cast<float*>(frags + L * F::kBlockWords) + warp * F::kWarpWords;  // q|k|v, then z
+  const float scale_log2 = scale * kLog2e;
+  for (int64_t row0 = (int64_t(blockIdx.x) * 4 + warp) * 32; row0 < B; row0 += int64_t(gridDim.x) * kRowsThreads) {
+    typename F::Rows rows;
+    F::load_rows(x, row0, B, lane, rows);
+    for (int block = 0; block < L; ++block) {
+      const uint32_t* bf = frags + block * F::kBlockWords;
+      F::project_qkv(bf, rows, qs, lane);
+      __syncwarp();  // q|k|v are shared
+      float qkv[3 * d], z[d];
+#pragma unroll
+      for (int c = 0; c < 3 * d / 4; ++c) {
+        const float4 v = load4(qs + swizzled(lane, 4 * c, F::kLdQkv));
+        qkv[4 * c] = v.x, qkv[4 * c + 1] = v.y, qkv[4 * c + 2] = v.z, qkv[4 * c + 3] = v.w;
+      }
+      attention_forward_rows<d>(qkv, scale_log2, z);
+#pragma unroll
+      for (int c = 0; c < d / 4; ++c)  // over this lane's own q|k|v row, which only it reads
+        *reinterpret_cast<float4*>(qs + swizzled(lane, 4 * c, F::kLdQkv)) =
+            float4{z[4 * c], z[4 * c + 1], z[4 * c + 2], z[4 * c + 3]};
+      __syncwarp();  // z is shared
+      if (residual)  // uniform: a branch, not a select per entry
+        F::template project_out<true>(bf, qs, lane, rows);
+      else
+        F::template project_out<false>(bf, qs, lane, rows);
+      __syncwarp();  // z is read before the next block's q|k|v overwrite it
+    }
+    F::store_rows(rows, row0, B, lane, y);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Launchers
 // ------------------------------------------------------------------------------------------------
 
@@ -1666,6 +1910,16 @@ template <typename scalar_t>
 bool stack_fwd_rows(const at::Tensor& x, at::Tensor& y, const at::Tensor& packed, int64_t L, bool residual) {
   if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
     if (!aligned16(x)) return false;
+    using F = TensorCoreStackForward<kRowsD, kRowsAttnDim>;
+    const DeviceInfo device = runtime::device_info();
+    if (device.major >= 8 && F::smem_bytes(L) <= size_t(device.smem_optin)) {  // on the tensor cores
+      const auto kernel = ultimus_stack_fwd_tc_kernel<scalar_t, kRowsD, kRowsAttnDim>;
+      const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, F::smem_bytes(L));
+      runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(),
+                      y.mutable_data_ptr<scalar_t>(), packed.const_data_ptr<float>(), int(L),
+                      float(1.0 / std::sqrt(double(kRowsAttnDim))), x.size(0), residual);
+      return true;
+    }
     const auto kernel = ultimus_stack_fwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>;
     const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, size_t(L) * RowsL::kSize * sizeof(float));
     runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(),
