@@ -41,6 +41,10 @@ SIGNATURES = {  # kernel -> (parameters after the template arguments, pointer na
         "(const {s}*, const {s}*, {s}*, float*, const float*, int, float, int64_t, bool)",
         ["gy", "x", "gx", "partials", "packed"],
     ),
+    "stack_bwd_tc": (
+        "(const {s}*, const {s}*, {s}*, float*, const float*, int, float, int64_t, bool)",
+        ["gy", "x", "gx", "partials", "packed"],
+    ),
 }
 ROLES = {"x": "act_in", "gy": "act_in", "y": "act_out", "gx": "act_out", "partials": "partial"}
 
@@ -51,8 +55,8 @@ def symbol(kernel: str, dtype: str) -> str:
         return f"ultimus_fwd_bf16_kernel<{D}, {d}>"
     if kernel == "bwd_half":
         return f"ultimus_bwd_half_kernel<{SCALAR[dtype]}, {D}, {d}>"
-    if kernel == "stack_fwd_tc":
-        return f"ultimus_stack_fwd_tc_kernel<{SCALAR[dtype]}, {D}, {d}>"
+    if kernel in ("stack_fwd_tc", "stack_bwd_tc"):
+        return f"ultimus_{kernel}_kernel<{SCALAR[dtype]}, {D}, {d}>"
     return f"ultimus_{kernel}_rows_kernel<{SCALAR[dtype]}, {D}, {d}>"
 
 
@@ -107,11 +111,11 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float32,bfloat16", help="activation dtypes: float32, bfloat16, float16")
     ap.add_argument(
         "--kernels",
-        default="fwd,fwd_bf16,bwd,bwd_half,stack_fwd,stack_fwd_tc,stack_bwd",
+        default="fwd,fwd_bf16,bwd,bwd_half,stack_fwd,stack_fwd_tc,stack_bwd,stack_bwd_tc",
         help="which kernels, comma-separated (fwd_bf16: the bf16 forward on the tensor cores; bwd_half: the "
         "half-precision backward with its projections on the tensor cores, which the launcher runs in place of "
-        "bwd for float16 and bfloat16; stack_fwd_tc: the stack forward on the tensor cores, which the launcher "
-        "runs in place of stack_fwd from sm_80 while its fragments fit in shared memory)",
+        "bwd for float16 and bfloat16; stack_fwd_tc and stack_bwd_tc: the stack kernels on the tensor cores, "
+        "which the launcher runs in place of stack_fwd and stack_bwd from sm_80 while they fit in shared memory)",
     )
     ap.add_argument("--B", type=int, default=4194304, help="the batch of the launch analysed")
     ap.add_argument("--L", type=int, default=4, help="blocks in the stack kernels' launch")
@@ -150,6 +154,8 @@ def main(argv=None):
                 smem = 4 * (32 * 174 + tile)
             if kernel == "stack_fwd_tc":  # TensorCoreStackForward::smem_bytes: L blocks' fragments, 4 warps' q|k|v
                 smem = 4 * (L * (128 * 24 + 64 * 9) + 4 * 32 * (3 * d + 16))
+            if kernel == "stack_bwd_tc":  # TensorCoreStackBackward::smem_bytes: L blocks' weights, then the tile
+                smem = 4 * (L * (3 * d * (D + 8) + D * d + d * (D + 8) + 3 * d + D) + tile)
             regs = usage.get(sym, {}).get("REG", spills.get(sym, {}).get("regs", 0))
             occupancy = tool.occupancy(regs, THREADS, smem)
             grid = min(-(-B // THREADS), tool.H100["sms"] * occupancy["ctas_per_sm"])

@@ -213,26 +213,28 @@ def test_empty_batch(emu):
     assert emu.launches() == launches
 
 
-def check_stack(emu, L, D, d, dtype, family, fwd_family=None):
-    """fwd_family: the forward's kernel family where it is not the backward's (`family`)."""
-    B = 300
-    x, params = make_stack(L, B, D, d)
-    flat = [t.detach().to(dtype) for block in params for t in block]
-    y = emu.stack_fwd(x.detach().to(dtype), flat, True, True)
-    assert emu.last_kernel() == (fwd_family or family)
-    y64 = ultimus_stack_reference(x, params)
+def check_stack(emu, L, D, d, dtype, family, B=300, residual=True, bias=True):
+    x, params = make_stack(L, B, D, d, bias=bias)
+    flat = [t.detach().to(dtype) for block in params for t in block if t is not None]
+    y = emu.stack_fwd(x.detach().to(dtype), flat, bias, residual)
+    assert emu.last_kernel() == family
+    y64 = ultimus_stack_reference(x, params, residual=residual)
     assert_rel_close(y, y64, TOL[dtype], "stack forward")
     gy = torch.randn(B, D, dtype=torch.float64)
-    gx, grads = emu.stack_bwd(gy.to(dtype), x.detach().to(dtype), flat, True, True, True, True)
+    gx, grads = emu.stack_bwd(gy.to(dtype), x.detach().to(dtype), flat, bias, residual, True, True)
     assert emu.last_kernel() == family
-    tensors = [x] + [t for block in params for t in block]
+    tensors = [x] + [t for block in params for t in block if t is not None]
     grads64 = torch.autograd.grad(y64, tensors, gy)
-    scales = per_sample_scales(x, params, gy, True)
+    scales = per_sample_scales(x, params, gy, residual)
     assert_rel_close(gx, grads64[0], TOL[dtype], "stack gx")
     per_block = grads.view(L, -1)
+    per = 8 if bias else 4
     for block in range(L):
-        want = flat_param_grads(grads64[1 + 8 * block : 9 + 8 * block], make_inputs(1, D, d))
-        assert_rel_close(per_block[block], want, TOL[dtype], f"block {block}'s parameter gradients", max(scales[1:]))
+        mine = list(grads64[1 + per * block : 1 + per * (block + 1)])
+        full = mine if bias else [mine[0], None, mine[1], None, mine[2], None, mine[3], None]
+        want = flat_param_grads(full, make_inputs(1, D, d, bias=bias))
+        got = per_block[block][: want.numel()]  # without biases, their slots are left out of the comparison
+        assert_rel_close(got, want, TOL[dtype], f"block {block}'s parameter gradients", max(scales[1:]))
 
 
 @pytest.mark.parametrize(
@@ -240,11 +242,26 @@ def check_stack(emu, L, D, d, dtype, family, fwd_family=None):
     [(1, *ROWS, torch.float32), (3, *ROWS, torch.float32), (2, 20, 5, torch.float32), (2, *ROWS, torch.bfloat16)],
 )
 def test_stack_kernels_match_the_reference_block_by_block(emu, L, D, d, dtype):
-    # the stack forward of the common size runs on the tensor cores (from sm_80)
-    if (D, d) == ROWS:
-        check_stack(emu, L, D, d, dtype, "rows", fwd_family="tf32 tensor cores")
-    else:
-        check_stack(emu, L, D, d, dtype, "generic")
+    # the stack kernels of the common size run on the tensor cores (from sm_80)
+    check_stack(emu, L, D, d, dtype, "tf32 tensor cores" if (D, d) == ROWS else "generic")
+
+
+@pytest.mark.parametrize("residual,bias", [(False, True), (True, False), (False, False)])
+def test_tensor_core_stack_without_residual_or_bias(emu, residual, bias):
+    check_stack(emu, 3, *ROWS, torch.float32, "tf32 tensor cores", B=200, residual=residual, bias=bias)
+
+
+def test_tensor_core_stack_backward_keeps_fp32_accuracy_and_is_deterministic(emu):
+    """Every product of the stack backward runs in 3xTF32 from split operands; one-pass tf32 (2^-11 of
+    the terms) would miss float32's tolerance on gx and on the weight gradients (check_stack). Four
+    blocks at a batch of several tiles per thread block; then bit-identical reruns."""
+    check_stack(emu, 4, *ROWS, torch.float32, "tf32 tensor cores", B=600)
+    x, params = make_stack(4, 600, *ROWS, dtype=torch.float32)
+    flat = [t.detach() for block in params for t in block]
+    gy = torch.randn(600, 48)
+    runs = [emu.stack_bwd(gy, x.detach(), flat, True, True, True, True) for _ in range(2)]
+    assert emu.last_kernel() == "tf32 tensor cores"
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -272,6 +289,24 @@ def test_stack_forward_on_the_tensor_cores_keeps_fp32_accuracy(emu, dtype, resid
     assert torch.equal(emu.stack_fwd(x, flat, bias, residual), y)  # deterministic
 
 
+def test_stack_backward_falls_back_to_the_rows_kernel(emu):
+    """Where the tensor-core stack backward's shared memory (L blocks' weights, 9 KB each, and the
+    74 KB tile) does not fit but the rows kernel's does, the rows kernel serves, with the same results."""
+    x, params = make_stack(4, 130, *ROWS, dtype=torch.float32)
+    flat = [t.detach() for block in params for t in block]
+    gy = torch.randn(130, 48)
+    gx, grads = emu.stack_bwd(gy, x.detach(), flat, True, True, True, True)
+    assert emu.last_kernel() == "tf32 tensor cores"
+    try:
+        emu.set_shared_memory_per_block(100 * 1024)
+        gx_rows, grads_rows = emu.stack_bwd(gy, x.detach(), flat, True, True, True, True)
+        assert emu.last_kernel() == "rows"
+    finally:
+        emu.set_shared_memory_per_block(227 * 1024)
+    assert_rel_close(gx, gx_rows.double(), 2e-5, "gx, tensor cores against rows")
+    assert_rel_close(grads, grads_rows.double(), 2e-5, "parameter gradients, tensor cores against rows")
+
+
 def test_stack_forward_falls_back_to_the_rows_kernel(emu):
     """Before sm_80, or where the L blocks' tensor-core fragments (14.6 KB a block, and 20 KB of the
     warps' scratch) do not fit in shared memory but their RowsLayouts (6.4 KB) do, the stack forward is
@@ -297,13 +332,17 @@ def test_stack_forward_falls_back_to_the_rows_kernel(emu):
 
 def test_nan_stays_in_its_row_through_the_tensor_core_stack(emu):
     """A row's A fragments feed only that row's accumulators: a NaN in x row 5 leaves every other row
-    of the stack's output finite."""
+    of the stack's output, and of its input gradient, finite."""
     x, params = make_stack(4, 200, *ROWS, dtype=torch.float32)
     x = x.detach().clone()
     x[5, 7] = float("nan")
-    y = emu.stack_fwd(x, [t.detach() for block in params for t in block], True, True)
+    flat = [t.detach() for block in params for t in block]
+    y = emu.stack_fwd(x, flat, True, True)
     assert emu.last_kernel() == "tf32 tensor cores"
     assert y[5].isnan().all() and y[torch.arange(200) != 5].isfinite().all()
+    gx, _ = emu.stack_bwd(torch.randn(200, 48), x, flat, True, True, True, False)
+    assert emu.last_kernel() == "tf32 tensor cores"
+    assert gx[5].isnan().any() and gx[torch.arange(200) != 5].isfinite().all()
 
 
 def test_a_stack_past_what_shared_memory_holds_gets_the_generic_kernels(emu):
@@ -322,7 +361,7 @@ def test_stack_backward_computes_only_what_is_asked(emu, need):
     flat = [t.detach() for block in params for t in block]
     gy = torch.randn(140, 48)
     gx, grads = emu.stack_bwd(gy, x.detach(), flat, True, True, *need)
-    assert emu.last_kernel() == "rows"
+    assert emu.last_kernel() == "tf32 tensor cores"
     full_gx, full_grads = emu.stack_bwd(gy, x.detach(), flat, True, True, True, True)
     if need[0]:
         assert torch.equal(gx, full_gx) and grads.numel() == 0
@@ -340,4 +379,4 @@ def test_a_kernel_keeps_the_largest_shared_memory_it_was_allowed(emu):
         x, params = make_stack(L, 130, *ROWS, dtype=torch.float32)
         flat = [t.detach() for block in params for t in block]
         emu.stack_bwd(torch.randn(130, 48), x.detach(), flat, True, True, True, True)
-        assert emu.last_kernel() == "rows"
+        assert emu.last_kernel() == "tf32 tensor cores"

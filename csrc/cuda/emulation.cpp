@@ -26,8 +26,16 @@ std::vector<const void*> rows_kernels() {
   return kernels;
 }
 
+// The stack kernels on the tensor cores, forward and backward, of one activation dtype.
+template <typename scalar_t>
+std::vector<const void*> stack_tc_kernels() {
+  using namespace ultimus;
+  return {reinterpret_cast<const void*>(ultimus_stack_fwd_tc_kernel<scalar_t, kRowsD, kRowsAttnDim>),
+          reinterpret_cast<const void*>(ultimus_stack_bwd_tc_kernel<scalar_t, kRowsD, kRowsAttnDim>)};
+}
+
 // Which kernel the last launch ran: "rows", "bf16 tensor cores" (the bf16 forward), "tf32 tensor cores"
-// (the half-precision backward and the stack forward), "generic", or "none" before any launch.
+// (the half-precision backward and the stack kernels), "generic", or "none" before any launch.
 std::string last_kernel_family() {
   if (ultimus_emulation::last_kernel == nullptr) return "none";
   for (const auto& family : {rows_kernels<float>(), rows_kernels<at::Half>(), rows_kernels<at::BFloat16>()})
@@ -41,12 +49,9 @@ std::string last_kernel_family() {
   const void* bf16_bwd = reinterpret_cast<const void*>(ultimus_bwd_half_kernel<at::BFloat16, kRowsD, kRowsAttnDim>);
   if (ultimus_emulation::last_kernel == half_bwd || ultimus_emulation::last_kernel == bf16_bwd)
     return "tf32 tensor cores";
-  using ultimus::ultimus_stack_fwd_tc_kernel;
-  for (const void* kernel : {reinterpret_cast<const void*>(ultimus_stack_fwd_tc_kernel<float, kRowsD, kRowsAttnDim>),
-                             reinterpret_cast<const void*>(ultimus_stack_fwd_tc_kernel<at::Half, kRowsD, kRowsAttnDim>),
-                             reinterpret_cast<const void*>(
-                                 ultimus_stack_fwd_tc_kernel<at::BFloat16, kRowsD, kRowsAttnDim>)})
-    if (kernel == ultimus_emulation::last_kernel) return "tf32 tensor cores";
+  for (const auto& family : {stack_tc_kernels<float>(), stack_tc_kernels<at::Half>(), stack_tc_kernels<at::BFloat16>()})
+    for (const void* kernel : family)
+      if (kernel == ultimus_emulation::last_kernel) return "tf32 tensor cores";
   return "generic";
 }
 

@@ -12,9 +12,9 @@
 //     registers, read and written as 16-byte vectors; the weights sit in shared memory transposed so
 //     that every read is a 16-byte broadcast; the backward sums the weight gradients on the tensor
 //     cores (TileParamGrads, 3xTF32); bf16 goes forward on the tensor cores (ultimus_fwd_bf16_kernel),
-//     half-precision rows backward with their projections there (ultimus_bwd_half_kernel), and a stack
-//     forward with all of its projections there (ultimus_stack_fwd_tc_kernel); the grid is persistent
-//     and sized by the occupancy API;
+//     half-precision rows backward with their projections there (ultimus_bwd_half_kernel), and stacks
+//     of blocks run there whole (ultimus_stack_{fwd,bwd}_tc_kernel); the grid is persistent and sized
+//     by the occupancy API;
 //   * the generic kernels, for every other size and for float64, with run-time D and d (below).
 //
 // Generic layout. A thread block owns a tile of `rows` = blockDim.x rows and walks the batch with a
@@ -1581,15 +1581,46 @@ struct TensorCoreStackForward {
       }
   }
 
-  // q|k|v = x Wqkv^T + b for the warp's rows, into `qs`. Each weight group is read once per tile.
-  static __device__ __forceinline__ void project_qkv(const uint32_t* block, const Rows& rows, float* qs, int lane) {
+  // A block's weights as project_qkv and project_out read them, from this struct's fragments (the
+  // stack backward has its own source, with the same methods): B fragments as tf32 hi and lo, and the
+  // biases of the accumulator columns a lane holds.
+  struct Fragments {
+    const uint32_t* block;
+    int lane;
+    __device__ __forceinline__ void wqkv(int tile, int step, uint32_t (&hi)[2], uint32_t (&lo)[2]) const {
+      const uint4 f = reinterpret_cast<const uint4*>(block + kWqkv)[32 * (tile * kSteps + step) + lane];
+      hi[0] = f.x, hi[1] = f.y, lo[0] = f.z, lo[1] = f.w;
+    }
+    __device__ __forceinline__ void wo(int tile, uint32_t (&hi)[2], uint32_t (&lo)[2]) const {
+      const uint4 f = reinterpret_cast<const uint4*>(block + kWo)[32 * tile + lane];
+      hi[0] = f.x, hi[1] = f.y, lo[0] = f.z, lo[1] = f.w;
+    }
+    __device__ __forceinline__ float2 bqkv(int tile) const {
+      return reinterpret_cast<const float2*>(block + kBqkv)[32 * tile + lane];
+    }
+    __device__ __forceinline__ float2 bo(int tile) const {
+      return reinterpret_cast<const float2*>(block + kBo)[32 * tile + lane];
+    }
+  };
+
+  // The A fragments of a warp's rows for the 8-feature chunk `step`, split into tf32 hi and lo:
+  // A[g][k], A[g + 8][k], A[g][k + 4], A[g + 8][k + 4] are features 2 t and 2 t + 1 of rows g, g + 8.
+  static __device__ __forceinline__ void rows_a(const Rows& rows, int mt, int step, uint32_t (&hi)[4],
+                                                uint32_t (&lo)[4]) {
+    split_tf32(rows[mt][step][0], hi[0], lo[0]);
+    split_tf32(rows[mt][step][2], hi[1], lo[1]);
+    split_tf32(rows[mt][step][1], hi[2], lo[2]);
+    split_tf32(rows[mt][step][3], hi[3], lo[3]);
+  }
+
+  // q|k|v = x Wqkv^T + b for the warp's rows, into `qs`. Each weight fragment is read once per tile.
+  template <typename Weights>
+  static __device__ __forceinline__ void project_qkv(const Weights& w, const Rows& rows, float* qs, int lane) {
     const int g = lane / 4, t = lane % 4;
-    const uint4* w = reinterpret_cast<const uint4*>(block + kWqkv) + lane;
-    const float2* bias = reinterpret_cast<const float2*>(block + kBqkv) + lane;
     float acc[2][kQkvTiles][4];
 #pragma unroll
     for (int tile = 0; tile < kQkvTiles; ++tile) {
-      const float2 b = bias[32 * tile];
+      const float2 b = w.bqkv(tile);
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
         acc[mt][tile][0] = acc[mt][tile][2] = b.x;
@@ -1598,18 +1629,13 @@ struct TensorCoreStackForward {
     }
 #pragma unroll
     for (int step = 0; step < kSteps; ++step) {
-      uint32_t a_hi[2][4], a_lo[2][4];  // A[g][k], A[g + 8][k], A[g][k + 4], A[g + 8][k + 4]: features 2t, 2t + 1
+      uint32_t a_hi[2][4], a_lo[2][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        split_tf32(rows[mt][step][0], a_hi[mt][0], a_lo[mt][0]);
-        split_tf32(rows[mt][step][2], a_hi[mt][1], a_lo[mt][1]);
-        split_tf32(rows[mt][step][1], a_hi[mt][2], a_lo[mt][2]);
-        split_tf32(rows[mt][step][3], a_hi[mt][3], a_lo[mt][3]);
-      }
+      for (int mt = 0; mt < 2; ++mt) rows_a(rows, mt, step, a_hi[mt], a_lo[mt]);
 #pragma unroll
       for (int tile = 0; tile < kQkvTiles; ++tile) {
-        const uint4 f = w[32 * (tile * kSteps + step)];
-        const uint32_t b_hi[2] = {f.x, f.y}, b_lo[2] = {f.z, f.w};
+        uint32_t b_hi[2], b_lo[2];
+        w.wqkv(tile, step, b_hi, b_lo);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) mma_3xtf32(acc[mt][tile], a_hi[mt], a_lo[mt], b_hi, b_lo);
       }
@@ -1625,11 +1651,9 @@ struct TensorCoreStackForward {
   }
 
   // rows = z Wo^T + bo (+ rows), z in columns 0..d-1 of the scratch's rows.
-  template <bool kResidual>
-  static __device__ __forceinline__ void project_out(const uint32_t* block, const float* zs, int lane, Rows& rows) {
+  template <bool kResidual, typename Weights>
+  static __device__ __forceinline__ void project_out(const Weights& w, const float* zs, int lane, Rows& rows) {
     const int g = lane / 4, t = lane % 4;
-    const uint4* w = reinterpret_cast<const uint4*>(block + kWo) + lane;
-    const float2* bias = reinterpret_cast<const float2*>(block + kBo) + lane;
     uint32_t a_hi[2][4], a_lo[2][4];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
@@ -1641,9 +1665,9 @@ struct TensorCoreStackForward {
     }
 #pragma unroll
     for (int tile = 0; tile < kOutTiles; ++tile) {
-      const uint4 f = w[32 * tile];
-      const uint32_t b_hi[2] = {f.x, f.y}, b_lo[2] = {f.z, f.w};
-      const float2 b = bias[32 * tile];
+      uint32_t b_hi[2], b_lo[2];
+      w.wo(tile, b_hi, b_lo);
+      const float2 b = w.bo(tile);
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
         float(&acc)[4] = rows[mt][tile];  // x, the residual
@@ -1652,6 +1676,31 @@ struct TensorCoreStackForward {
         mma_3xtf32(acc, a_hi[mt], a_lo[mt], b_hi, b_lo);
       }
     }
+  }
+
+  // One block's forward on the warp's rows, in place; `qs`: the warp's [32][kLdQkv] scratch.
+  template <typename Weights>
+  static __device__ __forceinline__ void block_forward(const Weights& w, float* qs, float scale_log2, bool residual,
+                                                       int lane, Rows& rows) {
+    project_qkv(w, rows, qs, lane);
+    __syncwarp();  // q|k|v are shared
+    float qkv[3 * d], z[d];
+#pragma unroll
+    for (int c = 0; c < 3 * d / 4; ++c) {
+      const float4 v = load4(qs + swizzled(lane, 4 * c, kLdQkv));
+      qkv[4 * c] = v.x, qkv[4 * c + 1] = v.y, qkv[4 * c + 2] = v.z, qkv[4 * c + 3] = v.w;
+    }
+    attention_forward_rows<d>(qkv, scale_log2, z);
+#pragma unroll
+    for (int c = 0; c < d / 4; ++c)  // over this lane's own q|k|v row, which only it reads
+      *reinterpret_cast<float4*>(qs + swizzled(lane, 4 * c, kLdQkv)) =
+          float4{z[4 * c], z[4 * c + 1], z[4 * c + 2], z[4 * c + 3]};
+    __syncwarp();  // z is shared
+    if (residual)  // uniform: a branch, not a select per entry
+      project_out<true>(w, qs, lane, rows);
+    else
+      project_out<false>(w, qs, lane, rows);
+    __syncwarp();  // z is read before the next block's q|k|v overwrite it
   }
 };
 
@@ -1677,29 +1726,281 @@ __global__ void __launch_bounds__(kRowsThreads)
   for (int64_t row0 = (int64_t(blockIdx.x) * 4 + warp) * 32; row0 < B; row0 += int64_t(gridDim.x) * kRowsThreads) {
     typename F::Rows rows;
     F::load_rows(x, row0, B, lane, rows);
-    for (int block = 0; block < L; ++block) {
-      const uint32_t* bf = frags + block * F::kBlockWords;
-      F::project_qkv(bf, rows, qs, lane);
-      __syncwarp();  // q|k|v are shared
-      float qkv[3 * d], z[d];
-#pragma unroll
-      for (int c = 0; c < 3 * d / 4; ++c) {
-        const float4 v = load4(qs + swizzled(lane, 4 * c, F::kLdQkv));
-        qkv[4 * c] = v.x, qkv[4 * c + 1] = v.y, qkv[4 * c + 2] = v.z, qkv[4 * c + 3] = v.w;
-      }
-      attention_forward_rows<d>(qkv, scale_log2, z);
-#pragma unroll
-      for (int c = 0; c < d / 4; ++c)  // over this lane's own q|k|v row, which only it reads
-        *reinterpret_cast<float4*>(qs + swizzled(lane, 4 * c, F::kLdQkv)) =
-            float4{z[4 * c], z[4 * c + 1], z[4 * c + 2], z[4 * c + 3]};
-      __syncwarp();  // z is shared
-      if (residual)  // uniform: a branch, not a select per entry
-        F::template project_out<true>(bf, qs, lane, rows);
-      else
-        F::template project_out<false>(bf, qs, lane, rows);
-      __syncwarp();  // z is read before the next block's q|k|v overwrite it
-    }
+    for (int block = 0; block < L; ++block)
+      F::block_forward(typename F::Fragments{frags + block * F::kBlockWords, lane}, qs, scale_log2, residual, lane,
+                       rows);
     F::store_rows(rows, row0, B, lane, y);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The stack backward on the tensor cores
+// ------------------------------------------------------------------------------------------------
+// The rows stack backward does, per block and sample, the FMAs of a block's backward plus those of the
+// block forwards that recompute its input (six for L = 4), so FMAs bound it (15% of copy bandwidth in
+// the model). Here every product runs as tf32 mma.sync in 3xTF32, on the warp-held rows of the stack
+// forward (TensorCoreStackForward): per tile, the blocks in reverse, block l's input recomputed from x
+// through blocks 0..l-1 in registers, then q|k|v = h Wqkv^T + b and gz = gy Wo from the fragments, the
+// attention's backward one row per thread, the weight gradients of the whole tile by TileParamGrads,
+// and gx = (residual ? gy : 0) + g Wqkv straight into the registers that held gy. The incoming gradient
+// is kept as accumulators (the forward's permuted feature order makes them A fragments for gz as they
+// stand). Shared memory holds every block's weights once, as floats (two copies of Wo), split into
+// tf32 hi and lo as they are read: the pre-split fragments of all four uses would not fit beside the
+// tile with two thread blocks per SM.
+template <int D, int d>
+struct TensorCoreStackBackward {
+  using Forward = TensorCoreStackForward<D, d>;
+  using Grads = TileParamGrads<D, d>;
+  using Rows = typename Forward::Rows;
+  static constexpr int kSteps = Forward::kSteps, kOutTiles = Forward::kOutTiles, kGSteps = 3 * d / 8;  // 6 6 3
+  // One block's weights, in floats; strides chosen so that every fragment read below is conflict-free:
+  //   W    [3d][kLdW]  W_m[n] (wq | wk | wv rows)
+  //   Wo   [D][d]      Wo[n][j] at swizzled(n, j, d)
+  //   WoT  [d][kLdW]   Wo[n][j] at j kLdW + n
+  //   bqkv [3d], bo [D]
+  static constexpr int kLdW = D + 8, kW = 0, kWo = kW + 3 * d * kLdW, kWoT = kWo + D * d, kBqkv = kWoT + d * kLdW,
+                       kBo = kBqkv + 3 * d, kBlockWords = kBo + D;
+  static_assert(kBlockWords % 4 == 0 && kWo % 4 == 0 && kWoT % 4 == 0, "16-byte aligned sections");
+  static_assert(Forward::kLdQkv == Grads::kLdG, "a warp's g|z rows are the recomputed forwards' q|k|v scratch");
+  // Then the tile of TileParamGrads: x (the block's input) and gy rows [128][kLdX], g|z rows [128][kLdG];
+  // a warp's g|z rows are also its q|k|v scratch for the recomputed forwards.
+  static constexpr size_t smem_bytes(int64_t L) {
+    return (size_t(L) * kBlockWords + size_t(kRowsThreads) * (2 * Grads::kLdX + Grads::kLdG)) * sizeof(float);
+  }
+
+  static __device__ void load(float* block, const float* wq, const float* wk, const float* wv, const float* wo,
+                              const float* bq, const float* bk, const float* bv, const float* bo) {
+    for (int e = threadIdx.x; e < kBlockWords; e += blockDim.x) {
+      float value = 0.f;  // the padding too
+      if (e < kWo) {
+        const int m = e / kLdW, n = e % kLdW;
+        if (n < D) value = (m < d ? wq : m < 2 * d ? wk : wv)[(m % d) * D + n];
+      } else if (e < kWoT) {
+        const int n = (e - kWo) / d, j = (e - kWo) % d ^ (n & 4);  // the inverse of swizzled()
+        value = wo[n * d + j];
+      } else if (e < kBqkv) {
+        const int j = (e - kWoT) / kLdW, n = (e - kWoT) % kLdW;
+        if (n < D) value = wo[n * d + j];
+      } else if (e < kBo) {
+        const int m = e - kBqkv;
+        const float* bias = m < d ? bq : m < 2 * d ? bk : bv;
+        value = bias ? bias[m % d] : 0.f;
+      } else {
+        value = bo ? bo[e - kBo] : 0.f;
+      }
+      block[e] = value;
+    }
+  }
+
+  // A block's weights as the projections read them (see TensorCoreStackForward::Fragments), split as read.
+  struct Weights {
+    const float* block;
+    int g, t;
+    static __device__ __forceinline__ void split2(float w0, float w1, uint32_t (&hi)[2], uint32_t (&lo)[2]) {
+      split_tf32(w0, hi[0], lo[0]);
+      split_tf32(w1, hi[1], lo[1]);
+    }
+    // q|k|v: B[k][col = m] = W_m[8 step + 2 (k % 4) + k / 4], m = 8 tile + g (the rows' feature order)
+    __device__ __forceinline__ void wqkv(int tile, int step, uint32_t (&hi)[2], uint32_t (&lo)[2]) const {
+      const float2 w = *reinterpret_cast<const float2*>(block + kW + (8 * tile + g) * kLdW + 8 * step + 2 * t);
+      split2(w.x, w.y, hi, lo);
+    }
+    // y: B[k = j][col = n] = Wo[n][j], n = 8 tile + g
+    __device__ __forceinline__ void wo(int tile, uint32_t (&hi)[2], uint32_t (&lo)[2]) const {
+      const float* row = block + kWo;
+      split2(row[swizzled(8 * tile + g, t, d)], row[swizzled(8 * tile + g, t + 4, d)], hi, lo);
+    }
+    __device__ __forceinline__ float2 bqkv(int tile) const {
+      return *reinterpret_cast<const float2*>(block + kBqkv + 8 * tile + 2 * t);
+    }
+    __device__ __forceinline__ float2 bo(int tile) const {
+      return *reinterpret_cast<const float2*>(block + kBo + 8 * tile + 2 * t);
+    }
+    // gz = gy Wo: B[k][col = j] = Wo[8 step + 2 (k % 4) + k / 4][j], j = g (gy in the rows' feature order)
+    __device__ __forceinline__ void wo_t(int step, uint32_t (&hi)[2], uint32_t (&lo)[2]) const {
+      const float2 w = *reinterpret_cast<const float2*>(block + kWoT + g * kLdW + 8 * step + 2 * t);
+      split2(w.x, w.y, hi, lo);
+    }
+    // gx = g Wqkv: B[k = m][col = n] = W_m[n], m = 8 step + t (+ 4), n = 8 tile + g
+    __device__ __forceinline__ void w3(int tile, int step, uint32_t (&hi)[2], uint32_t (&lo)[2]) const {
+      const float* w = block + kW + (8 * step + t) * kLdW + 8 * tile + g;
+      split2(w[0], w[4 * kLdW], hi, lo);
+    }
+  };
+
+  static __device__ __forceinline__ void copy(const Rows& from, Rows& to) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int c = 0; c < kOutTiles; ++c)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) to[mt][c][r] = from[mt][c][r];
+  }
+
+  // Rows held as accumulators into a row-major tile (rows 32 warp + 0..31 of it).
+  static __device__ __forceinline__ void share(const Rows& rows, float* tile, int ld, int lane) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int c = 0; c < kOutTiles; ++c) {
+        float* at = tile + (16 * mt + g) * ld + 8 * c + 2 * t;
+        *reinterpret_cast<float2*>(at) = float2{rows[mt][c][0], rows[mt][c][1]};
+        *reinterpret_cast<float2*>(at + 8 * ld) = float2{rows[mt][c][2], rows[mt][c][3]};
+      }
+  }
+
+  // gz = gy Wo for the warp's rows, into columns 3d..4d-1 of its g|z rows (swizzled, as q|k|v).
+  static __device__ __forceinline__ void project_gz(const Weights& w, const Rows& gy, float* gs, int lane) {
+    const int g = lane / 4, t = lane % 4;
+    float acc[2][4] = {};
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      uint32_t b_hi[2], b_lo[2];
+      w.wo_t(step, b_hi, b_lo);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        uint32_t a_hi[4], a_lo[4];
+        Forward::rows_a(gy, mt, step, a_hi, a_lo);
+        mma_3xtf32(acc[mt], a_hi, a_lo, b_hi, b_lo);
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const int row = 16 * mt + g, col = 3 * d + 2 * t;
+      *reinterpret_cast<float2*>(gs + swizzled(row, col, Grads::kLdG)) = float2{acc[mt][0], acc[mt][1]};
+      *reinterpret_cast<float2*>(gs + swizzled(row + 8, col, Grads::kLdG)) = float2{acc[mt][2], acc[mt][3]};
+    }
+  }
+
+  // gy = (residual ? gy : 0) + g Wqkv for the warp's rows, g in their g|z rows (as share_gz wrote them).
+  template <bool kResidual>
+  static __device__ __forceinline__ void input_grad(const Weights& w, const float* gs, int lane, Rows& gy) {
+    const int g = lane / 4, t = lane % 4;
+    uint32_t a_hi[2][kGSteps][4], a_lo[2][kGSteps][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int step = 0; step < kGSteps; ++step) {
+        const float* at = gs + (16 * mt + g) * Grads::kLdG + 8 * step + t;
+        split_tf32(at[0], a_hi[mt][step][0], a_lo[mt][step][0]);
+        split_tf32(at[8 * Grads::kLdG], a_hi[mt][step][1], a_lo[mt][step][1]);
+        split_tf32(at[4], a_hi[mt][step][2], a_lo[mt][step][2]);
+        split_tf32(at[8 * Grads::kLdG + 4], a_hi[mt][step][3], a_lo[mt][step][3]);
+      }
+#pragma unroll
+    for (int tile = 0; tile < kOutTiles; ++tile)
+#pragma unroll
+      for (int step = 0; step < kGSteps; ++step) {
+        uint32_t b_hi[2], b_lo[2];
+        w.w3(tile, step, b_hi, b_lo);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          float(&acc)[4] = gy[mt][tile];
+          if (!kResidual && step == 0) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+          mma_3xtf32(acc, a_hi[mt][step], a_lo[mt][step], b_hi, b_lo);
+        }
+      }
+  }
+};
+
+// float32, float16 and bfloat16 activations, sm_80 and later (the launcher picks it in place of the rows
+// stack backward while the L blocks' weights and the tile fit in shared memory).
+template <typename scalar_t, int D, int d>
+__global__ void __launch_bounds__(kRowsThreads)
+    ultimus_stack_bwd_tc_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
+                                scalar_t* __restrict__ gx, float* __restrict__ partials,
+                                const float* __restrict__ packed, int L, float scale, int64_t B, bool residual) {
+  using S = TensorCoreStackBackward<D, d>;
+  using F = typename S::Forward;
+  using Grads = typename S::Grads;
+  ULTIMUS_DYNAMIC_SHARED(smem_raw);
+  float* weights = reinterpret_cast<float*>(smem_raw);
+  float* xs = weights + L * S::kBlockWords;
+  float* gys = xs + kRowsThreads * Grads::kLdX;
+  float* gs = gys + kRowsThreads * Grads::kLdX;
+  constexpr int dD = d * D, np = 4 * dD + 3 * d + D;
+  for (int block = 0; block < L; ++block) {  // packed rows are in the partial-row layout
+    const float* p = packed + int64_t(block) * np;
+    S::load(weights + block * S::kBlockWords, p, p + dD, p + 2 * dD, p + 3 * dD, p + 4 * dD, p + 4 * dD + d,
+            p + 4 * dD + 2 * d, p + 4 * dD + 3 * d);
+  }
+  float* my_partials = partials ? partials + int64_t(blockIdx.x) * L * np : nullptr;
+  if (my_partials)
+    for (int block = 0; block < L; ++block) Grads().template write<false>(my_partials + int64_t(block) * np);
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* warp_xs = xs + 32 * warp * Grads::kLdX;
+  float* warp_gys = gys + 32 * warp * Grads::kLdX;
+  float* warp_gs = gs + 32 * warp * Grads::kLdG;  // also the recomputed forwards' q|k|v scratch
+  const float scale_log2 = scale * kLog2e;
+  // Every warp of a thread block walks the same tiles: the weight gradients take block-wide barriers.
+  for (int64_t tile0 = int64_t(blockIdx.x) * kRowsThreads; tile0 < B; tile0 += int64_t(gridDim.x) * kRowsThreads) {
+    const int64_t row0 = tile0 + 32 * warp;
+    const bool live = row0 + lane < B;  // this lane's own row, in the attention's one-row-per-thread part
+    typename S::Rows g_rows;  // the gradient flowing back: of the stack's output, then of each block's input
+    F::load_rows(gy, row0, B, lane, g_rows);
+    // The input of the block after next, kept from this block's recomputation: every other block needs
+    // none (for L = 4, four block forwards per tile instead of six).
+    typename S::Rows kept;
+    bool have_kept = false;
+    for (int block = L - 1; block >= 0; --block) {
+      const typename S::Weights w{weights + block * S::kBlockWords, lane / 4, lane % 4};
+      {
+        typename S::Rows h;  // the block's input, recomputed from x
+        if (have_kept) {
+          S::copy(kept, h);
+          have_kept = false;
+        } else {
+          F::load_rows(x, row0, B, lane, h);
+          for (int earlier = 0; earlier < block; ++earlier) {
+            if (earlier == block - 1) {  // h is block - 1's input
+              S::copy(h, kept);
+              have_kept = true;
+            }
+            F::block_forward(typename S::Weights{weights + earlier * S::kBlockWords, lane / 4, lane % 4}, warp_gs,
+                             scale_log2, residual, lane, h);
+          }
+        }
+        F::project_qkv(w, h, warp_gs, lane);
+        if (my_partials) {
+          S::share(h, warp_xs, Grads::kLdX, lane);
+          S::share(g_rows, warp_gys, Grads::kLdX, lane);
+        }
+      }
+      S::project_gz(w, g_rows, warp_gs, lane);
+      __syncwarp();  // q|k|v|gz are shared
+      {
+        float qkv[3 * d], gz[d], g[3 * d], z[d];
+#pragma unroll
+        for (int c = 0; c < d; ++c) {
+          const float4 v = load4(warp_gs + swizzled(lane, 4 * c, Grads::kLdG));
+          float* dst = c < 3 * d / 4 ? qkv + 4 * c : gz + 4 * c - 3 * d;
+          dst[0] = v.x, dst[1] = v.y, dst[2] = v.z, dst[3] = v.w;
+        }
+        attention_backward_rows<d>(qkv, gz, scale, g, z);
+        Grads::share_gz(g, z, live, gs);  // over this lane's own row, which only it reads
+      }
+      if (my_partials) {
+        __syncthreads();  // the tile's rows are shared
+        Grads grads;
+        grads.accumulate(xs, gys, gs, kRowsThreads);
+        grads.template write<true>(my_partials + int64_t(block) * np);
+      } else {
+        __syncwarp();  // the warp's g rows are shared
+      }
+      if (block > 0 || gx) {
+        if (residual)
+          S::template input_grad<true>(w, warp_gs, lane, g_rows);
+        else
+          S::template input_grad<false>(w, warp_gs, lane, g_rows);
+      }
+      if (my_partials)
+        __syncthreads();  // the tile is read: the next block may overwrite it
+      else
+        __syncwarp();  // the warp's g rows are read
+    }
+    if (gx) F::store_rows(g_rows, row0, B, lane, gx);
   }
 }
 
@@ -1994,6 +2295,18 @@ bool stack_bwd_rows(const at::Tensor& gy, const at::Tensor& x, at::Tensor& gx, a
                     const at::Tensor& packed, int64_t L, bool residual, bool need_gx, bool need_gw) {
   if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
     if (!aligned16(x) || !aligned16(gy)) return false;
+    using S = TensorCoreStackBackward<kRowsD, kRowsAttnDim>;
+    if (S::smem_bytes(L) <= size_t(runtime::device_info().smem_optin)) {  // on the tensor cores (rows_apply: sm_80)
+      const auto kernel = ultimus_stack_bwd_tc_kernel<scalar_t, kRowsD, kRowsAttnDim>;
+      const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, S::smem_bytes(L));
+      if (need_gw)
+        partials = at::empty({cfg.blocks, L * num_params(kRowsD, kRowsAttnDim)}, x.options().dtype(at::kFloat));
+      runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, gy.const_data_ptr<scalar_t>(),
+                      x.const_data_ptr<scalar_t>(), need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+                      need_gw ? partials.mutable_data_ptr<float>() : nullptr, packed.const_data_ptr<float>(), int(L),
+                      float(1.0 / std::sqrt(double(kRowsAttnDim))), x.size(0), residual);
+      return true;
+    }
     const auto kernel = ultimus_stack_bwd_rows_kernel<scalar_t, kRowsD, kRowsAttnDim>;
     const auto cfg = persistent_grid(kernel, x.size(0), kRowsThreads, rows_bwd_smem(L, need_gw));
     if (need_gw)
