@@ -959,6 +959,17 @@ __global__ void __launch_bounds__(kRowsThreads)
   }
 }
 
+// Each block's weights of a stack, from the stack ops' packed rows (the partial-row layout of
+// ultimus.h, biases as zeros where absent): load(block, wq, wk, wv, wo, bq, bk, bv, bo), block = 0..L-1.
+template <int D, int d, typename Load>
+__device__ __forceinline__ void for_each_packed_block(const float* packed, int L, Load&& load) {
+  constexpr int dD = d * D, np = 4 * dD + 3 * d + D;
+  for (int block = 0; block < L; ++block) {
+    const float* p = packed + int64_t(block) * np;
+    load(block, p, p + dD, p + 2 * dD, p + 3 * dD, p + 4 * dD, p + 4 * dD + d, p + 4 * dD + 2 * d, p + 4 * dD + 3 * d);
+  }
+}
+
 // The stack forward: every block's RowsLayout in shared memory (L of them, as many as fit: the
 // launcher checks), the row carried through the blocks in registers.
 template <typename scalar_t, int D, int d>
@@ -968,12 +979,8 @@ __global__ void __launch_bounds__(kRowsThreads)
   using Layout = RowsLayout<D, d>;
   ULTIMUS_DYNAMIC_SHARED(smem_raw);
   float* sp = reinterpret_cast<float*>(smem_raw);
-  constexpr int dD = d * D, np = 4 * dD + 3 * d + D;
-  for (int block = 0; block < L; ++block) {  // packed rows are in the partial-row layout
-    const float* row = packed + int64_t(block) * np;
-    load_rows_params<D, d>(sp + block * Layout::kSize, row, row + dD, row + 2 * dD, row + 3 * dD, row + 4 * dD,
-                           row + 4 * dD + d, row + 4 * dD + 2 * d, row + 4 * dD + 3 * d);
-  }
+  for_each_packed_block<D, d>(packed, L,
+                              [&](int block, auto... w) { load_rows_params<D, d>(sp + block * Layout::kSize, w...); });
   __syncthreads();
   const float scale_log2 = scale * kLog2e;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -1001,16 +1008,13 @@ __global__ void __launch_bounds__(kRowsThreads)
   using Grads = TileParamGrads<D, d>;
   ULTIMUS_DYNAMIC_SHARED(smem_raw);
   float* sp = reinterpret_cast<float*>(smem_raw);
-  constexpr int dD = d * D, np = 4 * dD + 3 * d + D;
+  const int64_t np = num_params(D, d);
   const int rows = blockDim.x, t = threadIdx.x;
   float* xs = sp + L * Layout::kSize;
   float* gys = xs + rows * Grads::kLdX;
   float* gs = gys + rows * Grads::kLdX;
-  for (int block = 0; block < L; ++block) {  // packed rows are in the partial-row layout
-    const float* row = packed + int64_t(block) * np;
-    load_rows_params<D, d>(sp + block * Layout::kSize, row, row + dD, row + 2 * dD, row + 3 * dD, row + 4 * dD,
-                           row + 4 * dD + d, row + 4 * dD + 2 * d, row + 4 * dD + 3 * d);
-  }
+  for_each_packed_block<D, d>(packed, L,
+                              [&](int block, auto... w) { load_rows_params<D, d>(sp + block * Layout::kSize, w...); });
   float* my_partials = partials ? partials + int64_t(blockIdx.x) * L * np : nullptr;
   if (my_partials)
     for (int block = 0; block < L; ++block) Grads().template write<false>(my_partials + int64_t(block) * np);
@@ -1713,12 +1717,7 @@ __global__ void __launch_bounds__(kRowsThreads)
   using F = TensorCoreStackForward<D, d>;
   ULTIMUS_DYNAMIC_SHARED(smem_raw);
   uint32_t* frags = reinterpret_cast<uint32_t*>(smem_raw);
-  constexpr int dD = d * D, np = 4 * dD + 3 * d + D;
-  for (int block = 0; block < L; ++block) {  // packed rows are in the partial-row layout
-    const float* p = packed + int64_t(block) * np;
-    F::load(frags + block * F::kBlockWords, p, p + dD, p + 2 * dD, p + 3 * dD, p + 4 * dD, p + 4 * dD + d,
-            p + 4 * dD + 2 * d, p + 4 * dD + 3 * d);
-  }
+  for_each_packed_block<D, d>(packed, L, [&](int block, auto... w) { F::load(frags + block * F::kBlockWords, w...); });
   __syncthreads();  // the only block-wide barrier: from here each warp works alone
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* qs = reinterpret_cast<float*>(frags + L * F::kBlockWords) + warp * F::kWarpWords;  // q|k|v, then z
@@ -1919,12 +1918,9 @@ __global__ void __launch_bounds__(kRowsThreads)
   float* xs = weights + L * S::kBlockWords;
   float* gys = xs + kRowsThreads * Grads::kLdX;
   float* gs = gys + kRowsThreads * Grads::kLdX;
-  constexpr int dD = d * D, np = 4 * dD + 3 * d + D;
-  for (int block = 0; block < L; ++block) {  // packed rows are in the partial-row layout
-    const float* p = packed + int64_t(block) * np;
-    S::load(weights + block * S::kBlockWords, p, p + dD, p + 2 * dD, p + 3 * dD, p + 4 * dD, p + 4 * dD + d,
-            p + 4 * dD + 2 * d, p + 4 * dD + 3 * d);
-  }
+  const int64_t np = num_params(D, d);
+  for_each_packed_block<D, d>(packed, L,
+                              [&](int block, auto... w) { S::load(weights + block * S::kBlockWords, w...); });
   float* my_partials = partials ? partials + int64_t(blockIdx.x) * L * np : nullptr;
   if (my_partials)
     for (int block = 0; block < L; ++block) Grads().template write<false>(my_partials + int64_t(block) * np);
