@@ -1252,27 +1252,115 @@ __global__ void __launch_bounds__(kRowsThreads)
 }
 
 // ------------------------------------------------------------------------------------------------
+// A warp's rows as tensor-core fragments
+// ------------------------------------------------------------------------------------------------
+// 32 rows of D features held by a warp as m16n8k8 accumulators: lane (g, t) holds columns 8 c + 2 t and
+// 8 c + 2 t + 1 of rows g and g + 8 of each 16-row half, c = 0..D/8-1. Taken in that order (features
+// 2 t, 2 t + 1 of a chunk as k = t, t + 4), the same registers are the A fragments of a product over
+// the features, with no data movement: the weight fragments of such products list their k in the order
+// 0, 2, 4, 6, 1, 3, 5, 7 of each chunk. Read from and written to device memory straight from the
+// registers: each group of four lanes covers 32 contiguous bytes of a row (fp32).
+template <int D>
+struct FragmentRows {
+  static constexpr int kChunks = D / 8;
+  using Regs = float[2][kChunks][4];  // [16-row half][8-feature chunk][accumulator register]
+
+  // Rows row0 + 0..31 from a (B, D) row-major tensor with 16-byte-aligned rows; rows past B are zeros.
+  template <typename scalar_t>
+  static __device__ __forceinline__ void load(const scalar_t* __restrict__ x, int64_t row0, int64_t B, int lane,
+                                              Regs& rows) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t b = row0 + 16 * mt + 8 * half + lane / 4;
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+          const float2 v = b < B ? load_pair(x + b * D + 8 * c + 2 * (lane % 4)) : float2{0.f, 0.f};
+          rows[mt][c][2 * half] = v.x, rows[mt][c][2 * half + 1] = v.y;
+        }
+      }
+  }
+  template <typename scalar_t>
+  static __device__ __forceinline__ void store(const Regs& rows, int64_t row0, int64_t B, int lane,
+                                               scalar_t* __restrict__ y) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t b = row0 + 16 * mt + 8 * half + lane / 4;
+        if (b < B)
+#pragma unroll
+          for (int c = 0; c < kChunks; ++c)
+            store_pair(rows[mt][c][2 * half], rows[mt][c][2 * half + 1], y + b * D + 8 * c + 2 * (lane % 4));
+      }
+  }
+
+  // The A fragment of chunk `c` of half `mt`: A[g][k], A[g + 8][k], A[g][k + 4], A[g + 8][k + 4] are
+  // features 2 t and 2 t + 1 of rows g and g + 8. As tf32 bits (for values exact in tf32: half
+  // precision), or split into tf32 hi and lo (3xTF32).
+  static __device__ __forceinline__ void a_bits(const Regs& rows, int mt, int c, uint32_t (&a)[4]) {
+    memcpy(&a[0], &rows[mt][c][0], 4);
+    memcpy(&a[1], &rows[mt][c][2], 4);
+    memcpy(&a[2], &rows[mt][c][1], 4);
+    memcpy(&a[3], &rows[mt][c][3], 4);
+  }
+  static __device__ __forceinline__ void a_split(const Regs& rows, int mt, int c, uint32_t (&hi)[4],
+                                                 uint32_t (&lo)[4]) {
+    split_tf32(rows[mt][c][0], hi[0], lo[0]);
+    split_tf32(rows[mt][c][2], hi[1], lo[1]);
+    split_tf32(rows[mt][c][1], hi[2], lo[2]);
+    split_tf32(rows[mt][c][3], hi[3], lo[3]);
+  }
+
+  // Into a row-major tile of stride `ld` (natural feature order), rows 0..31 of `tile`.
+  static __device__ __forceinline__ void share(const Regs& rows, float* tile, int ld, int lane) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        float* at = tile + (16 * mt + g) * ld + 8 * c + 2 * t;
+        *reinterpret_cast<float2*>(at) = float2{rows[mt][c][0], rows[mt][c][1]};
+        *reinterpret_cast<float2*>(at + 8 * ld) = float2{rows[mt][c][2], rows[mt][c][3]};
+      }
+  }
+
+  static __device__ __forceinline__ void copy(const Regs& from, Regs& to) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) to[mt][c][r] = from[mt][c][r];
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
 // The half-precision backward with its projections on the tensor cores
 // ------------------------------------------------------------------------------------------------
 // With float16 or bfloat16 rows the rows backward moves half the bytes of fp32 for the same fp32 FMAs,
 // and its projections (q|k|v and gz from the rows, gx from g: 2.7k FMAs per sample) bound it. Here they
-// run as tf32 mma.sync on the tile in shared memory. A half-precision value is exact in tf32 (10
-// mantissa bits, fp32's range), so x W^T = x w_hi + x w_lo and gy Wo the same way are as exact as fp32
-// in two products (w = w_hi + w_lo, both tf32, to 2^-21 |w|); gx = W^T g takes 3xTF32, g being fp32.
-// The weights' tf32 halves sit in shared memory as per-lane fragments. The tile (x, gy, then g|z rows)
-// is TileParamGrads' own, so the parameter gradients are summed from it as in the rows backward. Each
-// warp projects its own 32 rows (no block barrier); q|k|v|gz land in the g|z rows, which the attention
-// then overwrites with g|z, and gx lands in the x rows once the parameter gradients have read them.
+// run as tf32 mma.sync. A half-precision value is exact in tf32 (10 mantissa bits, fp32's range), so
+// x W^T = x w_hi + x w_lo and gy Wo the same way are as exact as fp32 in two products (w = w_hi + w_lo,
+// both tf32, to 2^-21 |w|); gx = W^T g takes 3xTF32, g being fp32. The weights' tf32 halves sit in
+// shared memory as per-lane fragments. Each warp holds its 32 rows of x and gy as FragmentRows, read
+// from device memory straight into the A fragments of the projections; gx accumulates onto gy's
+// registers (the residual) and goes straight back. The parameter gradients are TileParamGrads' over the
+// tile in shared memory (x, gy and g|z rows), as in the rows backward; q|k|v|gz land in the g|z rows,
+// which the attention then overwrites with g|z. Each warp projects its own rows (no block barrier).
 template <int D, int d>
 struct TensorCoreProjections {
   static_assert(D == 48 && d == 8 && kRowsThreads == 128, "the fragments below are laid out for D = 48, d = 8");
   using Grads = TileParamGrads<D, d>;
+  using Rows = typename FragmentRows<D>::Regs;
   static constexpr int kLdX = Grads::kLdX, kLdG = Grads::kLdG;
   static constexpr int kSteps = D / 8, kQkvTiles = 3 * d / 8, kGSteps = 3 * d / 8, kOutTiles = D / 8;  // 6 3 3 6
   // Fragments [f][lane]. B of m16n8k8 holds B[k = t][n = g] (reg 0) and B[k = t + 4][n = g] (reg 1);
   // each weight fragment comes as its tf32 hi then lo, so f % 2 is the half:
   //   Wqkv [kQkvTiles][kSteps][2 regs][hi, lo]: B[k = n][col = m] = W_m[n]   (q|k|v = x Wqkv^T)
   //   Wo   [kSteps][2 regs][hi, lo]:            B[k = n][col = j] = Wo[n][j] (gz = gy Wo)
+  //        (n of both in FragmentRows' order: k = t, t + 4 of step s are features 8 s + 2 t, 8 s + 2 t + 1)
   //   W3   [kOutTiles][kGSteps][2 regs][hi, lo]: B[k = m][col = n] = W_m[n]  (gx = g Wqkv)
   //   bqkv [kQkvTiles][2]: the bias of accumulator column 8 tile + 2 t + 0..1
   static constexpr int kWqkv = 0, kWo = kWqkv + kQkvTiles * kSteps * 4, kW3 = kWo + kSteps * 4,
@@ -1301,13 +1389,13 @@ struct TensorCoreProjections {
         continue;
       }
       float w;
-      if (f < kWo) {
+      if (f < kWqkv + kQkvTiles * kSteps * 4) {  // k in FragmentRows' feature order
         const int i = f - kWqkv, tile = i / (4 * kSteps), step = i / 4 % kSteps, reg = i / 2 % 2;
-        const int m = 8 * tile + g, n = 8 * step + t + 4 * reg;
+        const int m = 8 * tile + g, n = 8 * step + 2 * t + reg;
         w = (m < d ? wq : m < 2 * d ? wk : wv)[(m % d) * D + n];
-      } else if (f < kW3) {
+      } else if (f < kW3) {  // likewise
         const int i = f - kWo, step = i / 4, reg = i / 2 % 2;
-        w = wo_w[(8 * step + t + 4 * reg) * d + g];
+        w = wo_w[(8 * step + 2 * t + reg) * d + g];
       } else {
         const int i = f - kW3, tile = i / (4 * kGSteps), step = i / 4 % kGSteps, reg = i / 2 % 2;
         const int m = 8 * step + t + 4 * reg, n = 8 * tile + g;
@@ -1319,17 +1407,10 @@ struct TensorCoreProjections {
     }
   }
 
-  // A of m16n8k8 from a row-major tile: A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4] at `at`.
-  static __device__ __forceinline__ void a_bits(const float* at, int ld, uint32_t (&a)[4]) {
-    memcpy(&a[0], at, 4);
-    memcpy(&a[1], at + 8 * ld, 4);
-    memcpy(&a[2], at + 4, 4);
-    memcpy(&a[3], at + 8 * ld + 4, 4);
-  }
-
-  // q|k|v = x Wqkv^T + b and gz = gy Wo for rows 32 warp + 0..31, into columns 0..4d of their g|z rows.
-  // Both 16-row halves per step: each weight fragment is read once per tile.
-  static __device__ __forceinline__ void project(const uint32_t* frag, const float* xs, const float* gys, float* gs,
+  // q|k|v = x Wqkv^T + b and gz = gy Wo for rows 32 warp + 0..31 (x and gy held as FragmentRows), into
+  // columns 0..4d of their g|z rows. Both 16-row halves per step: each weight fragment is read once per
+  // tile.
+  static __device__ __forceinline__ void project(const uint32_t* frag, const Rows& x, const Rows& gy, float* gs,
                                                  int warp, int g, int t) {
     const int r0 = 32 * warp + g;
     float acc[2][kQkvTiles + 1][4];
@@ -1348,8 +1429,8 @@ struct TensorCoreProjections {
       uint32_t ax[2][4], agy[2][4];  // exact in tf32: no lo parts
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
-        a_bits(xs + (r0 + 16 * mt) * kLdX + 8 * step + t, kLdX, ax[mt]);
-        a_bits(gys + (r0 + 16 * mt) * kLdX + 8 * step + t, kLdX, agy[mt]);
+        FragmentRows<D>::a_bits(x, mt, step, ax[mt]);
+        FragmentRows<D>::a_bits(gy, mt, step, agy[mt]);
       }
 #pragma unroll
       for (int tile = 0; tile <= kQkvTiles; ++tile) {
@@ -1374,16 +1455,28 @@ struct TensorCoreProjections {
       }
   }
 
-  // gx = (residual ? gy : 0) + g Wqkv for rows 32 warp + 0..31 (g in their g|z rows), into their x rows.
-  static __device__ __forceinline__ void input_grad(const uint32_t* frag, const float* gs, const float* gys, float* xs,
-                                                    bool residual, int warp, int g, int t) {
-    const int r0 = 32 * warp + g;
+  // W3 of this struct's fragments, as input_grad reads it: B[k = m][col = n] = W_m[n], m = 8 step + t
+  // (+ 4), n = 8 tile + g, as tf32 hi and lo.
+  struct W3Fragments {
+    const uint32_t* frag;  // this lane's word of fragment 0
+    __device__ __forceinline__ void w3(int tile, int step, uint32_t (&hi)[2], uint32_t (&lo)[2]) const {
+      const int f0 = TensorCoreProjections::w3(tile, step, 0), f1 = TensorCoreProjections::w3(tile, step, 1);
+      hi[0] = frag[32 * f0], hi[1] = frag[32 * f1], lo[0] = frag[32 * (f0 + 1)], lo[1] = frag[32 * (f1 + 1)];
+    }
+  };
+
+  // gy = (residual ? gy : 0) + g Wqkv for a warp's rows (FragmentRows) in 3xTF32, g in the warp's g|z
+  // rows `gs` (as share_gz wrote them): gx, in place. W3 from weights.w3 (W3Fragments or the stack's).
+  template <typename Weights>
+  static __device__ __forceinline__ void input_grad(const Weights& weights, const float* gs, bool residual, int lane,
+                                                    Rows& gy) {
+    const int g = lane / 4, t = lane % 4;
     uint32_t a_hi[2][kGSteps][4], a_lo[2][kGSteps][4];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
       for (int step = 0; step < kGSteps; ++step) {
-        const float* at = gs + (r0 + 16 * mt) * kLdG + 8 * step + t;
+        const float* at = gs + (16 * mt + g) * kLdG + 8 * step + t;
         split_tf32(at[0], a_hi[mt][step][0], a_lo[mt][step][0]);
         split_tf32(at[8 * kLdG], a_hi[mt][step][1], a_lo[mt][step][1]);
         split_tf32(at[4], a_hi[mt][step][2], a_lo[mt][step][2]);
@@ -1391,28 +1484,16 @@ struct TensorCoreProjections {
       }
 #pragma unroll
     for (int tile = 0; tile < kOutTiles; ++tile) {
-      float acc[2][4];
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        const float* gy0 = gys + (r0 + 16 * mt) * kLdX + 8 * tile + 2 * t;
-        const bool r = residual;
-        acc[mt][0] = r ? gy0[0] : 0.f, acc[mt][1] = r ? gy0[1] : 0.f;
-        acc[mt][2] = r ? gy0[8 * kLdX] : 0.f, acc[mt][3] = r ? gy0[8 * kLdX + 1] : 0.f;
-      }
 #pragma unroll
       for (int step = 0; step < kGSteps; ++step) {
-        const int f0 = w3(tile, step, 0), f1 = w3(tile, step, 1);
-        const uint32_t hi[2] = {frag[32 * f0], frag[32 * f1]}, lo[2] = {frag[32 * (f0 + 1)], frag[32 * (f1 + 1)]};
+        uint32_t hi[2], lo[2];
+        weights.w3(tile, step, hi, lo);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
-          mma_3xtf32(acc[mt], a_hi[mt][step], a_lo[mt][step], hi, lo);
+          float(&acc)[4] = gy[mt][tile];
+          if (!residual && step == 0) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+          mma_3xtf32(acc, a_hi[mt][step], a_lo[mt][step], hi, lo);
         }
-      }
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        float* out = xs + (r0 + 16 * mt) * kLdX + 8 * tile + 2 * t;
-        *reinterpret_cast<float2*>(out) = float2{acc[mt][0], acc[mt][1]};
-        *reinterpret_cast<float2*>(out + 8 * kLdX) = float2{acc[mt][2], acc[mt][3]};
       }
     }
   }
@@ -1437,23 +1518,22 @@ __global__ void __launch_bounds__(kRowsThreads)
   P::load(frags, p.wq, p.wk, p.wv, p.wo, p.bq, p.bk, p.bv);
   __syncthreads();
   const uint32_t* frag = frags + lane;  // frag[32 f]: this lane's word of fragment f
+  using Rows = FragmentRows<D>;
   for (int64_t row0 = int64_t(blockIdx.x) * kRowsThreads; row0 < B; row0 += int64_t(gridDim.x) * kRowsThreads) {
-    const int64_t b = row0 + t;
-    const bool live = b < B;
+    const int64_t warp_row0 = row0 + 32 * warp;
+    const bool live = row0 + t < B;  // this thread's own row, in the attention's one-row-per-thread part
+    typename Rows::Regs gy_rows;  // gy, then gx
     {
-      float row[D];
-      if (live) load_row<scalar_t, D>(x + b * D, row);
-#pragma unroll
-      for (int n = 0; n < D; ++n) row[n] = live ? row[n] : 0.f;
-      share_row<D>(row, xs + t * P::kLdX);
-      if (live) load_row<scalar_t, D>(gy + b * D, row);
-#pragma unroll
-      for (int n = 0; n < D; ++n) row[n] = live ? row[n] : 0.f;
-      share_row<D>(row, gys + t * P::kLdX);
+      typename Rows::Regs x_rows;
+      Rows::load(x, warp_row0, B, lane, x_rows);
+      Rows::load(gy, warp_row0, B, lane, gy_rows);
+      P::project(frag, x_rows, gy_rows, gs, warp, lane / 4, lane % 4);
+      if (my_partial) {
+        Rows::share(x_rows, xs + 32 * warp * P::kLdX, P::kLdX, lane);
+        Rows::share(gy_rows, gys + 32 * warp * P::kLdX, P::kLdX, lane);
+      }
     }
-    __syncwarp();  // the warp's rows are shared
-    P::project(frag, xs, gys, gs, warp, lane / 4, lane % 4);
-    __syncwarp();  // and projected
+    __syncwarp();  // q|k|v|gz are shared
     float qkv[3 * d], gz[d], g[3 * d], z[d];
 #pragma unroll
     for (int c = 0; c < d; ++c) {
@@ -1468,24 +1548,15 @@ __global__ void __launch_bounds__(kRowsThreads)
       Grads grads;
       grads.accumulate(xs, gys, gs, kRowsThreads);
       grads.template write<true>(my_partial);
-      __syncthreads();  // and read: gx and the next tile may overwrite them
+      __syncthreads();  // and read: the next tile may overwrite them
     } else {
       __syncwarp();  // the warp's g rows are shared
     }
     if (gx) {
-      P::input_grad(frag, gs, gys, xs, residual, warp, lane / 4, lane % 4);
-      __syncwarp();  // the warp's gx rows are in its x rows
-      if (live) {
-        float row[D];
-#pragma unroll
-        for (int c = 0; c < D / 4; ++c) {
-          const float4 v = load4(xs + t * P::kLdX + 4 * c);
-          row[4 * c] = v.x, row[4 * c + 1] = v.y, row[4 * c + 2] = v.z, row[4 * c + 3] = v.w;
-        }
-        store_row<scalar_t, D>(row, gx + b * D);
-      }
+      P::input_grad(typename P::W3Fragments{frag}, gs + 32 * warp * P::kLdG, residual, lane, gy_rows);
+      Rows::store(gy_rows, warp_row0, B, lane, gx);
     }
-    __syncwarp();  // the warp's rows are read before the next tile overwrites them
+    __syncwarp();  // the warp's g rows are read before the next tile overwrites them
   }
 }
 
@@ -1495,16 +1566,13 @@ __global__ void __launch_bounds__(kRowsThreads)
 // A stack of L blocks does L times one block's FMAs for the same bytes, so FMAs bound the rows stack
 // forward (34% of copy bandwidth for L = 4 in the offline model). Here both projections of every block
 // run as tf32 mma.sync in 3xTF32 (the rows between blocks are fp32, so both factors are split) and the
-// attention stays one row per thread. A warp carries 32 rows through all L blocks in its registers,
-// as the accumulators of the output projection: lane (g, t) holds columns 8 c + 2 t and 8 c + 2 t + 1
-// of rows g and g + 8 of each 16-row half, for c = 0..5. With the input features of each 8-column
-// chunk taken in the order 0, 2, 4, 6, 1, 3, 5, 7 (the weight fragments are laid out so), those very
-// registers are the A fragments of the next block's q|k|v projection, and they start the output
-// projection's accumulators as the residual: the rows never go back to shared memory, which only turns
-// q|k|v to one row per thread for the attention and z back to A fragments. Only the first read and the
-// last write touch device memory, straight from and to the fragments (each group of 4 lanes covers 32
-// contiguous bytes of a row). Every block's weights sit in shared memory as per-lane fragments (L
-// blocks of them: the launcher checks they fit), so after the first barrier no warp waits for another.
+// attention stays one row per thread. A warp carries 32 rows through all L blocks in its registers as
+// FragmentRows: the accumulators of one block's output projection are the A fragments of the next
+// block's q|k|v projection as they stand, and start the next output projection's accumulators as the
+// residual. So the rows never go back to shared memory, which only turns q|k|v to one row per thread
+// for the attention and z back to A fragments; only the first read and the last write touch device
+// memory. Every block's weights sit in shared memory as per-lane fragments (L blocks of them: the
+// launcher checks they fit), so after the first barrier no warp waits for another.
 template <int D, int d>
 struct TensorCoreStackForward {
   static_assert(D == 48 && d == 8 && kRowsThreads == 128, "the fragments below are laid out for D = 48, d = 8");
@@ -1524,7 +1592,7 @@ struct TensorCoreStackForward {
   static constexpr size_t smem_bytes(int64_t L) {
     return (size_t(L) * kBlockWords + size_t(kRowsThreads / 32) * kWarpWords) * sizeof(uint32_t);
   }
-  using Rows = float[2][kOutTiles][4];  // a warp's rows as accumulators: [16-row half][column chunk][reg]
+  using Rows = typename FragmentRows<D>::Regs;
 
   // Fills one block's fragments from its weights and biases (null: zeros).
   static __device__ void load(uint32_t* frags, const float* wq, const float* wk, const float* wv, const float* wo,
@@ -1554,37 +1622,6 @@ struct TensorCoreStackForward {
     }
   }
 
-  // The rows of a warp's tile from device memory (rows past B: zeros), and back.
-  template <typename scalar_t>
-  static __device__ __forceinline__ void load_rows(const scalar_t* __restrict__ x, int64_t row0, int64_t B, int lane,
-                                                   Rows& rows) {
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t b = row0 + 16 * mt + 8 * half + lane / 4;
-#pragma unroll
-        for (int c = 0; c < kOutTiles; ++c) {
-          const float2 v = b < B ? load_pair(x + b * D + 8 * c + 2 * (lane % 4)) : float2{0.f, 0.f};
-          rows[mt][c][2 * half] = v.x, rows[mt][c][2 * half + 1] = v.y;
-        }
-      }
-  }
-  template <typename scalar_t>
-  static __device__ __forceinline__ void store_rows(const Rows& rows, int64_t row0, int64_t B, int lane,
-                                                    scalar_t* __restrict__ y) {
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t b = row0 + 16 * mt + 8 * half + lane / 4;
-        if (b < B)
-#pragma unroll
-          for (int c = 0; c < kOutTiles; ++c)
-            store_pair(rows[mt][c][2 * half], rows[mt][c][2 * half + 1], y + b * D + 8 * c + 2 * (lane % 4));
-      }
-  }
-
   // A block's weights as project_qkv and project_out read them, from this struct's fragments (the
   // stack backward has its own source, with the same methods): B fragments as tf32 hi and lo, and the
   // biases of the accumulator columns a lane holds.
@@ -1607,16 +1644,6 @@ struct TensorCoreStackForward {
     }
   };
 
-  // The A fragments of a warp's rows for the 8-feature chunk `step`, split into tf32 hi and lo:
-  // A[g][k], A[g + 8][k], A[g][k + 4], A[g + 8][k + 4] are features 2 t and 2 t + 1 of rows g, g + 8.
-  static __device__ __forceinline__ void rows_a(const Rows& rows, int mt, int step, uint32_t (&hi)[4],
-                                                uint32_t (&lo)[4]) {
-    split_tf32(rows[mt][step][0], hi[0], lo[0]);
-    split_tf32(rows[mt][step][2], hi[1], lo[1]);
-    split_tf32(rows[mt][step][1], hi[2], lo[2]);
-    split_tf32(rows[mt][step][3], hi[3], lo[3]);
-  }
-
   // q|k|v = x Wqkv^T + b for the warp's rows, into `qs`. Each weight fragment is read once per tile.
   template <typename Weights>
   static __device__ __forceinline__ void project_qkv(const Weights& w, const Rows& rows, float* qs, int lane) {
@@ -1635,7 +1662,7 @@ struct TensorCoreStackForward {
     for (int step = 0; step < kSteps; ++step) {
       uint32_t a_hi[2][4], a_lo[2][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) rows_a(rows, mt, step, a_hi[mt], a_lo[mt]);
+      for (int mt = 0; mt < 2; ++mt) FragmentRows<D>::a_split(rows, mt, step, a_hi[mt], a_lo[mt]);
 #pragma unroll
       for (int tile = 0; tile < kQkvTiles; ++tile) {
         uint32_t b_hi[2], b_lo[2];
@@ -1724,11 +1751,11 @@ __global__ void __launch_bounds__(kRowsThreads)
   const float scale_log2 = scale * kLog2e;
   for (int64_t row0 = (int64_t(blockIdx.x) * 4 + warp) * 32; row0 < B; row0 += int64_t(gridDim.x) * kRowsThreads) {
     typename F::Rows rows;
-    F::load_rows(x, row0, B, lane, rows);
+    FragmentRows<D>::load(x, row0, B, lane, rows);
     for (int block = 0; block < L; ++block)
       F::block_forward(typename F::Fragments{frags + block * F::kBlockWords, lane}, qs, scale_log2, residual, lane,
                        rows);
-    F::store_rows(rows, row0, B, lane, y);
+    FragmentRows<D>::store(rows, row0, B, lane, y);
   }
 }
 
@@ -1737,21 +1764,20 @@ __global__ void __launch_bounds__(kRowsThreads)
 // ------------------------------------------------------------------------------------------------
 // The rows stack backward does, per block and sample, the FMAs of a block's backward plus those of the
 // block forwards that recompute its input (six for L = 4), so FMAs bound it (15% of copy bandwidth in
-// the model). Here every product runs as tf32 mma.sync in 3xTF32, on the warp-held rows of the stack
-// forward (TensorCoreStackForward): per tile, the blocks in reverse, block l's input recomputed from x
-// through blocks 0..l-1 in registers, then q|k|v = h Wqkv^T + b and gz = gy Wo from the fragments, the
-// attention's backward one row per thread, the weight gradients of the whole tile by TileParamGrads,
-// and gx = (residual ? gy : 0) + g Wqkv straight into the registers that held gy. The incoming gradient
-// is kept as accumulators (the forward's permuted feature order makes them A fragments for gz as they
-// stand). Shared memory holds every block's weights once, as floats (two copies of Wo), split into
-// tf32 hi and lo as they are read: the pre-split fragments of all four uses would not fit beside the
-// tile with two thread blocks per SM.
+// the model). Here every product runs as tf32 mma.sync in 3xTF32 on rows held as FragmentRows: per
+// tile, the blocks in reverse, block l's input recomputed from x through blocks 0..l-1 by the stack
+// forward's code, then q|k|v = h Wqkv^T + b and gz = gy Wo, the attention's backward one row per
+// thread, the weight gradients of the whole tile by TileParamGrads, and gx = (residual ? gy : 0) +
+// g Wqkv (TensorCoreProjections::input_grad) straight into the registers that held gy. Shared memory
+// holds every block's weights once, as floats (two copies of Wo), split into tf32 hi and lo as they
+// are read: the pre-split fragments of all four uses would not fit beside the tile with two thread
+// blocks per SM.
 template <int D, int d>
 struct TensorCoreStackBackward {
   using Forward = TensorCoreStackForward<D, d>;
   using Grads = TileParamGrads<D, d>;
   using Rows = typename Forward::Rows;
-  static constexpr int kSteps = Forward::kSteps, kOutTiles = Forward::kOutTiles, kGSteps = 3 * d / 8;  // 6 6 3
+  static constexpr int kSteps = Forward::kSteps;
   // One block's weights, in floats; strides chosen so that every fragment read below is conflict-free:
   //   W    [3d][kLdW]  W_m[n] (wq | wk | wv rows)
   //   Wo   [D][d]      Wo[n][j] at swizzled(n, j, d)
@@ -1827,28 +1853,6 @@ struct TensorCoreStackBackward {
     }
   };
 
-  static __device__ __forceinline__ void copy(const Rows& from, Rows& to) {
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int c = 0; c < kOutTiles; ++c)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) to[mt][c][r] = from[mt][c][r];
-  }
-
-  // Rows held as accumulators into a row-major tile (rows 32 warp + 0..31 of it).
-  static __device__ __forceinline__ void share(const Rows& rows, float* tile, int ld, int lane) {
-    const int g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int c = 0; c < kOutTiles; ++c) {
-        float* at = tile + (16 * mt + g) * ld + 8 * c + 2 * t;
-        *reinterpret_cast<float2*>(at) = float2{rows[mt][c][0], rows[mt][c][1]};
-        *reinterpret_cast<float2*>(at + 8 * ld) = float2{rows[mt][c][2], rows[mt][c][3]};
-      }
-  }
-
   // gz = gy Wo for the warp's rows, into columns 3d..4d-1 of its g|z rows (swizzled, as q|k|v).
   static __device__ __forceinline__ void project_gz(const Weights& w, const Rows& gy, float* gs, int lane) {
     const int g = lane / 4, t = lane % 4;
@@ -1860,7 +1864,7 @@ struct TensorCoreStackBackward {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
         uint32_t a_hi[4], a_lo[4];
-        Forward::rows_a(gy, mt, step, a_hi, a_lo);
+        FragmentRows<D>::a_split(gy, mt, step, a_hi, a_lo);
         mma_3xtf32(acc[mt], a_hi, a_lo, b_hi, b_lo);
       }
     }
@@ -1872,35 +1876,6 @@ struct TensorCoreStackBackward {
     }
   }
 
-  // gy = (residual ? gy : 0) + g Wqkv for the warp's rows, g in their g|z rows (as share_gz wrote them).
-  template <bool kResidual>
-  static __device__ __forceinline__ void input_grad(const Weights& w, const float* gs, int lane, Rows& gy) {
-    const int g = lane / 4, t = lane % 4;
-    uint32_t a_hi[2][kGSteps][4], a_lo[2][kGSteps][4];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int step = 0; step < kGSteps; ++step) {
-        const float* at = gs + (16 * mt + g) * Grads::kLdG + 8 * step + t;
-        split_tf32(at[0], a_hi[mt][step][0], a_lo[mt][step][0]);
-        split_tf32(at[8 * Grads::kLdG], a_hi[mt][step][1], a_lo[mt][step][1]);
-        split_tf32(at[4], a_hi[mt][step][2], a_lo[mt][step][2]);
-        split_tf32(at[8 * Grads::kLdG + 4], a_hi[mt][step][3], a_lo[mt][step][3]);
-      }
-#pragma unroll
-    for (int tile = 0; tile < kOutTiles; ++tile)
-#pragma unroll
-      for (int step = 0; step < kGSteps; ++step) {
-        uint32_t b_hi[2], b_lo[2];
-        w.w3(tile, step, b_hi, b_lo);
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          float(&acc)[4] = gy[mt][tile];
-          if (!kResidual && step == 0) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-          mma_3xtf32(acc, a_hi[mt][step], a_lo[mt][step], b_hi, b_lo);
-        }
-      }
-  }
 };
 
 // float32, float16 and bfloat16 activations, sm_80 and later (the launcher picks it in place of the rows
@@ -1935,7 +1910,7 @@ __global__ void __launch_bounds__(kRowsThreads)
     const int64_t row0 = tile0 + 32 * warp;
     const bool live = row0 + lane < B;  // this lane's own row, in the attention's one-row-per-thread part
     typename S::Rows g_rows;  // the gradient flowing back: of the stack's output, then of each block's input
-    F::load_rows(gy, row0, B, lane, g_rows);
+    FragmentRows<D>::load(gy, row0, B, lane, g_rows);
     // The input of the block after next, kept from this block's recomputation: every other block needs
     // none (for L = 4, four block forwards per tile instead of six).
     typename S::Rows kept;
@@ -1945,13 +1920,13 @@ __global__ void __launch_bounds__(kRowsThreads)
       {
         typename S::Rows h;  // the block's input, recomputed from x
         if (have_kept) {
-          S::copy(kept, h);
+          FragmentRows<D>::copy(kept, h);
           have_kept = false;
         } else {
-          F::load_rows(x, row0, B, lane, h);
+          FragmentRows<D>::load(x, row0, B, lane, h);
           for (int earlier = 0; earlier < block; ++earlier) {
             if (earlier == block - 1) {  // h is block - 1's input
-              S::copy(h, kept);
+              FragmentRows<D>::copy(h, kept);
               have_kept = true;
             }
             F::block_forward(typename S::Weights{weights + earlier * S::kBlockWords, lane / 4, lane % 4}, warp_gs,
@@ -1960,8 +1935,8 @@ __global__ void __launch_bounds__(kRowsThreads)
         }
         F::project_qkv(w, h, warp_gs, lane);
         if (my_partials) {
-          S::share(h, warp_xs, Grads::kLdX, lane);
-          S::share(g_rows, warp_gys, Grads::kLdX, lane);
+          FragmentRows<D>::share(h, warp_xs, Grads::kLdX, lane);
+          FragmentRows<D>::share(g_rows, warp_gys, Grads::kLdX, lane);
         }
       }
       S::project_gz(w, g_rows, warp_gs, lane);
@@ -1985,18 +1960,13 @@ __global__ void __launch_bounds__(kRowsThreads)
       } else {
         __syncwarp();  // the warp's g rows are shared
       }
-      if (block > 0 || gx) {
-        if (residual)
-          S::template input_grad<true>(w, warp_gs, lane, g_rows);
-        else
-          S::template input_grad<false>(w, warp_gs, lane, g_rows);
-      }
+      if (block > 0 || gx) TensorCoreProjections<D, d>::input_grad(w, warp_gs, residual, lane, g_rows);
       if (my_partials)
         __syncthreads();  // the tile is read: the next block may overwrite it
       else
         __syncwarp();  // the warp's g rows are read
     }
-    if (gx) F::store_rows(g_rows, row0, B, lane, gx);
+    if (gx) FragmentRows<D>::store(g_rows, row0, B, lane, gx);
   }
 }
 
