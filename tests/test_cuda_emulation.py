@@ -246,6 +246,14 @@ def test_stack_kernels_match_the_reference_block_by_block(emu, L, D, d, dtype):
     check_stack(emu, L, D, d, dtype, "tf32 tensor cores" if (D, d) == ROWS else "generic")
 
 
+@pytest.mark.parametrize("B", [1, 5, 33])
+def test_tensor_core_kernels_at_batches_below_a_tile(emu, B):
+    """Fewer rows than a warp's 32 (or a thread block's 128): the rows past B are zeros in the
+    fragments, and must reach neither the outputs nor the weight gradients."""
+    check_stack(emu, 2, *ROWS, torch.float32, "tf32 tensor cores", B=B)
+    check_block(emu, B, *ROWS, torch.bfloat16, "rows")  # the bf16 forward and half backward on the tensor cores
+
+
 @pytest.mark.parametrize("residual,bias", [(False, True), (True, False), (False, False)])
 def test_tensor_core_stack_without_residual_or_bias(emu, residual, bias):
     check_stack(emu, 3, *ROWS, torch.float32, "tf32 tensor cores", B=200, residual=residual, bias=bias)
