@@ -780,10 +780,11 @@ template <int D, int d>
 struct TileParamGrads {
   static_assert(D == 48 && d == 8 && kRowsThreads == 128, "three warps of 16 rows of gWqkv^T and one for gWo");
   // Row strides of the tile, in words. x and gy rows: 52 = 20 (mod 32), so a row's 16-byte chunks
-  // (share_row: lane r writes row r) and row-major fragments (TensorCoreProjections: lane (g, t) reads
-  // row g, column t) meet no bank conflict; this struct's transposed reads (row t, column g) meet a
-  // 2-way conflict on a quarter of the lanes (24 = 24 mod 32 would avoid it and give both others
-  // 2-way ones: more wavefronts in all, in the offline model). g|z rows: 40 = 8 (mod 32).
+  // (share_row: lane r writes row r) meet no bank conflict; this struct's transposed reads (row t,
+  // column g) meet a 2-way conflict on a quarter of the lanes, and FragmentRows::share's float2 stores
+  // (row g, columns 2 t, 2 t + 1) some 2-way ones (24 = 24 mod 32 would avoid the reads' and give the
+  // row stores 2-way ones: more wavefronts in all, in the offline model, when this stride was chosen).
+  // g|z rows: 40 = 8 (mod 32).
   static constexpr int kLdX = D + 4, kLdG = 4 * d + 8;
   float sum[3][4], bias[3][4];
   int warp, g, t;
@@ -1766,12 +1767,12 @@ __global__ void __launch_bounds__(kRowsThreads)
 // block forwards that recompute its input (six for L = 4), so FMAs bound it (15% of copy bandwidth in
 // the model). Here every product runs as tf32 mma.sync in 3xTF32 on rows held as FragmentRows: per
 // tile, the blocks in reverse, block l's input recomputed from x through blocks 0..l-1 by the stack
-// forward's code, then q|k|v = h Wqkv^T + b and gz = gy Wo, the attention's backward one row per
+// forward's code (or kept from the previous block's recomputation: every other block), then q|k|v = h Wqkv^T + b and gz = gy Wo, the attention's backward one row per
 // thread, the weight gradients of the whole tile by TileParamGrads, and gx = (residual ? gy : 0) +
 // g Wqkv (TensorCoreProjections::input_grad) straight into the registers that held gy. Shared memory
 // holds every block's weights once, as floats (two copies of Wo), split into tf32 hi and lo as they
 // are read: the pre-split fragments of all four uses would not fit beside the tile with two thread
-// blocks per SM.
+// blocks per SM (an H100's shared memory, L = 4).
 template <int D, int d>
 struct TensorCoreStackBackward {
   using Forward = TensorCoreStackForward<D, d>;
@@ -1911,8 +1912,8 @@ __global__ void __launch_bounds__(kRowsThreads)
     const bool live = row0 + lane < B;  // this lane's own row, in the attention's one-row-per-thread part
     typename S::Rows g_rows;  // the gradient flowing back: of the stack's output, then of each block's input
     FragmentRows<D>::load(gy, row0, B, lane, g_rows);
-    // The input of the block after next, kept from this block's recomputation: every other block needs
-    // none (for L = 4, four block forwards per tile instead of six).
+    // The input of the block that goes back next (block - 1), kept from this block's recomputation:
+    // every other block needs none (for L = 4, four block forwards per tile instead of six).
     typename S::Rows kept;
     bool have_kept = false;
     for (int block = L - 1; block >= 0; --block) {
