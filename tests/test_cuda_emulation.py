@@ -315,6 +315,19 @@ def test_stack_backward_falls_back_to_the_rows_kernel(emu):
     assert_rel_close(grads, grads_rows.double(), 2e-5, "parameter gradients, tensor cores against rows")
 
 
+def test_how_many_blocks_the_tensor_core_stack_kernels_hold(emu):
+    """On an H100's 227 KB of shared memory per block: the forward's fragments for up to 14 blocks, the
+    backward's weights for up to 17 (the README says so); one more block and the rows kernels serve."""
+    for L, fwd, bwd in [(14, "tf32 tensor cores", "tf32 tensor cores"), (15, "rows", "tf32 tensor cores"),
+                        (17, "rows", "tf32 tensor cores"), (18, "rows", "rows")]:  # fmt: skip
+        x, params = make_stack(L, 40, *ROWS, dtype=torch.float32)
+        flat = [t.detach() for block in params for t in block]
+        emu.stack_fwd(x.detach(), flat, True, True)
+        assert emu.last_kernel() == fwd, L
+        emu.stack_bwd(torch.randn(40, 48), x.detach(), flat, True, True, True, True)
+        assert emu.last_kernel() == bwd, L
+
+
 def test_stack_forward_falls_back_to_the_rows_kernel(emu):
     """Before sm_80, or where the L blocks' tensor-core fragments (14.6 KB a block, and 20 KB of the
     warps' scratch) do not fit in shared memory but their RowsLayouts (6.4 KB) do, the stack forward is
