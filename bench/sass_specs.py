@@ -67,12 +67,29 @@ def sass_stats_specs(ctx) -> list:
         launch = dict(D=D, d=d, WIDTH=rows["WIDTH"], BLOCK_B=rows["BLOCK_B"], **exp)
         grid = cdiv(B, rows["BLOCK_B"])
         config = f"BLOCK_B={rows['BLOCK_B']} WIDTH={rows['WIDTH']} num_warps={rows['num_warps']}"
-        specs.append(_spec(
-            B, f"triton fwd {dtype_name}", ut.ultimus_fwd_kernel, [x, y, rw, rb, rw, rb, rw, rb, rwo, rbo, B, D, 1],
-            dict(**flags, HAS_BO=True, **launch), rows["num_warps"],
-            {"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **rw_roles}, lambda tiles: dict(B=B, stride_xb=D),
-            grid, rows["BLOCK_B"], 2 * D * es, ("triton", "fwd", dtype_name), config,
-        ))  # fmt: skip
+        dots = ut._half_forward_dots(x, D, d)  # x is a CPU tensor: this asks only the dtype and sizes
+        if dots is None:
+            specs.append(_spec(
+                B, f"triton fwd {dtype_name}", ut.ultimus_fwd_kernel, [x, y, rw, rb, rw, rb, rw, rb, rwo, rbo, B, D, 1],
+                dict(**flags, HAS_BO=True, **launch), rows["num_warps"],
+                {"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **rw_roles}, lambda tiles: dict(B=B, stride_xb=D),
+                grid, rows["BLOCK_B"], 2 * D * es, ("triton", "fwd", dtype_name), config,
+            ))  # fmt: skip
+        else:  # see ultimus_triton_fwd: the tensor-core forward, a persistent grid of 128-row tiles
+            tiles = cdiv(B, 128)
+            P = ut._num_programs(tiles, cuda)
+
+            def half_values(tiles_per_program, P=P):
+                return dict(B=P * tiles_per_program * 128, stride_xb=D, num_tiles=P * tiles_per_program)
+
+            specs.append(_spec(
+                B, f"triton fwd {dtype_name}", ut.ultimus_fwd_half_dot_kernel,
+                [x, y, w, b, w, b, w, b, wo, bo, B, D, 1, tiles],
+                dict(**flags, HAS_BO=True, D=D, d=d, DOTS=dots, HALF=ut._TL_HALF[dt], BLOCK_B=128, NUM_PROGRAMS=P),
+                4, {"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **weight_roles}, half_values, P, 128,
+                2 * D * es, ("triton", "fwd", dtype_name), f"BLOCK_B=128 num_warps=4 DOTS={dots} NUM_PROGRAMS={P}",
+                persistent=True, tiles=tiles,
+            ))  # fmt: skip
         h_is_y = dt == packed.dtype
         specs.append(_spec(
             B, f"triton stack fwd L={L} {dtype_name}", ut.ultimus_stack_fwd_kernel,

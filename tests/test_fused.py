@@ -329,6 +329,56 @@ def test_triton_half_rows_weight_gradients_keep_float32_accuracy():
     assert_rel_close(flat, flat64, TOL[torch.float32], "parameter gradients", scale)
 
 
+@pytest.mark.parametrize("dots", ["split", "tf32x3"])
+@pytest.mark.parametrize(
+    "B,residual,bias,programs",
+    [(1, True, True, None), (5, False, False, None), (300, True, False, None), (1500, True, True, 1)],
+)
+def test_triton_half_forward_on_tensor_cores_keeps_fp32_accuracy(monkeypatch, dots, B, residual, bias, programs):
+    """The half-precision Triton forward of the common block (D = 48, d = 8) runs both projections in
+    tl.dot: bfloat16 rows against weights split into two bfloat16 numbers, and z split likewise ("split"),
+    float16 rows in tf32x3. Either way y must be float64 math on the same rows and parameters rounded once:
+    within that rounding plus 1e-5. The interpreter has no bfloat16, so on the CPU the split runs in float16
+    on float16 rows (the same code and layouts; a GPU run checks bfloat16) and the dots in float32.
+    `programs` = 1: one program of the persistent grid loops over several tiles."""
+    device = backend_or_skip("triton")
+    from ultimus_kernels.ops import ultimus_triton
+
+    dtype = torch.bfloat16 if dots == "split" and device.type == "cuda" else torch.float16
+    if device.type == "cpu":
+        monkeypatch.setattr(ultimus_triton, "_half_forward_dots", lambda x, D, d: dots)
+    if programs is not None:
+        monkeypatch.setattr(ultimus_triton, "_num_programs", lambda num_tiles, device: programs)
+    inputs = make_inputs(B, 48, 8, bias=bias, requires_grad=False)
+    x = inputs.x.to(device, dtype)
+    assert ultimus_triton._half_forward_dots(x, 48, 8) == dots
+    params = [None if t is None else t.to(device, torch.float32) for t in inputs[1:]]
+    y = torch.ops.ultimus_triton.fwd(x, *params, residual)
+    y64 = ultimus_reference(x.double(), *[None if t is None else t.double() for t in params], residual=residual)
+    unit = 2**-8 if dtype == torch.bfloat16 else 2**-11
+    excess = ((y.double() - y64).abs() - unit * y64.abs()).max().item()
+    assert y.dtype == dtype and excess <= 1e-5, f"{dots} forward: y error {excess:.2e} beyond its final rounding"
+
+
+def test_triton_half_forward_runs_on_tensor_cores_only_where_it_can(monkeypatch):
+    """bfloat16 and float16 rows of the common block take the tensor-core forward; float32 and float64
+    rows, other sizes and GPUs before sm_80 (no bf16 or tf32 tensor cores) keep the one-sample-per-thread
+    kernel."""
+    from types import SimpleNamespace
+
+    from ultimus_kernels.ops import ultimus_triton
+
+    rows = lambda dtype, device="cpu": SimpleNamespace(dtype=dtype, device=torch.device(device))  # noqa: E731
+    dots = ultimus_triton._half_forward_dots
+    assert dots(rows(torch.bfloat16), 48, 8) == "split" and dots(rows(torch.float16), 48, 8) == "tf32x3"
+    assert dots(rows(torch.float32), 48, 8) is None and dots(rows(torch.float64), 48, 8) is None
+    assert dots(rows(torch.bfloat16), 64, 8) is None and dots(rows(torch.float16), 48, 16) is None
+    monkeypatch.setattr(ultimus_triton, "interpreter_active", lambda: False)
+    monkeypatch.setattr(ultimus_triton, "_CAPABILITY", {0: (7, 5), 1: (8, 0)})
+    assert dots(rows(torch.bfloat16, "cuda:0"), 48, 8) is None
+    assert dots(rows(torch.bfloat16, "cuda:1"), 48, 8) == "split"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_autocast_on_gpu(backend):

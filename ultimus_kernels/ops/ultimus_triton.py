@@ -6,17 +6,20 @@ The backward recomputes q, k, v and A from x; the softmax exponent is s q_i (k_j
 Memory layout. x and y are (B, D) row-major (x may have any strides). Weights are made contiguous in
 nn.Linear layout: Wq, Wk, Wv (d, D), Wo (D, d). Only x, gy are read and y, gx written; every
 intermediate stays on chip. Row offsets are 64-bit: B * D passes 2^31 at B ~ 45 M for D = 48.
-Two designs, each described at its section below:
+Three designs, each described at its section below:
 - one sample per thread (the forward, the stack forward, and the backward of blocks up to D = 48,
   d = 8 in size): each thread owns whole rows, and everything per sample is elementwise on column
   vectors; the backward's sums over the batch go through tl.dot;
+- the half-precision forward of the D = 48, d = 8 block: the projections in tl.dot on the tensor cores,
+  the attention one sample per thread as above;
 - tiles (the backward of larger blocks, the stack backward): D and d padded to powers of two,
   BLOCK_DIM and BLOCK_ATT (each >= 16, the smallest tl.dot), with masks; the attention is a
   (BLOCK_B, BLOCK_ATT, BLOCK_ATT) tile.
 
 Precision. Everything is computed in float32 (float64 for float64 inputs); half inputs are upcast on
-load and the result is cast back to x's dtype on store. float32 dots use input_precision="tf32x3" in
-the one-sample-per-thread backward (float32 accuracy from three tensor-core products) and "ieee" in
+load (or, in the half-precision forward's products, kept exact with split weights) and the result is
+cast back to x's dtype on store. float32 dots use input_precision="tf32x3" in the half-precision forward
+and the one-sample-per-thread backward (float32 accuracy from three tensor-core products) and "ieee" in
 the tile kernels. The softmax exponents are s q_i (k_j - k_ext), exact by construction (see
 _softmax_row).
 
@@ -311,6 +314,156 @@ def ultimus_fwd_kernel(
         x_ptr + rows * stride_xb, stride_xd, y_ptr + rows * D, row_ok, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr,
         wo_ptr, bo_ptr, scale, HAS_BQ, HAS_BK, HAS_BV, HAS_BO, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B,
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# The half-precision forward on the tensor cores (D = 48, d = 8)
+# ------------------------------------------------------------------------------------------------
+# With bf16 or fp16 rows the forward above moves half of float32's bytes for the same float32 FMAs, so
+# the FMAs bound it (65% of copy bandwidth for bf16 in the offline model). Here both projections run in
+# tl.dot on the tensor cores, with float32 accuracy kept (DOTS):
+# - "split" (bf16 rows, HALF = bf16): x is exact in HALF; each weight is split into two HALF numbers,
+#   w = hi + lo (to 2^-17 relative for bf16), so x W = x hi + x lo, products exact and summed in float32;
+#   z likewise: z Wo^T = (z_hi + z_lo)(wo_hi + wo_lo) as two products of K = 2 d, [z_hi | z_lo] against
+#   [wo_hi; wo_hi] and against [wo_lo; wo_lo]. bf16 has float32's range: nothing overflows that float32
+#   would not.
+# - "tf32x3" (fp16 rows): float32 dots in tf32x3 (x is exact in tf32). fp16 splits would overflow past
+#   65504 and lose the low part of small weights.
+# K = D = 48 runs as 32 + 16 (no padding to 64), N = 3d = 24 as q | k | v | 0 (32). The attention stays
+# one sample per thread, as in the forward above: q | k | v leave the dot's layout (where one row's
+# columns are spread over four lanes) through memory, as float32 into the tile's own rows of y (a y row
+# of 48 half numbers is 96 bytes, exactly 24 floats, and y's own values overwrite them later: no scratch
+# buffer, no extra DRAM traffic), and come back one row per thread. A persistent grid: each program
+# splits the weights once and loops over tiles. 32 warp-instructions per sample for bf16 in the offline
+# model, against 92 for the forward above (tf32x3: 65).
+
+
+@triton.jit
+def _qkv_weights_t(wq_ptr, wk_ptr, wv_ptr, cols, D: tl.constexpr, d: tl.constexpr):
+    """[Wq; Wk; Wv; 0]^T at x's columns `cols`: (len(cols), 4 d) float32, column n = c d + i is W_c[i, cols]."""
+    n = tl.arange(0, 4 * d)
+    which = (n // d)[None, :]
+    offs = (n % d)[None, :] * D + cols[:, None]
+    w = tl.load(wq_ptr + offs, mask=which == 0, other=0.0).to(tl.float32)
+    w += tl.load(wk_ptr + offs, mask=which == 1, other=0.0).to(tl.float32)
+    return w + tl.load(wv_ptr + offs, mask=which == 2, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _qkv_bias(bq_ptr, bk_ptr, bv_ptr, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
+              d: tl.constexpr):  # fmt: skip
+    """[bq | bk | bv | 0]: (4 d,) float32."""
+    n = tl.arange(0, 4 * d)
+    b = tl.zeros((4 * d,), tl.float32)
+    if HAS_BQ:
+        b += tl.load(bq_ptr + n % d, mask=n // d == 0, other=0.0).to(tl.float32)
+    if HAS_BK:
+        b += tl.load(bk_ptr + n % d, mask=n // d == 1, other=0.0).to(tl.float32)
+    if HAS_BV:
+        b += tl.load(bv_ptr + n % d, mask=n // d == 2, other=0.0).to(tl.float32)
+    return b
+
+
+@triton.jit
+def _split_half(w, HALF: tl.constexpr):
+    """w = hi + lo, each in HALF (float32 w; lo carries what hi's rounding dropped)."""
+    hi = w.to(HALF)
+    return hi, (w - hi.to(tl.float32)).to(HALF)
+
+
+@triton.jit
+def _row_columns(row_ptrs, c, row_ok, COUNT: tl.constexpr):
+    """Columns c .. c + COUNT - 1 of float32 rows, one row per thread, as a COUNT-tuple of (BLOCK_B,) vectors."""
+    out = ()
+    for t in tl.static_range(COUNT // 4):
+        out = out + _load_columns(row_ptrs, c + 4 * t, 1, row_ok, tl.float32, 4)
+    return out
+
+
+@triton.jit
+def ultimus_fwd_half_dot_kernel(
+    x_ptr, y_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, B, stride_xb, stride_xd, num_tiles,
+    D: tl.constexpr, d: tl.constexpr, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
+    HAS_BO: tl.constexpr, RESIDUAL: tl.constexpr, DOTS: tl.constexpr, HALF: tl.constexpr, BLOCK_B: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+):  # fmt: skip
+    tl.static_assert(D == 48 and d == 8, "laid out for D = 48 (K = 32 + 16), d = 8 (q | k | v | 0 = 32 columns)")
+    cols_a = tl.arange(0, 32)
+    cols_b = 32 + tl.arange(0, 16)
+    # Once per program: the weights as the products read them.
+    w_a = _qkv_weights_t(wq_ptr, wk_ptr, wv_ptr, cols_a, D, d)  # (32, 4 d)
+    w_b = _qkv_weights_t(wq_ptr, wk_ptr, wv_ptr, cols_b, D, d)  # (16, 4 d)
+    b_qkv = _qkv_bias(bq_ptr, bk_ptr, bv_ptr, HAS_BQ, HAS_BK, HAS_BV, d)
+    if HAS_BO:
+        bo_a = tl.load(bo_ptr + cols_a).to(tl.float32)
+        bo_b = tl.load(bo_ptr + cols_b).to(tl.float32)
+    else:
+        bo_a = tl.zeros((32,), tl.float32)
+        bo_b = tl.zeros((16,), tl.float32)
+    if DOTS == "split":
+        w_a_hi, w_a_lo = _split_half(w_a, HALF)
+        w_b_hi, w_b_lo = _split_half(w_b, HALF)
+        k2 = tl.arange(0, 2 * d)[:, None]  # [z_hi | z_lo] against [wo_hi; wo_hi] and [wo_lo; wo_lo]
+        wo_a = tl.load(wo_ptr + cols_a[None, :] * d + k2 % d).to(tl.float32)  # (2 d, 32): Wo^T twice
+        wo_b = tl.load(wo_ptr + cols_b[None, :] * d + k2 % d).to(tl.float32)
+        wo_a_hi, wo_a_lo = _split_half(wo_a, HALF)
+        wo_b_hi, wo_b_lo = _split_half(wo_b, HALF)
+    else:
+        k1 = tl.arange(0, d)[:, None]
+        wo_a = tl.load(wo_ptr + cols_a[None, :] * d + k1).to(tl.float32)  # (d, 32): Wo^T
+        wo_b = tl.load(wo_ptr + cols_b[None, :] * d + k1).to(tl.float32)
+    scale = 1.0 / tl.sqrt(tl.full((), d, tl.float32))
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+        rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
+        row_ok = rows < B
+        x_rows = x_ptr + rows * stride_xb
+        x_a = tl.load(x_rows[:, None] + cols_a[None, :] * stride_xd, mask=row_ok[:, None], other=0.0)
+        x_b = tl.load(x_rows[:, None] + cols_b[None, :] * stride_xd, mask=row_ok[:, None], other=0.0)
+        qkv = tl.zeros((BLOCK_B, 4 * d), tl.float32) + b_qkv[None, :]
+        if DOTS == "split":
+            qkv = tl.dot(x_a, w_a_hi, qkv)
+            qkv = tl.dot(x_a, w_a_lo, qkv)
+            qkv = tl.dot(x_b, w_b_hi, qkv)
+            qkv = tl.dot(x_b, w_b_lo, qkv)
+        else:
+            qkv = tl.dot(x_a.to(tl.float32), w_a, qkv, input_precision="tf32x3")
+            qkv = tl.dot(x_b.to(tl.float32), w_b, qkv, input_precision="tf32x3")
+        # q | k | v to one row per thread through the tile's own rows of y; the barriers order the stores
+        # before the reads, and the reads before y's stores over them.
+        scratch = (y_ptr + rows * D).to(tl.pointer_type(tl.float32))
+        n = tl.arange(0, 4 * d)
+        tl.store(scratch[:, None] + n[None, :], qkv, mask=row_ok[:, None] & (n < 3 * d)[None, :])
+        tl.debug_barrier()
+        q = _row_columns(scratch, 0, row_ok, d)
+        k = _row_columns(scratch, d, row_ok, d)
+        v = _row_columns(scratch, 2 * d, row_ok, d)
+        z = _attend_rows(q, k, v, scale, False, True, d)
+        if RESIDUAL:
+            y_a = x_a.to(tl.float32) + bo_a[None, :]
+            y_b = x_b.to(tl.float32) + bo_b[None, :]
+        else:
+            y_a = tl.zeros((BLOCK_B, 32), tl.float32) + bo_a[None, :]
+            y_b = tl.zeros((BLOCK_B, 16), tl.float32) + bo_b[None, :]
+        if DOTS == "split":
+            z_hi = ()
+            z_lo = ()
+            for j in tl.static_range(d):
+                hi, lo = _split_half(z[j], HALF)
+                z_hi = z_hi + (hi,)
+                z_lo = z_lo + (lo,)
+            z_t = _columns_to_tile(z_hi + z_lo, 4)  # (BLOCK_B, 2 d)
+            y_a = tl.dot(z_t, wo_a_hi, y_a)
+            y_a = tl.dot(z_t, wo_a_lo, y_a)
+            y_b = tl.dot(z_t, wo_b_hi, y_b)
+            y_b = tl.dot(z_t, wo_b_lo, y_b)
+        else:
+            z_t = _columns_to_tile(z, 3)  # (BLOCK_B, d)
+            y_a = tl.dot(z_t, wo_a, y_a, input_precision="tf32x3")
+            y_b = tl.dot(z_t, wo_b, y_b, input_precision="tf32x3")
+        tl.debug_barrier()
+        y_rows = y_ptr + rows * D
+        tl.store(y_rows[:, None] + cols_a[None, :], y_a.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(y_rows[:, None] + cols_b[None, :], y_b.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 # The stack: L blocks per launch. Parameters come packed, (L, NUM_PARAMS) in the accumulation dtype,
@@ -1020,6 +1173,25 @@ def _exp_flags(x: Tensor) -> dict:
     return dict(EXACT_EXP=_exact_exp(x), EXP2=x.dtype != torch.float64)
 
 
+_TL_HALF = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _half_forward_dots(x: Tensor, D: int, d: int) -> Optional[str]:
+    """How ultimus_fwd_half_dot_kernel runs its products for x ("split" for bfloat16 rows, "tf32x3" for
+    float16), or None where the one-sample-per-thread forward runs instead: other dtypes and sizes, and
+    GPUs without bf16 and tf32 tensor cores (before sm_80)."""
+    if x.dtype not in _TL_HALF or (D, d) != (48, 8):
+        return None
+    if x.device.type == "cuda" and not interpreter_active():
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        if index not in _CAPABILITY:  # cached: the query is not free on the small-B hot path
+            _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+        if _CAPABILITY[index] < (8, 0):
+            return None
+    return "split" if x.dtype == torch.bfloat16 else "tf32x3"
+
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -1058,6 +1230,19 @@ def ultimus_triton_fwd(
     refuse_forward_ad("ultimus_triton::fwd", (x, wq, bq, wk, bk, wv, bv, wo, bo))
     y = torch.empty((B, D), dtype=x.dtype, device=x.device)
     if B == 0:
+        return y
+    dots = _half_forward_dots(x, D, d)
+    if dots is not None:
+        wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
+        (bq, bk, bv, bo), (has_bq, has_bk, has_bv, has_bo) = _bias_args(bq, bk, bv, bo, fallback=wq)
+        BLOCK_B = _rows_config(B, D, d)["BLOCK_B"] if interpreter_active() else 128
+        num_tiles = triton.cdiv(B, BLOCK_B)
+        P = _num_programs(num_tiles, x.device)
+        torch.library.wrap_triton(ultimus_fwd_half_dot_kernel)[(P,)](
+            x, y, wq, bq, wk, bk, wv, bv, wo, bo, B, x.stride(0), x.stride(1), num_tiles,
+            D=D, d=d, HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo, RESIDUAL=residual, DOTS=dots,
+            HALF=_TL_HALF[x.dtype], BLOCK_B=BLOCK_B, NUM_PROGRAMS=P, num_warps=4,
+        )  # fmt: skip
         return y
     wq, bq, wk, bk, wv, bv, wo, bo = _per_sample_weights(B, wq, bq, wk, bk, wv, bv, wo, bo)
     (bq, bk, bv, bo), (has_bq, has_bk, has_bv, has_bo) = _bias_args(bq, bk, bv, bo, fallback=wq)
