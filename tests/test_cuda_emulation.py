@@ -279,8 +279,11 @@ def test_stack_forward_on_the_tensor_cores_keeps_fp32_accuracy(emu, dtype, resid
     """The stack forward's projections run as 3xTF32 tensor-core products of split rows and split
     weights, block after block on rows kept in shared memory. Its error must be the final rounding to
     the dtype plus float32's tolerance, against float64 math on the same rounded inputs; one-pass tf32
-    products (2^-11 of their terms) would fail it. B = 300: rows past B pad a warp's last 32, and the
-    persistent grid walks several tiles per warp."""
+    products (2^-11 of their terms) would fail it. Four blocks without a residual can amplify rounding
+    (float32 eager itself then misses 2e-5 of max|y| on about 1 input in 100): the tolerance grows to 8x
+    what float32 eager makes on the same inputs (3xTF32 drops terms at 2^-22 and the fast exp2 errs by
+    2 ulp, a few times float32's own rounding; with the 8x, 0 of 400 random stacks failed, with 2x 7).
+    B = 300: rows past B pad a warp's last 32, and the persistent grid walks several tiles per warp."""
     L, B = 4, 300
     x, params = make_stack(L, B, *ROWS, bias=bias)
     x = x.detach().to(dtype)
@@ -290,10 +293,12 @@ def test_stack_forward_on_the_tensor_cores_keeps_fp32_accuracy(emu, dtype, resid
     assert emu.last_kernel() == "tf32 tensor cores" and y.dtype == dtype
     blocks64 = [[None if t is None else t.double() for t in block] for block in blocks]
     y64 = ultimus_stack_reference(x.double(), blocks64, residual=residual)
+    y32 = ultimus_stack_reference(x.float(), blocks, residual=residual)
     unit = {torch.float32: 0.0, torch.float16: 2**-11, torch.bfloat16: 2**-8}[dtype]
     scale = y64.abs().max().item()
+    tol = max(TOL[torch.float32], 8 * (y32.double() - y64).abs().max().item() / scale)
     excess = ((y.double() - y64).abs() - unit * y64.abs()).max().item() / scale
-    assert excess <= TOL[torch.float32], f"{dtype} stack forward: error {excess:.2e} of max|y| beyond its rounding"
+    assert excess <= tol, f"{dtype} stack forward: error {excess:.2e} of max|y| beyond its rounding, over {tol:.1e}"
     assert torch.equal(emu.stack_fwd(x, flat, bias, residual), y)  # deterministic
 
 
