@@ -67,7 +67,7 @@ def sass_stats_specs(ctx) -> list:
         launch = dict(D=D, d=d, WIDTH=rows["WIDTH"], BLOCK_B=rows["BLOCK_B"], **exp)
         grid = cdiv(B, rows["BLOCK_B"])
         config = f"BLOCK_B={rows['BLOCK_B']} WIDTH={rows['WIDTH']} num_warps={rows['num_warps']}"
-        dots = ut._half_forward_dots(x, D, d)  # x is a CPU tensor: this asks only the dtype and sizes
+        dots = ut._half_dots(x, D, d)  # x is a CPU tensor: this asks only the dtype and sizes
         if dots is None:
             specs.append(_spec(
                 B, f"triton fwd {dtype_name}", ut.ultimus_fwd_kernel, [x, y, rw, rb, rw, rb, rw, rb, rwo, rbo, B, D, 1],
@@ -114,12 +114,24 @@ def sass_stats_specs(ctx) -> list:
                 return dict(B=n * BLOCK_B, stride_xb=D, stride_gyb=D, num_tiles=n, L=L)
 
             single = dict(launch, PRECISION=ut._product_precision(acc_dtype, (dt, dt)))  # its rows: x and gy
-            specs.append(_spec(
-                B, f"triton bwd {dtype_name}", ut.ultimus_bwd_rows_kernel,
-                [y, x, y, t(P, num_params, dtype=acc_dtype), rw, rb, rw, rb, rw, rb, rwo, B, D, 1, D, 1, tiles],
-                dict(**flags, **need, **single), rows_bwd["num_warps"], {**bwd_roles, **rw_roles}, values,
-                P, rows_bwd["BLOCK_B"], 3 * D * es, ("triton", "bwd", dtype_name), config, persistent=True, tiles=tiles,
-            ))  # fmt: skip
+            if dots != "split":
+                specs.append(_spec(
+                    B, f"triton bwd {dtype_name}", ut.ultimus_bwd_rows_kernel,
+                    [y, x, y, t(P, num_params, dtype=acc_dtype), rw, rb, rw, rb, rw, rb, rwo, B, D, 1, D, 1, tiles],
+                    dict(**flags, **need, **single), rows_bwd["num_warps"], {**bwd_roles, **rw_roles}, values,
+                    P, rows_bwd["BLOCK_B"], 3 * D * es, ("triton", "bwd", dtype_name), config, persistent=True,
+                    tiles=tiles,
+                ))  # fmt: skip
+            else:  # see ultimus_triton_bwd: the tensor-core backward, the rows kernel's grid
+                specs.append(_spec(
+                    B, f"triton bwd {dtype_name}", ut.ultimus_bwd_half_dot_kernel,
+                    [y, x, y, t(P, num_params, dtype=acc_dtype), t(P * rows_bwd["BLOCK_B"], 4 * d, dtype=torch.float32),
+                     w, b, w, b, w, b, wo, B, D, 1, D, 1, tiles],
+                    dict(**flags, **need, D=D, d=d, HALF=ut._TL_HALF[dt], BLOCK_B=rows_bwd["BLOCK_B"], NUM_PROGRAMS=P),
+                    4, {**bwd_roles, **weight_roles, "scratch_ptr": ("partial", 4)}, values, P, rows_bwd["BLOCK_B"],
+                    3 * D * es, ("triton", "bwd", dtype_name),
+                    f"BLOCK_B={rows_bwd['BLOCK_B']} num_warps=4 NUM_PROGRAMS={P}", persistent=True, tiles=tiles,
+                ))  # fmt: skip
             scratch = t(2, P * rows_bwd["BLOCK_B"], D, dtype=acc_dtype)
             specs.append(_spec(
                 B, f"triton stack bwd L={L} {dtype_name}", ut.ultimus_stack_bwd_rows_kernel,

@@ -346,18 +346,62 @@ def test_triton_half_forward_on_tensor_cores_keeps_fp32_accuracy(monkeypatch, do
 
     dtype = torch.bfloat16 if dots == "split" and device.type == "cuda" else torch.float16
     if device.type == "cpu":
-        monkeypatch.setattr(ultimus_triton, "_half_forward_dots", lambda x, D, d: dots)
+        monkeypatch.setattr(ultimus_triton, "_half_dots", lambda x, D, d: dots)
     if programs is not None:
         monkeypatch.setattr(ultimus_triton, "_num_programs", lambda num_tiles, device: programs)
     inputs = make_inputs(B, 48, 8, bias=bias, requires_grad=False)
     x = inputs.x.to(device, dtype)
-    assert ultimus_triton._half_forward_dots(x, 48, 8) == dots
+    assert ultimus_triton._half_dots(x, 48, 8) == dots
     params = [None if t is None else t.to(device, torch.float32) for t in inputs[1:]]
     y = torch.ops.ultimus_triton.fwd(x, *params, residual)
     y64 = ultimus_reference(x.double(), *[None if t is None else t.double() for t in params], residual=residual)
     unit = 2**-8 if dtype == torch.bfloat16 else 2**-11
     excess = ((y.double() - y64).abs() - unit * y64.abs()).max().item()
     assert y.dtype == dtype and excess <= 1e-5, f"{dots} forward: y error {excess:.2e} beyond its final rounding"
+
+
+@pytest.mark.parametrize(
+    "B,residual,bias,need,programs",
+    [
+        (1, True, True, (True, True), None),
+        (5, False, False, (True, True), None),
+        (300, True, False, (True, False), None),
+        (300, False, True, (False, True), None),
+        (1500, True, True, (True, True), 1),
+    ],
+)
+def test_triton_bf16_backward_on_tensor_cores_keeps_fp32_accuracy(monkeypatch, B, residual, bias, need, programs):
+    """The bfloat16 Triton backward of the common block (D = 48, d = 8) runs every product in tl.dot on
+    bf16 parts: x and gy exact, the weights, g = [gq | gk | gv] and z split into hi + lo. gx must be float64
+    math on the same rows rounded once, within that rounding plus 1e-5, and the float32 parameter gradients
+    within float32's tolerance; only the requested gradients are computed. On the CPU the interpreter
+    (no bfloat16) runs the same code on float16 rows and float16 parts. `programs` = 1: one program of the
+    persistent grid loops over several tiles and sums them into its partial row."""
+    device = backend_or_skip("triton")
+    from ultimus_kernels.ops import ultimus_triton
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    if device.type == "cpu":
+        monkeypatch.setattr(ultimus_triton, "_half_dots", lambda x, D, d: "split")
+    if programs is not None:
+        monkeypatch.setattr(ultimus_triton, "_num_programs", lambda num_tiles, device: programs)
+    inputs = make_inputs(B, 48, 8, bias=bias, requires_grad=False)
+    x, gy = inputs.x.to(device, dtype), torch.randn(B, 48).to(device, dtype)
+    params = [None if t is None else t.to(device, torch.float32) for t in inputs[1:]]
+    gx, flat = torch.ops.ultimus_triton.bwd(gy, x, *params, residual, *need)
+    inputs64 = type(inputs)(x.double(), *[None if t is None else t.double() for t in params])
+    inputs64 = type(inputs)(*[None if t is None else t.requires_grad_() for t in inputs64])
+    grads64 = torch.autograd.grad(ultimus_reference(*inputs64, residual=residual), inputs64.tensors(), gy.double())
+    assert gx.shape == ((B, 48) if need[0] else (0,)) and flat.shape[0] == (4 * 8 * 48 + 3 * 8 + 48 if need[1] else 0)
+    if need[0]:
+        unit = 2**-8 if dtype == torch.bfloat16 else 2**-11
+        excess = ((gx.double() - grads64[0]).abs() - unit * grads64[0].abs()).max().item()
+        assert gx.dtype == dtype and excess <= 1e-5, f"gx error {excess:.2e} beyond its final rounding"
+    if need[1]:
+        weights, biases = grads64[1:5] if not bias else grads64[1::2], () if not bias else grads64[2::2]
+        flat64 = torch.cat([g.reshape(-1) for g in weights + biases])
+        scale = max(per_sample_norms(inputs64, gy.double(), residual)[1:])
+        assert_rel_close(flat[: flat64.numel()], flat64, TOL[torch.float32], "parameter gradients", scale)
 
 
 def test_triton_half_forward_runs_on_tensor_cores_only_where_it_can(monkeypatch):
@@ -369,7 +413,7 @@ def test_triton_half_forward_runs_on_tensor_cores_only_where_it_can(monkeypatch)
     from ultimus_kernels.ops import ultimus_triton
 
     rows = lambda dtype, device="cpu": SimpleNamespace(dtype=dtype, device=torch.device(device))  # noqa: E731
-    dots = ultimus_triton._half_forward_dots
+    dots = ultimus_triton._half_dots
     assert dots(rows(torch.bfloat16), 48, 8) == "split" and dots(rows(torch.float16), 48, 8) == "tf32x3"
     assert dots(rows(torch.float32), 48, 8) is None and dots(rows(torch.float64), 48, 8) is None
     assert dots(rows(torch.bfloat16), 64, 8) is None and dots(rows(torch.float16), 48, 16) is None

@@ -10,8 +10,8 @@ Three designs, each described at its section below:
 - one sample per thread (the forward, the stack forward, and the backward of blocks up to D = 48,
   d = 8 in size): each thread owns whole rows, and everything per sample is elementwise on column
   vectors; the backward's sums over the batch go through tl.dot;
-- the half-precision forward of the D = 48, d = 8 block: the projections in tl.dot on the tensor cores,
-  the attention one sample per thread as above;
+- the half-precision forward and the bfloat16 backward of the D = 48, d = 8 block: the products in
+  tl.dot on the tensor cores, the attention one sample per thread as above;
 - tiles (the backward of larger blocks, the stack backward): D and d padded to powers of two,
   BLOCK_DIM and BLOCK_ATT (each >= 16, the smallest tl.dot), with masks; the attention is a
   (BLOCK_B, BLOCK_ATT, BLOCK_ATT) tile.
@@ -730,6 +730,151 @@ def ultimus_bwd_rows_kernel(
         tl.store(row + wo_t_at[0], acc_wo_t, mask=wo_t_at[1])
 
 
+# ------------------------------------------------------------------------------------------------
+# The half-precision backward on the tensor cores (bfloat16 rows, D = 48, d = 8)
+# ------------------------------------------------------------------------------------------------
+# The backward above spends most of its instructions on float32 FMAs and the weight loads that feed
+# them: q | k | v, gz = gy Wo and gx = [gq | gk | gv] [Wq; Wk; Wv] are 2,688 FMAs per sample, and with
+# bf16 rows they bound it (35% of copy bandwidth in the offline model). Here every product runs in
+# tl.dot on bf16 operands, split as in the half-precision forward: x and gy are exact in bf16, the
+# weights, g = [gq | gk | gv | 0] and z (float32) are split into hi + lo, and every product of the
+# parts is summed in float32 ((g_hi + g_lo)(W_hi + W_lo) has four terms; the weight gradients g^T x and
+# [z | 1]^T gy two, 2^-17 of each term). q | k | v and gz come out of one family of products as the
+# columns of one (BLOCK_B, 4 d) tile, [q | k | v | gz], and reach one row per thread through the
+# program's own rows of a float32 scratch (BLOCK_B x 4 d per program: with the persistent grid, a few MB
+# that stay in L2), where the attention backward runs per sample as above. float16 rows keep the
+# backward above: float32 products in tf32x3 gained nothing here (178 warp-instructions per sample
+# against its 232, bound by the transposed float32 operands), and float16 splits would overflow.
+
+
+@triton.jit
+def _qkv_weights(wq_ptr, wk_ptr, wv_ptr, cols, D: tl.constexpr, d: tl.constexpr):
+    """[Wq; Wk; Wv; 0] at x's columns `cols`: (4 d, len(cols)) float32, row c d + i is W_c[i, cols]."""
+    m = tl.arange(0, 4 * d)
+    which = (m // d)[:, None]
+    offs = (m % d)[:, None] * D + cols[None, :]
+    w = tl.load(wq_ptr + offs, mask=which == 0, other=0.0).to(tl.float32)
+    w += tl.load(wk_ptr + offs, mask=which == 1, other=0.0).to(tl.float32)
+    return w + tl.load(wv_ptr + offs, mask=which == 2, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _wo_beside_qkv(wo_ptr, cols, d: tl.constexpr):
+    """Wo at output features `cols` in columns 3 d .. 4 d - 1 of a (len(cols), 4 d) float32 tile, zeros
+    elsewhere: gy Wo lands beside q | k | v."""
+    n = tl.arange(0, 4 * d)[None, :]
+    return tl.load(wo_ptr + cols[:, None] * d + (n - 3 * d), mask=n >= 3 * d, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _split_tile(cols, LOG2_WIDTH: tl.constexpr, HALF: tl.constexpr):
+    """A tuple of 2^LOG2_WIDTH float32 (BLOCK_B,) columns -> (hi, lo) (BLOCK_B, 2^LOG2_WIDTH) tiles in HALF."""
+    hi = ()
+    lo = ()
+    for c in tl.static_range(1 << LOG2_WIDTH):
+        h, l = _split_half(cols[c], HALF)  # noqa: E741
+        hi = hi + (h,)
+        lo = lo + (l,)
+    return _columns_to_tile(hi, LOG2_WIDTH), _columns_to_tile(lo, LOG2_WIDTH)
+
+
+@triton.jit
+def ultimus_bwd_half_dot_kernel(
+    gy_ptr, x_ptr, gx_ptr, part_ptr, scratch_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr,
+    B, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles,
+    D: tl.constexpr, d: tl.constexpr, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
+    RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_B: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+):  # fmt: skip
+    """Each program sums its tiles' parameter-gradient terms in registers and writes one partial row at the
+    end, as ultimus_bwd_rows_kernel does (same layout, see _param_grad_offsets)."""
+    tl.static_assert(D == 48 and d == 8, "laid out for D = 48 (K = 32 + 16), d = 8 ([q | k | v | gz] = 32 columns)")
+    BLOCK_DIM: tl.constexpr = 64  # the weight-gradient tiles: x and gy with a column of ones at D
+    ZW: tl.constexpr = 16  # z and a column of ones at d, padded to tl.dot's 16
+    pid = tl.program_id(0)
+    cols_a = tl.arange(0, 32)
+    cols_b = 32 + tl.arange(0, 16)
+    # Once per program: the weights as the products read them, split into hi + lo.
+    w_a_hi, w_a_lo = _split_half(_qkv_weights_t(wq_ptr, wk_ptr, wv_ptr, cols_a, D, d), HALF)  # x -> [q | k | v | 0]
+    w_b_hi, w_b_lo = _split_half(_qkv_weights_t(wq_ptr, wk_ptr, wv_ptr, cols_b, D, d), HALF)
+    wo_a_hi, wo_a_lo = _split_half(_wo_beside_qkv(wo_ptr, cols_a, d), HALF)  # gy -> [0 | 0 | 0 | gz]
+    wo_b_hi, wo_b_lo = _split_half(_wo_beside_qkv(wo_ptr, cols_b, d), HALF)
+    w3_a_hi, w3_a_lo = _split_half(_qkv_weights(wq_ptr, wk_ptr, wv_ptr, cols_a, D, d), HALF)  # g -> gx
+    w3_b_hi, w3_b_lo = _split_half(_qkv_weights(wq_ptr, wk_ptr, wv_ptr, cols_b, D, d), HALF)
+    b_qkv = _qkv_bias(bq_ptr, bk_ptr, bv_ptr, HAS_BQ, HAS_BK, HAS_BV, d)
+    scale = 1.0 / tl.sqrt(tl.full((), d, tl.float32))
+    n = tl.arange(0, 4 * d)
+    scratch = scratch_ptr + (pid * BLOCK_B + tl.arange(0, BLOCK_B)) * (4 * d)
+    grad_cols = tl.arange(0, BLOCK_DIM)
+    acc_w3 = tl.zeros((4 * d, BLOCK_DIM), tl.float32)
+    acc_wo_t = tl.zeros((ZW, BLOCK_DIM), tl.float32)
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
+        rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
+        row_ok = rows < B
+        x_rows = x_ptr + rows * stride_xb
+        gy_rows = gy_ptr + rows * stride_gyb
+        x_a = tl.load(x_rows[:, None] + cols_a[None, :] * stride_xd, mask=row_ok[:, None], other=0.0)
+        x_b = tl.load(x_rows[:, None] + cols_b[None, :] * stride_xd, mask=row_ok[:, None], other=0.0)
+        gy_a = tl.load(gy_rows[:, None] + cols_a[None, :] * stride_gyd, mask=row_ok[:, None], other=0.0)
+        gy_b = tl.load(gy_rows[:, None] + cols_b[None, :] * stride_gyd, mask=row_ok[:, None], other=0.0)
+        qkvg = tl.zeros((BLOCK_B, 4 * d), tl.float32) + b_qkv[None, :]
+        qkvg = tl.dot(x_a, w_a_hi, qkvg)
+        qkvg = tl.dot(x_a, w_a_lo, qkvg)
+        qkvg = tl.dot(x_b, w_b_hi, qkvg)
+        qkvg = tl.dot(x_b, w_b_lo, qkvg)
+        qkvg = tl.dot(gy_a, wo_a_hi, qkvg)
+        qkvg = tl.dot(gy_a, wo_a_lo, qkvg)
+        qkvg = tl.dot(gy_b, wo_b_hi, qkvg)
+        qkvg = tl.dot(gy_b, wo_b_lo, qkvg)
+        # [q | k | v | gz] to one row per thread through the scratch; the first barrier keeps the previous
+        # tile's reads ahead of these stores, the second these stores ahead of the reads.
+        tl.debug_barrier()
+        tl.store(scratch[:, None] + n[None, :], qkvg)
+        tl.debug_barrier()
+        q = _row_columns(scratch, 0, row_ok, d)
+        k = _row_columns(scratch, d, row_ok, d)
+        v = _row_columns(scratch, 2 * d, row_ok, d)
+        gz = _row_columns(scratch, 3 * d, row_ok, d)
+        # Rows past B: gy = 0, hence gz = gq = gk = gv = 0, and they add nothing below.
+        gq, gk, gv, z = _attend_rows_backward(q, k, v, gz, scale, False, True, d)
+        g_hi, g_lo = _split_tile(gq + gk + gv + _zeros(d, tl.float32, BLOCK_B), 5, HALF)  # (BLOCK_B, 4 d)
+        if NEED_GX:
+            if RESIDUAL:
+                gx_a = gy_a.to(tl.float32)
+                gx_b = gy_b.to(tl.float32)
+            else:
+                gx_a = tl.zeros((BLOCK_B, 32), tl.float32)
+                gx_b = tl.zeros((BLOCK_B, 16), tl.float32)
+            gx_a = tl.dot(g_hi, w3_a_hi, gx_a)
+            gx_a = tl.dot(g_hi, w3_a_lo, gx_a)
+            gx_a = tl.dot(g_lo, w3_a_hi, gx_a)
+            gx_a = tl.dot(g_lo, w3_a_lo, gx_a)
+            gx_b = tl.dot(g_hi, w3_b_hi, gx_b)
+            gx_b = tl.dot(g_hi, w3_b_lo, gx_b)
+            gx_b = tl.dot(g_lo, w3_b_hi, gx_b)
+            gx_b = tl.dot(g_lo, w3_b_lo, gx_b)
+            gx_rows = gx_ptr + rows * D
+            tl.store(gx_rows[:, None] + cols_a[None, :], gx_a.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(gx_rows[:, None] + cols_b[None, :], gx_b.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if NEED_GW:
+            # As in _block_backward_rows: the tile's products over its samples, a column of ones beside x
+            # (column D) and beside z (column d) summing the bias gradients.
+            tile_ok = row_ok[:, None] & (grad_cols[None, :] < D)
+            x = tl.load(x_rows[:, None] + grad_cols[None, :] * stride_xd, mask=tile_ok, other=0.0)
+            x = tl.where(grad_cols[None, :] == D, 1.0, x)
+            gy = tl.load(gy_rows[:, None] + grad_cols[None, :] * stride_gyd, mask=tile_ok, other=0.0)
+            z_hi, z_lo = _split_tile(_zero_padded(z, d, ZW, tl.zeros((BLOCK_B,), tl.float32), d), 4, HALF)
+            acc_w3 = tl.dot(tl.trans(g_hi), x, acc_w3)
+            acc_w3 = tl.dot(tl.trans(g_lo), x, acc_w3)
+            acc_wo_t = tl.dot(tl.trans(z_hi), gy, acc_wo_t)
+            acc_wo_t = tl.dot(tl.trans(z_lo), gy, acc_wo_t)
+    if NEED_GW:
+        row = part_ptr + pid * (4 * d * D + 3 * d + D)
+        w3_at, wo_t_at = _param_grad_offsets(D, d, BLOCK_DIM, d, ZW)
+        tl.store(row + w3_at[0], acc_w3, mask=w3_at[1])
+        tl.store(row + wo_t_at[0], acc_wo_t, mask=wo_t_at[1])
+
+
 @triton.jit
 def _add_to_row(row_ptr, offs, mask, value):
     """row[offs] += value, for a row only this program touches: deterministic without atomics."""
@@ -1177,10 +1322,11 @@ _TL_HALF = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
-def _half_forward_dots(x: Tensor, D: int, d: int) -> Optional[str]:
-    """How ultimus_fwd_half_dot_kernel runs its products for x ("split" for bfloat16 rows, "tf32x3" for
-    float16), or None where the one-sample-per-thread forward runs instead: other dtypes and sizes, and
-    GPUs without bf16 and tf32 tensor cores (before sm_80)."""
+def _half_dots(x: Tensor, D: int, d: int) -> Optional[str]:
+    """How the half-precision tensor-core kernels (ultimus_fwd_half_dot_kernel, ultimus_bwd_half_dot_kernel)
+    run their products for rows like x ("split" for bfloat16 rows, "tf32x3" for float16), or None where the
+    one-sample-per-thread kernels run instead: other dtypes and sizes, and GPUs without bf16 and tf32
+    tensor cores (before sm_80)."""
     if x.dtype not in _TL_HALF or (D, d) != (48, 8):
         return None
     if x.device.type == "cuda" and not interpreter_active():
@@ -1231,7 +1377,7 @@ def ultimus_triton_fwd(
     y = torch.empty((B, D), dtype=x.dtype, device=x.device)
     if B == 0:
         return y
-    dots = _half_forward_dots(x, D, d)
+    dots = _half_dots(x, D, d)
     if dots is not None:
         wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
         (bq, bk, bv, bo), (has_bq, has_bk, has_bv, has_bo) = _bias_args(bq, bk, bv, bo, fallback=wq)
@@ -1287,7 +1433,19 @@ def ultimus_triton_bwd(
     P = _num_programs(num_tiles, dev) if (need_gw or need_gx) and B > 0 else 0
     # Parameter-gradient partials, one row per program (see ops/autograd.py for the layout).
     partials = torch.empty((P if need_gw else 0, num_params), dtype=acc, device=dev)
-    if P > 0 and rows_config is not None:
+    # The tensor-core backward: bfloat16 rows (float16 keeps the rows kernel, see its section), gy exact
+    # in bf16 too; BLOCK_B, num_tiles and P as the rows kernel's (D = 48, d = 8 has its config).
+    if P > 0 and _half_dots(x, D, d) == "split" and gy.dtype == x.dtype:
+        scratch = torch.empty((P * BLOCK_B, 4 * d), dtype=torch.float32, device=dev)  # [q | k | v | gz] rows
+        wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
+        (bq, bk, bv), (has_bq, has_bk, has_bv) = _bias_args(bq, bk, bv, fallback=wq)
+        torch.library.wrap_triton(ultimus_bwd_half_dot_kernel)[(P,)](
+            gy, x, gx, partials, scratch, wq, bq, wk, bk, wv, bv, wo,
+            B, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
+            D=D, d=d, HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, RESIDUAL=residual, NEED_GX=need_gx,
+            NEED_GW=need_gw, HALF=_TL_HALF[x.dtype], BLOCK_B=BLOCK_B, NUM_PROGRAMS=P, num_warps=4,
+        )  # fmt: skip
+    elif P > 0 and rows_config is not None:
         wq, bq, wk, bk, wv, bv, wo = _per_sample_weights(B, wq, bq, wk, bk, wv, bv, wo)
         (bq, bk, bv), (has_bq, has_bk, has_bv) = _bias_args(bq, bk, bv, fallback=wq)
         torch.library.wrap_triton(ultimus_bwd_rows_kernel)[(P,)](
