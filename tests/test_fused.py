@@ -334,7 +334,7 @@ def test_triton_half_rows_weight_gradients_keep_float32_accuracy():
     assert_rel_close(flat, flat64, TOL[torch.float32], "parameter gradients", scale)
 
 
-@pytest.mark.parametrize("dots", ["split", "tf32x3"])
+@pytest.mark.parametrize("dots", ["split", "tf32"])
 @pytest.mark.parametrize(
     "B,residual,bias,programs",
     [(1, True, True, None), (5, False, False, None), (300, True, False, None), (1500, True, True, 1)],
@@ -342,9 +342,10 @@ def test_triton_half_rows_weight_gradients_keep_float32_accuracy():
 def test_triton_half_forward_on_tensor_cores_keeps_fp32_accuracy(monkeypatch, dots, B, residual, bias, programs):
     """The half-precision Triton forward of the common block (D = 48, d = 8) runs both projections in
     tl.dot: bfloat16 rows against weights split into two bfloat16 numbers, and z split likewise ("split"),
-    float16 rows in tf32x3. Either way y must be float64 math on the same rows and parameters rounded once:
-    within that rounding plus 1e-5. The interpreter has no bfloat16, so on the CPU the split runs in float16
-    on float16 rows (the same code and layouts; a GPU run checks bfloat16) and the dots in float32.
+    float16 rows (exact in tf32) against weights and z split into a tf32 head and the rest ("tf32"). Either
+    way y must be float64 math on the same rows and parameters rounded once: within that rounding plus
+    1e-5. The interpreter has no bfloat16 and computes tf32 products in float32, so on the CPU "split" runs
+    in float16 on float16 rows (the same code and layouts; a GPU run checks bfloat16 and tf32 rounding).
     `programs` = 1: one program of the persistent grid loops over several tiles."""
     device = backend_or_skip("triton")
     from ultimus_kernels.ops import ultimus_triton
@@ -419,7 +420,7 @@ def test_triton_half_forward_runs_on_tensor_cores_only_where_it_can(monkeypatch)
 
     rows = lambda dtype, device="cpu": SimpleNamespace(dtype=dtype, device=torch.device(device))  # noqa: E731
     dots = ultimus_triton._half_dots
-    assert dots(rows(torch.bfloat16), 48, 8) == "split" and dots(rows(torch.float16), 48, 8) == "tf32x3"
+    assert dots(rows(torch.bfloat16), 48, 8) == "split" and dots(rows(torch.float16), 48, 8) == "tf32"
     assert dots(rows(torch.float32), 48, 8) is None and dots(rows(torch.float64), 48, 8) is None
     assert dots(rows(torch.bfloat16), 64, 8) is None and dots(rows(torch.float16), 48, 16) is None
     monkeypatch.setattr(ultimus_triton, "interpreter_active", lambda: False)

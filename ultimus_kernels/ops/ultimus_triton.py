@@ -17,11 +17,12 @@ Three designs, each described at its section below:
   (BLOCK_B, BLOCK_ATT, BLOCK_ATT) tile.
 
 Precision. Everything is computed in float32 (float64 for float64 inputs); half inputs are upcast on
-load (or, in the half-precision forward's products, kept exact with split weights) and the result is
-cast back to x's dtype on store. float32 dots use input_precision="tf32x3" in the half-precision forward
-and the one-sample-per-thread backward (float32 accuracy from three tensor-core products) and "ieee" in
-the tile kernels. The softmax exponents are s q_i (k_j - k_ext), exact by construction (see
-_softmax_row).
+load and the result is cast back to x's dtype on store. Tensor-core products keep float32 accuracy by
+splitting the operands that are not exact in the product's input type: the half-precision kernels split
+weights, z and g themselves (into two bf16 numbers, or a tf32 head and the rest); the one-sample-per-thread
+backward uses tf32x3, or tf32x2 where its rows are exact in tf32 (float32 accuracy from three or two
+tensor-core products); the tile kernels use "ieee". The softmax exponents are s q_i (k_j - k_ext), exact
+by construction (see _softmax_row).
 
 Determinism. The backward runs a persistent grid of NUM_PROGRAMS programs; each sums the weight and
 bias gradients of its tiles in registers and writes one partial row, and the host sums the partial
@@ -327,8 +328,9 @@ def ultimus_fwd_kernel(
 #   z likewise: z Wo^T = (z_hi + z_lo)(wo_hi + wo_lo) as two products of K = 2 d, [z_hi | z_lo] against
 #   [wo_hi; wo_hi] and against [wo_lo; wo_lo]. bf16 has float32's range: nothing overflows that float32
 #   would not.
-# - "tf32x3" (fp16 rows): float32 dots in tf32x3 (x is exact in tf32). fp16 splits would overflow past
-#   65504 and lose the low part of small weights.
+# - "tf32" (fp16 rows): the same with float32 parts in tf32 products: x is exact in tf32, the weights
+#   and z are split into a tf32 head and the rest (_split_tf32). fp16 parts would overflow past 65504 and
+#   lose the low part of small weights.
 # K = D = 48 runs as 32 + 16 (no padding to 64), N = 3d = 24 as q | k | v | 0 (32). The attention stays
 # one sample per thread, as in the forward above: q | k | v leave the dot's layout (where one row's
 # columns are spread over four lanes) through memory, as float32 into the tile's own rows of y (a y row
@@ -372,6 +374,23 @@ def _split_half(w, HALF: tl.constexpr):
 
 
 @triton.jit
+def _split_tf32(w):
+    """w = head + rest, both float32: head is w with its low 13 mantissa bits cleared (exact in tf32), rest
+    what they held, which a tf32 product rounds to tf32 (w to 2^-22)."""
+    head = (w.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return head, w - head
+
+
+@triton.jit
+def _split_parts(w, DOTS: tl.constexpr, HALF: tl.constexpr):
+    """w (float32) as the two parts the half-precision forward's products read (see DOTS above)."""
+    if DOTS == "split":
+        return _split_half(w, HALF)
+    else:
+        return _split_tf32(w)
+
+
+@triton.jit
 def _row_columns(row_ptrs, c, row_ok, COUNT: tl.constexpr):
     """Columns c .. c + COUNT - 1 of float32 rows, one row per thread, as a COUNT-tuple of (BLOCK_B,) vectors."""
     out = ()
@@ -400,18 +419,11 @@ def ultimus_fwd_half_dot_kernel(
     else:
         bo_a = tl.zeros((32,), tl.float32)
         bo_b = tl.zeros((16,), tl.float32)
-    if DOTS == "split":
-        w_a_hi, w_a_lo = _split_half(w_a, HALF)
-        w_b_hi, w_b_lo = _split_half(w_b, HALF)
-        k2 = tl.arange(0, 2 * d)[:, None]  # [z_hi | z_lo] against [wo_hi; wo_hi] and [wo_lo; wo_lo]
-        wo_a = tl.load(wo_ptr + cols_a[None, :] * d + k2 % d).to(tl.float32)  # (2 d, 32): Wo^T twice
-        wo_b = tl.load(wo_ptr + cols_b[None, :] * d + k2 % d).to(tl.float32)
-        wo_a_hi, wo_a_lo = _split_half(wo_a, HALF)
-        wo_b_hi, wo_b_lo = _split_half(wo_b, HALF)
-    else:
-        k1 = tl.arange(0, d)[:, None]
-        wo_a = tl.load(wo_ptr + cols_a[None, :] * d + k1).to(tl.float32)  # (d, 32): Wo^T
-        wo_b = tl.load(wo_ptr + cols_b[None, :] * d + k1).to(tl.float32)
+    w_a_hi, w_a_lo = _split_parts(w_a, DOTS, HALF)
+    w_b_hi, w_b_lo = _split_parts(w_b, DOTS, HALF)
+    k2 = tl.arange(0, 2 * d)[:, None]  # [z_hi | z_lo] against [wo_hi; wo_hi] and [wo_lo; wo_lo]
+    wo_a_hi, wo_a_lo = _split_parts(tl.load(wo_ptr + cols_a[None, :] * d + k2 % d).to(tl.float32), DOTS, HALF)
+    wo_b_hi, wo_b_lo = _split_parts(tl.load(wo_ptr + cols_b[None, :] * d + k2 % d).to(tl.float32), DOTS, HALF)
     scale = 1.0 / tl.sqrt(tl.full((), d, tl.float32))
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
@@ -419,15 +431,14 @@ def ultimus_fwd_half_dot_kernel(
         x_rows = x_ptr + rows * stride_xb
         x_a = tl.load(x_rows[:, None] + cols_a[None, :] * stride_xd, mask=row_ok[:, None], other=0.0)
         x_b = tl.load(x_rows[:, None] + cols_b[None, :] * stride_xd, mask=row_ok[:, None], other=0.0)
+        if DOTS == "tf32":  # x's parts: x itself, exact in HALF (bf16) or in tf32 (fp16 as float32)
+            x_a = x_a.to(tl.float32)
+            x_b = x_b.to(tl.float32)
         qkv = tl.zeros((BLOCK_B, 4 * d), tl.float32) + b_qkv[None, :]
-        if DOTS == "split":
-            qkv = tl.dot(x_a, w_a_hi, qkv)
-            qkv = tl.dot(x_a, w_a_lo, qkv)
-            qkv = tl.dot(x_b, w_b_hi, qkv)
-            qkv = tl.dot(x_b, w_b_lo, qkv)
-        else:
-            qkv = tl.dot(x_a.to(tl.float32), w_a, qkv, input_precision="tf32x3")
-            qkv = tl.dot(x_b.to(tl.float32), w_b, qkv, input_precision="tf32x3")
+        qkv = tl.dot(x_a, w_a_hi, qkv, input_precision="tf32")
+        qkv = tl.dot(x_a, w_a_lo, qkv, input_precision="tf32")
+        qkv = tl.dot(x_b, w_b_hi, qkv, input_precision="tf32")
+        qkv = tl.dot(x_b, w_b_lo, qkv, input_precision="tf32")
         # q | k | v to one row per thread through the tile's own rows of y; the barriers order the stores
         # before the reads, and the reads before y's stores over them.
         scratch = (y_ptr + rows * D).to(tl.pointer_type(tl.float32))
@@ -444,22 +455,17 @@ def ultimus_fwd_half_dot_kernel(
         else:
             y_a = tl.zeros((BLOCK_B, 32), tl.float32) + bo_a[None, :]
             y_b = tl.zeros((BLOCK_B, 16), tl.float32) + bo_b[None, :]
-        if DOTS == "split":
-            z_hi = ()
-            z_lo = ()
-            for j in tl.static_range(d):
-                hi, lo = _split_half(z[j], HALF)
-                z_hi = z_hi + (hi,)
-                z_lo = z_lo + (lo,)
-            z_t = _columns_to_tile(z_hi + z_lo, 4)  # (BLOCK_B, 2 d)
-            y_a = tl.dot(z_t, wo_a_hi, y_a)
-            y_a = tl.dot(z_t, wo_a_lo, y_a)
-            y_b = tl.dot(z_t, wo_b_hi, y_b)
-            y_b = tl.dot(z_t, wo_b_lo, y_b)
-        else:
-            z_t = _columns_to_tile(z, 3)  # (BLOCK_B, d)
-            y_a = tl.dot(z_t, wo_a, y_a, input_precision="tf32x3")
-            y_b = tl.dot(z_t, wo_b, y_b, input_precision="tf32x3")
+        z_hi = ()
+        z_lo = ()
+        for j in tl.static_range(d):
+            hi, lo = _split_parts(z[j], DOTS, HALF)
+            z_hi = z_hi + (hi,)
+            z_lo = z_lo + (lo,)
+        z_t = _columns_to_tile(z_hi + z_lo, 4)  # (BLOCK_B, 2 d): [z_hi | z_lo]
+        y_a = tl.dot(z_t, wo_a_hi, y_a, input_precision="tf32")
+        y_a = tl.dot(z_t, wo_a_lo, y_a, input_precision="tf32")
+        y_b = tl.dot(z_t, wo_b_hi, y_b, input_precision="tf32")
+        y_b = tl.dot(z_t, wo_b_lo, y_b, input_precision="tf32")
         tl.debug_barrier()
         y_rows = y_ptr + rows * D
         tl.store(y_rows[:, None] + cols_a[None, :], y_a.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -612,9 +618,9 @@ def _add_product(acc, a, rows, PRECISION: tl.constexpr, ACC: tl.constexpr):
     so splitting `a` alone into its tf32 head and the rest keeps float32 accuracy in two tf32 products,
     where tf32x3 would split both operands and take three."""
     if PRECISION == "tf32x2":
-        head = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        head, rest = _split_tf32(a)
         acc = tl.dot(tl.trans(head), rows, acc, input_precision="tf32", out_dtype=ACC)
-        return tl.dot(tl.trans(a - head), rows, acc, input_precision="tf32", out_dtype=ACC)
+        return tl.dot(tl.trans(rest), rows, acc, input_precision="tf32", out_dtype=ACC)
     else:
         return tl.dot(tl.trans(a), rows, acc, input_precision=PRECISION, out_dtype=ACC)
 
@@ -1324,7 +1330,7 @@ _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 def _half_dots(x: Tensor, D: int, d: int) -> Optional[str]:
     """How the half-precision tensor-core kernels (ultimus_fwd_half_dot_kernel, ultimus_bwd_half_dot_kernel)
-    run their products for rows like x ("split" for bfloat16 rows, "tf32x3" for float16), or None where the
+    run their products for rows like x ("split" for bfloat16 rows, "tf32" for float16), or None where the
     one-sample-per-thread kernels run instead: other dtypes and sizes, and GPUs without bf16 and tf32
     tensor cores (before sm_80)."""
     if x.dtype not in _TL_HALF or (D, d) != (48, 8):
@@ -1335,7 +1341,7 @@ def _half_dots(x: Tensor, D: int, d: int) -> Optional[str]:
             _CAPABILITY[index] = torch.cuda.get_device_capability(index)
         if _CAPABILITY[index] < (8, 0):
             return None
-    return "split" if x.dtype == torch.bfloat16 else "tf32x3"
+    return "split" if x.dtype == torch.bfloat16 else "tf32"
 
 
 _SM_COUNT: dict[int, int] = {}
