@@ -80,15 +80,15 @@ def sass_stats_specs(ctx) -> list:
             P = ut._num_programs(tiles, cuda)
 
             def half_values(tiles_per_program, P=P):
-                return dict(B=P * tiles_per_program * 128, stride_xb=D, num_tiles=P * tiles_per_program)
+                return dict(B=P * tiles_per_program * 128, stride_xb=D, num_tiles=P * tiles_per_program, num_programs=P)
 
             specs.append(_spec(
                 B, f"triton fwd {dtype_name}", ut.ultimus_fwd_half_dot_kernel,
-                [x, y, w, b, w, b, w, b, wo, bo, B, D, 1, tiles],
-                dict(**flags, HAS_BO=True, D=D, d=d, DOTS=dots, HALF=ut._TL_HALF[dt], BLOCK_B=128, NUM_PROGRAMS=P),
+                [x, y, w, b, w, b, w, b, wo, bo, B, D, 1, tiles, P],
+                dict(**flags, HAS_BO=True, D=D, d=d, DOTS=dots, HALF=ut._TL_HALF[dt], BLOCK_B=128),
                 4, {"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **weight_roles}, half_values, P, 128,
                 2 * D * es, ("triton", "fwd", dtype_name), f"BLOCK_B=128 num_warps=4 DOTS={dots} NUM_PROGRAMS={P}",
-                persistent=True, tiles=tiles,
+                persistent=True, tiles=tiles, num_stages=ut._BARRIERED_LOOP,
             ))  # fmt: skip
         h_is_y = dt == packed.dtype
         specs.append(_spec(
@@ -126,11 +126,14 @@ def sass_stats_specs(ctx) -> list:
                 specs.append(_spec(
                     B, f"triton bwd {dtype_name}", ut.ultimus_bwd_half_dot_kernel,
                     [y, x, y, t(P, num_params, dtype=acc_dtype), t(P * rows_bwd["BLOCK_B"], 4 * d, dtype=torch.float32),
-                     w, b, w, b, w, b, wo, B, D, 1, D, 1, tiles],
-                    dict(**flags, **need, D=D, d=d, HALF=ut._TL_HALF[dt], BLOCK_B=rows_bwd["BLOCK_B"], NUM_PROGRAMS=P),
-                    4, {**bwd_roles, **weight_roles, "scratch_ptr": ("partial", 4)}, values, P, rows_bwd["BLOCK_B"],
+                     w, b, w, b, w, b, wo, B, D, 1, D, 1, tiles, P],
+                    dict(**flags, **need, D=D, d=d, HALF=ut._TL_HALF[dt], BLOCK_B=rows_bwd["BLOCK_B"]),
+                    4, {**bwd_roles, **weight_roles, "scratch_ptr": ("partial", 4)},
+                    lambda tiles_per_program, P=P: dict(values(tiles_per_program), num_programs=P), P,
+                    rows_bwd["BLOCK_B"],
                     3 * D * es, ("triton", "bwd", dtype_name),
                     f"BLOCK_B={rows_bwd['BLOCK_B']} num_warps=4 NUM_PROGRAMS={P}", persistent=True, tiles=tiles,
+                    num_stages=ut._BARRIERED_LOOP,
                 ))  # fmt: skip
             scratch = t(2, P * rows_bwd["BLOCK_B"], D, dtype=acc_dtype)
             specs.append(_spec(
@@ -140,7 +143,7 @@ def sass_stats_specs(ctx) -> list:
                 dict(HAS_BIAS=True, RESIDUAL=True, **need, **launch), rows_bwd["num_warps"],
                 {**bwd_roles, **stack_roles, "h_ptr": ("partial", 4), "g_ptr": ("partial", 4)}, values, P,
                 rows_bwd["BLOCK_B"], 3 * D * es, ("triton-stack", "bwd", dtype_name), config + f" L={L}",
-                persistent=True, tiles=tiles,
+                persistent=True, tiles=tiles, num_stages=ut._BARRIERED_LOOP,
             ))  # fmt: skip
 
         # the tile kernels (the backward of larger blocks; the old design's numbers for D = 48, d = 8)
@@ -167,6 +170,6 @@ def sass_stats_specs(ctx) -> list:
             [y, x, y, t(P, L * num_params, dtype=acc_dtype), packed, B, D, d, L, D, 1, D, 1, tiles, num_params],
             dict(HAS_BIAS=True, RESIDUAL=True, **need, **launch), num_warps, {**bwd_roles, **stack_roles},
             tile_values, P, BLOCK_B, 3 * D * es, ("triton-stack", "bwd", dtype_name), config + f" L={L}",
-            persistent=True, tiles=tiles, num_stages=num_stages,
+            persistent=True, tiles=tiles, num_stages=ut._BARRIERED_LOOP,
         ))  # fmt: skip
     return specs

@@ -5,7 +5,9 @@ The backward recomputes q, k, v and A from x; the softmax exponent is s q_i (k_j
 
 Memory layout. x and y are (B, D) row-major (x may have any strides). Weights are made contiguous in
 nn.Linear layout: Wq, Wk, Wv (d, D), Wo (D, d). Only x, gy are read and y, gx written; every
-intermediate stays on chip. Row offsets are 64-bit: B * D passes 2^31 at B ~ 45 M for D = 48.
+intermediate stays on chip, or in L1/L2 where a kernel passes rows between threads through memory (the
+half-precision kernels' scratch, the stack's rows). Row offsets are 64-bit: B * D passes 2^31 at B ~ 45 M
+for D = 48.
 Three designs, each described at its section below:
 - one sample per thread (the forward, the stack forward, and the backward of blocks up to D = 48,
   d = 8 in size): each thread owns whole rows, and everything per sample is elementwise on column
@@ -326,8 +328,8 @@ def ultimus_fwd_kernel(
 # - "split" (bf16 rows, HALF = bf16): x is exact in HALF; each weight is split into two HALF numbers,
 #   w = hi + lo (to 2^-17 relative for bf16), so x W = x hi + x lo, products exact and summed in float32;
 #   z likewise: z Wo^T = (z_hi + z_lo)(wo_hi + wo_lo) as two products of K = 2 d, [z_hi | z_lo] against
-#   [wo_hi; wo_hi] and against [wo_lo; wo_lo]. bf16 has float32's range: nothing overflows that float32
-#   would not.
+#   [wo_hi; wo_hi] and against [wo_lo; wo_lo]. bf16 has float32's range, all but its top 2^-9 (a weight
+#   or z beyond ~3.39e38 would round to inf in bf16: no trained block comes near).
 # - "tf32" (fp16 rows): the same with float32 parts in tf32 products: x is exact in tf32, the weights
 #   and z are split into a tf32 head and the rest (_split_tf32). fp16 parts would overflow past 65504 and
 #   lose the low part of small weights.
@@ -336,8 +338,8 @@ def ultimus_fwd_kernel(
 # columns are spread over four lanes) through memory, as float32 into the tile's own rows of y (a y row
 # of 48 half numbers is 96 bytes, exactly 24 floats, and y's own values overwrite them later: no scratch
 # buffer, no extra DRAM traffic), and come back one row per thread. A persistent grid: each program
-# splits the weights once and loops over tiles. 32 warp-instructions per sample for bf16 in the offline
-# model, against 92 for the forward above (tf32x3: 65).
+# splits the weights once and loops over tiles. In the offline model 34 warp-instructions per sample for
+# bf16 against 92 for the forward above, 39 for fp16.
 
 
 @triton.jit
@@ -376,7 +378,7 @@ def _split_half(w, HALF: tl.constexpr):
 @triton.jit
 def _split_tf32(w):
     """w = head + rest, both float32: head is w with its low 13 mantissa bits cleared (exact in tf32), rest
-    what they held, which a tf32 product rounds to tf32 (w to 2^-22)."""
+    what they held, which a tf32 product reads to tf32's precision (w to about 2^-21)."""
     head = (w.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
     return head, w - head
 
@@ -402,10 +404,12 @@ def _row_columns(row_ptrs, c, row_ok, COUNT: tl.constexpr):
 @triton.jit
 def ultimus_fwd_half_dot_kernel(
     x_ptr, y_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, B, stride_xb, stride_xd, num_tiles,
-    D: tl.constexpr, d: tl.constexpr, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
-    HAS_BO: tl.constexpr, RESIDUAL: tl.constexpr, DOTS: tl.constexpr, HALF: tl.constexpr, BLOCK_B: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
+    num_programs, D: tl.constexpr, d: tl.constexpr, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr,
+    HAS_BV: tl.constexpr, HAS_BO: tl.constexpr, RESIDUAL: tl.constexpr, DOTS: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):  # fmt: skip
+    """num_programs is a run-time argument, not a constant: at small B it follows the batch size, and a
+    constant would compile the kernel anew for every number of tiles."""
     tl.static_assert(D == 48 and d == 8, "laid out for D = 48 (K = 32 + 16), d = 8 (q | k | v | 0 = 32 columns)")
     cols_a = tl.arange(0, 32)
     cols_b = 32 + tl.arange(0, 16)
@@ -425,7 +429,7 @@ def ultimus_fwd_half_dot_kernel(
     wo_a_hi, wo_a_lo = _split_parts(tl.load(wo_ptr + cols_a[None, :] * d + k2 % d).to(tl.float32), DOTS, HALF)
     wo_b_hi, wo_b_lo = _split_parts(tl.load(wo_ptr + cols_b[None, :] * d + k2 % d).to(tl.float32), DOTS, HALF)
     scale = 1.0 / tl.sqrt(tl.full((), d, tl.float32))
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
         row_ok = rows < B
         x_rows = x_ptr + rows * stride_xb
@@ -787,13 +791,14 @@ def _split_tile(cols, LOG2_WIDTH: tl.constexpr, HALF: tl.constexpr):
 @triton.jit
 def ultimus_bwd_half_dot_kernel(
     gy_ptr, x_ptr, gx_ptr, part_ptr, scratch_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr,
-    B, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles,
+    B, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles, num_programs,
     D: tl.constexpr, d: tl.constexpr, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
     RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_B: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     """Each program sums its tiles' parameter-gradient terms in registers and writes one partial row at the
-    end, as ultimus_bwd_rows_kernel does (same layout, see _param_grad_offsets)."""
+    end, as ultimus_bwd_rows_kernel does (same layout, see _param_grad_offsets). num_programs: a run-time
+    argument, as in ultimus_fwd_half_dot_kernel."""
     tl.static_assert(D == 48 and d == 8, "laid out for D = 48 (K = 32 + 16), d = 8 ([q | k | v | gz] = 32 columns)")
     BLOCK_DIM: tl.constexpr = 64  # the weight-gradient tiles: x and gy with a column of ones at D
     ZW: tl.constexpr = 16  # z and a column of ones at d, padded to tl.dot's 16
@@ -814,7 +819,7 @@ def ultimus_bwd_half_dot_kernel(
     grad_cols = tl.arange(0, BLOCK_DIM)
     acc_w3 = tl.zeros((4 * d, BLOCK_DIM), tl.float32)
     acc_wo_t = tl.zeros((ZW, BLOCK_DIM), tl.float32)
-    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS):
+    for tile in tl.range(pid, num_tiles, num_programs):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
         row_ok = rows < B
         x_rows = x_ptr + rows * stride_xb
@@ -1325,14 +1330,20 @@ def _exp_flags(x: Tensor) -> dict:
 
 
 _TL_HALF = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# num_stages for kernels whose tile loop holds a barrier that orders stores before other threads' loads
+# (the half-precision kernels' scratch, the stack backward's rows): Triton before 3.3 could software-
+# pipeline such a loop and issue the next tiles' loads ahead of the barrier. Later versions leave loops
+# with barriers alone, so this costs nothing there.
+_BARRIERED_LOOP = 1
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
 def _half_dots(x: Tensor, D: int, d: int) -> Optional[str]:
-    """How the half-precision tensor-core kernels (ultimus_fwd_half_dot_kernel, ultimus_bwd_half_dot_kernel)
-    run their products for rows like x ("split" for bfloat16 rows, "tf32" for float16), or None where the
-    one-sample-per-thread kernels run instead: other dtypes and sizes, and GPUs without bf16 and tf32
-    tensor cores (before sm_80)."""
+    """How ultimus_fwd_half_dot_kernel runs its products for rows like x ("split" for bfloat16 rows, "tf32"
+    for float16), or None where the one-sample-per-thread kernels run instead: other dtypes and sizes, and
+    GPUs without bf16 and tf32 tensor cores (before sm_80). ultimus_bwd_half_dot_kernel runs where this
+    says "split" (float16 keeps the rows backward)."""
     if x.dtype not in _TL_HALF or (D, d) != (48, 8):
         return None
     if x.device.type == "cuda" and not interpreter_active():
@@ -1391,9 +1402,9 @@ def ultimus_triton_fwd(
         num_tiles = triton.cdiv(B, BLOCK_B)
         P = _num_programs(num_tiles, x.device)
         torch.library.wrap_triton(ultimus_fwd_half_dot_kernel)[(P,)](
-            x, y, wq, bq, wk, bk, wv, bv, wo, bo, B, x.stride(0), x.stride(1), num_tiles,
+            x, y, wq, bq, wk, bk, wv, bv, wo, bo, B, x.stride(0), x.stride(1), num_tiles, P,
             D=D, d=d, HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, HAS_BO=has_bo, RESIDUAL=residual, DOTS=dots,
-            HALF=_TL_HALF[x.dtype], BLOCK_B=BLOCK_B, NUM_PROGRAMS=P, num_warps=4,
+            HALF=_TL_HALF[x.dtype], BLOCK_B=BLOCK_B, num_warps=4, num_stages=_BARRIERED_LOOP,
         )  # fmt: skip
         return y
     wq, bq, wk, bk, wv, bv, wo, bo = _per_sample_weights(B, wq, bq, wk, bk, wv, bv, wo, bo)
@@ -1447,9 +1458,9 @@ def ultimus_triton_bwd(
         (bq, bk, bv), (has_bq, has_bk, has_bv) = _bias_args(bq, bk, bv, fallback=wq)
         torch.library.wrap_triton(ultimus_bwd_half_dot_kernel)[(P,)](
             gy, x, gx, partials, scratch, wq, bq, wk, bk, wv, bv, wo,
-            B, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
+            B, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles, P,
             D=D, d=d, HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, RESIDUAL=residual, NEED_GX=need_gx,
-            NEED_GW=need_gw, HALF=_TL_HALF[x.dtype], BLOCK_B=BLOCK_B, NUM_PROGRAMS=P, num_warps=4,
+            NEED_GW=need_gw, HALF=_TL_HALF[x.dtype], BLOCK_B=BLOCK_B, num_warps=4, num_stages=_BARRIERED_LOOP,
         )  # fmt: skip
     elif P > 0 and rows_config is not None:
         wq, bq, wk, bk, wv, bv, wo = _per_sample_weights(B, wq, bq, wk, bk, wv, bv, wo)
@@ -1551,7 +1562,7 @@ def ultimus_triton_stack_bwd(
     num_params = 4 * d * D + 3 * d + D
     gx = torch.empty((B, D) if need_gx else (0,), dtype=x.dtype, device=dev)
     rows_config = _rows_backward_config(B, D, d, acc, (acc,))  # its products read the scratch rows h, g (in acc)
-    BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages = _tile_config(B, D, d)
+    BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, _ = _tile_config(B, D, d)
     if rows_config is not None:
         BLOCK_B = rows_config["BLOCK_B"]
     num_tiles = triton.cdiv(B, BLOCK_B)
@@ -1564,7 +1575,7 @@ def ultimus_triton_stack_bwd(
         torch.library.wrap_triton(ultimus_stack_bwd_rows_kernel)[(P,)](
             gy, x, gx, partials, packed, h, g, B, L, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
             D=D, d=d, HAS_BIAS=bias, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
-            **_exp_flags(x), NUM_PROGRAMS=P, **rows_config,
+            **_exp_flags(x), NUM_PROGRAMS=P, **rows_config, num_stages=_BARRIERED_LOOP,
         )  # fmt: skip
     elif P > 0:
         packed = _pack_stack(params, bias, D, d, acc)
@@ -1573,7 +1584,7 @@ def ultimus_triton_stack_bwd(
             num_tiles, num_params,
             HAS_BIAS=bias, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
             EXACT_EXP=_exact_exp(x), NUM_PROGRAMS=P, BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT,
-            num_warps=num_warps, num_stages=num_stages,
+            num_warps=num_warps, num_stages=_BARRIERED_LOOP,
         )  # fmt: skip
     if not need_gw:
         return gx, torch.empty((0,), dtype=acc, device=dev)
