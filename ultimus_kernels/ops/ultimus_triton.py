@@ -384,6 +384,13 @@ def _split_tf32(w):
 
 
 @triton.jit
+def _dot_parts(a, b_hi, b_lo, acc):
+    """acc + a (b_hi + b_lo): two tensor-core products, b split into parts (_split_half, _split_tf32)."""
+    acc = tl.dot(a, b_hi, acc, input_precision="tf32")  # tf32 for float32 parts; bf16 parts ignore it
+    return tl.dot(a, b_lo, acc, input_precision="tf32")
+
+
+@triton.jit
 def _split_parts(w, DOTS: tl.constexpr, HALF: tl.constexpr):
     """w (float32) as the two parts the half-precision forward's products read (see DOTS above)."""
     if DOTS == "split":
@@ -439,10 +446,7 @@ def ultimus_fwd_half_dot_kernel(
             x_a = x_a.to(tl.float32)
             x_b = x_b.to(tl.float32)
         qkv = tl.zeros((BLOCK_B, 4 * d), tl.float32) + b_qkv[None, :]
-        qkv = tl.dot(x_a, w_a_hi, qkv, input_precision="tf32")
-        qkv = tl.dot(x_a, w_a_lo, qkv, input_precision="tf32")
-        qkv = tl.dot(x_b, w_b_hi, qkv, input_precision="tf32")
-        qkv = tl.dot(x_b, w_b_lo, qkv, input_precision="tf32")
+        qkv = _dot_parts(x_b, w_b_hi, w_b_lo, _dot_parts(x_a, w_a_hi, w_a_lo, qkv))
         # q | k | v to one row per thread through the tile's own rows of y; the barriers order the stores
         # before the reads, and the reads before y's stores over them.
         scratch = (y_ptr + rows * D).to(tl.pointer_type(tl.float32))
@@ -466,10 +470,8 @@ def ultimus_fwd_half_dot_kernel(
             z_hi = z_hi + (hi,)
             z_lo = z_lo + (lo,)
         z_t = _columns_to_tile(z_hi + z_lo, 4)  # (BLOCK_B, 2 d): [z_hi | z_lo]
-        y_a = tl.dot(z_t, wo_a_hi, y_a, input_precision="tf32")
-        y_a = tl.dot(z_t, wo_a_lo, y_a, input_precision="tf32")
-        y_b = tl.dot(z_t, wo_b_hi, y_b, input_precision="tf32")
-        y_b = tl.dot(z_t, wo_b_lo, y_b, input_precision="tf32")
+        y_a = _dot_parts(z_t, wo_a_hi, wo_a_lo, y_a)
+        y_b = _dot_parts(z_t, wo_b_hi, wo_b_lo, y_b)
         tl.debug_barrier()
         y_rows = y_ptr + rows * D
         tl.store(y_rows[:, None] + cols_a[None, :], y_a.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -829,14 +831,8 @@ def ultimus_bwd_half_dot_kernel(
         gy_a = tl.load(gy_rows[:, None] + cols_a[None, :] * stride_gyd, mask=row_ok[:, None], other=0.0)
         gy_b = tl.load(gy_rows[:, None] + cols_b[None, :] * stride_gyd, mask=row_ok[:, None], other=0.0)
         qkvg = tl.zeros((BLOCK_B, 4 * d), tl.float32) + b_qkv[None, :]
-        qkvg = tl.dot(x_a, w_a_hi, qkvg)
-        qkvg = tl.dot(x_a, w_a_lo, qkvg)
-        qkvg = tl.dot(x_b, w_b_hi, qkvg)
-        qkvg = tl.dot(x_b, w_b_lo, qkvg)
-        qkvg = tl.dot(gy_a, wo_a_hi, qkvg)
-        qkvg = tl.dot(gy_a, wo_a_lo, qkvg)
-        qkvg = tl.dot(gy_b, wo_b_hi, qkvg)
-        qkvg = tl.dot(gy_b, wo_b_lo, qkvg)
+        qkvg = _dot_parts(x_b, w_b_hi, w_b_lo, _dot_parts(x_a, w_a_hi, w_a_lo, qkvg))
+        qkvg = _dot_parts(gy_b, wo_b_hi, wo_b_lo, _dot_parts(gy_a, wo_a_hi, wo_a_lo, qkvg))
         # [q | k | v | gz] to one row per thread through the scratch; the first barrier keeps the previous
         # tile's reads ahead of these stores, the second these stores ahead of the reads.
         tl.debug_barrier()
@@ -856,14 +852,8 @@ def ultimus_bwd_half_dot_kernel(
             else:
                 gx_a = tl.zeros((BLOCK_B, 32), tl.float32)
                 gx_b = tl.zeros((BLOCK_B, 16), tl.float32)
-            gx_a = tl.dot(g_hi, w3_a_hi, gx_a)
-            gx_a = tl.dot(g_hi, w3_a_lo, gx_a)
-            gx_a = tl.dot(g_lo, w3_a_hi, gx_a)
-            gx_a = tl.dot(g_lo, w3_a_lo, gx_a)
-            gx_b = tl.dot(g_hi, w3_b_hi, gx_b)
-            gx_b = tl.dot(g_hi, w3_b_lo, gx_b)
-            gx_b = tl.dot(g_lo, w3_b_hi, gx_b)
-            gx_b = tl.dot(g_lo, w3_b_lo, gx_b)
+            gx_a = _dot_parts(g_lo, w3_a_hi, w3_a_lo, _dot_parts(g_hi, w3_a_hi, w3_a_lo, gx_a))
+            gx_b = _dot_parts(g_lo, w3_b_hi, w3_b_lo, _dot_parts(g_hi, w3_b_hi, w3_b_lo, gx_b))
             gx_rows = gx_ptr + rows * D
             tl.store(gx_rows[:, None] + cols_a[None, :], gx_a.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None])
             tl.store(gx_rows[:, None] + cols_b[None, :], gx_b.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None])
