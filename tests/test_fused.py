@@ -334,6 +334,12 @@ def test_triton_half_rows_weight_gradients_keep_float32_accuracy():
     assert_rel_close(flat, flat64, TOL[torch.float32], "parameter gradients", scale)
 
 
+# What the split products may add to a result's final rounding, absolute, for results of order 1: each
+# split leaves 2^-17 of a number in bf16 parts (a few 1e-6 on a sum of a block's terms; 1e-4 still shows a
+# missing lo term, 2^-9 of its terms) and 2^-22 in float16 parts (the CPU runs; 1e-5 shows a missing term).
+SPLIT_SLACK = {torch.bfloat16: 1e-4, torch.float16: 1e-5}
+
+
 @pytest.mark.parametrize("dots", ["split", "tf32"])
 @pytest.mark.parametrize(
     "B,residual,bias,programs",
@@ -344,8 +350,9 @@ def test_triton_half_forward_on_tensor_cores_keeps_fp32_accuracy(monkeypatch, do
     tl.dot: bfloat16 rows against weights split into two bfloat16 numbers, and z split likewise ("split"),
     float16 rows (exact in tf32) against weights and z split into a tf32 head and the rest ("tf32"). Either
     way y must be float64 math on the same rows and parameters rounded once: within that rounding plus
-    1e-5. The interpreter has no bfloat16 and computes tf32 products in float32, so on the CPU "split" runs
-    in float16 on float16 rows (the same code and layouts; a GPU run checks bfloat16 and tf32 rounding).
+    SPLIT_SLACK (1e-5 for tf32 parts). The interpreter has no bfloat16 and computes tf32 products in
+    float32, so on the CPU "split" runs in float16 on float16 rows (the same code and layouts; a GPU run
+    checks bfloat16 and tf32 rounding).
     `programs` = 1: one program of the persistent grid loops over several tiles."""
     device = backend_or_skip("triton")
     from ultimus_kernels.ops import ultimus_triton
@@ -363,7 +370,8 @@ def test_triton_half_forward_on_tensor_cores_keeps_fp32_accuracy(monkeypatch, do
     y64 = ultimus_reference(x.double(), *[None if t is None else t.double() for t in params], residual=residual)
     unit = 2**-8 if dtype == torch.bfloat16 else 2**-11
     excess = ((y.double() - y64).abs() - unit * y64.abs()).max().item()
-    assert y.dtype == dtype and excess <= 1e-5, f"{dots} forward: y error {excess:.2e} beyond its final rounding"
+    slack = SPLIT_SLACK[dtype] if dots == "split" else 1e-5
+    assert y.dtype == dtype and excess <= slack, f"{dots} forward: y error {excess:.2e} beyond its final rounding"
 
 
 @pytest.mark.parametrize(
@@ -378,11 +386,11 @@ def test_triton_half_forward_on_tensor_cores_keeps_fp32_accuracy(monkeypatch, do
 )
 def test_triton_bf16_backward_on_tensor_cores_keeps_fp32_accuracy(monkeypatch, B, residual, bias, need, programs):
     """The bfloat16 Triton backward of the common block (D = 48, d = 8) runs every product in tl.dot on
-    bf16 parts: x and gy exact, the weights, g = [gq | gk | gv] and z split into hi + lo. gx must be float64
-    math on the same rows rounded once, within that rounding plus 1e-5, and the float32 parameter gradients
-    within float32's tolerance; only the requested gradients are computed. On the CPU the interpreter
-    (no bfloat16) runs the same code on float16 rows and float16 parts. `programs` = 1: one program of the
-    persistent grid loops over several tiles and sums them into its partial row."""
+    bf16 parts: x and gy exact, the weights, g = [gq | gk | gv] and z split into hi + lo. gx must be
+    float64 math on the same rows rounded once, within that rounding plus SPLIT_SLACK, and the float32
+    parameter gradients within float32's tolerance; only the requested gradients are computed. On the CPU
+    the interpreter (no bfloat16) runs the same code on float16 rows and float16 parts. `programs` = 1: one
+    program of the persistent grid loops over several tiles and sums them into its partial row."""
     device = backend_or_skip("triton")
     from ultimus_kernels.ops import ultimus_triton
 
@@ -402,7 +410,7 @@ def test_triton_bf16_backward_on_tensor_cores_keeps_fp32_accuracy(monkeypatch, B
     if need[0]:
         unit = 2**-8 if dtype == torch.bfloat16 else 2**-11
         excess = ((gx.double() - grads64[0]).abs() - unit * grads64[0].abs()).max().item()
-        assert gx.dtype == dtype and excess <= 1e-5, f"gx error {excess:.2e} beyond its final rounding"
+        assert gx.dtype == dtype and excess <= SPLIT_SLACK[dtype], f"gx error {excess:.2e} beyond its final rounding"
     if need[1]:
         weights, biases = grads64[1:5] if not bias else grads64[1::2], () if not bias else grads64[2::2]
         flat64 = torch.cat([g.reshape(-1) for g in weights + biases])
