@@ -343,11 +343,12 @@ def ultimus_fwd_kernel(
 
 
 @triton.jit
-def _qkv_weights_t(wq_ptr, wk_ptr, wv_ptr, cols, D: tl.constexpr, d: tl.constexpr):
-    """[Wq; Wk; Wv; 0]^T at x's columns `cols`: (len(cols), 4 d) float32, column n = c d + i is W_c[i, cols]."""
-    n = tl.arange(0, 4 * d)
-    which = (n // d)[None, :]
-    offs = (n % d)[None, :] * D + cols[:, None]
+def _qkv_weights(wq_ptr, wk_ptr, wv_ptr, cols, D: tl.constexpr, d: tl.constexpr):
+    """[Wq; Wk; Wv; 0] at x's columns `cols`: (4 d, len(cols)) float32, row c d + i is W_c[i, cols]. Its
+    transpose takes x to [q | k | v | 0]; itself, [gq | gk | gv | 0] to gx."""
+    m = tl.arange(0, 4 * d)
+    which = (m // d)[:, None]
+    offs = (m % d)[:, None] * D + cols[None, :]
     w = tl.load(wq_ptr + offs, mask=which == 0, other=0.0).to(tl.float32)
     w += tl.load(wk_ptr + offs, mask=which == 1, other=0.0).to(tl.float32)
     return w + tl.load(wv_ptr + offs, mask=which == 2, other=0.0).to(tl.float32)
@@ -421,8 +422,8 @@ def ultimus_fwd_half_dot_kernel(
     cols_a = tl.arange(0, 32)
     cols_b = 32 + tl.arange(0, 16)
     # Once per program: the weights as the products read them.
-    w_a = _qkv_weights_t(wq_ptr, wk_ptr, wv_ptr, cols_a, D, d)  # (32, 4 d)
-    w_b = _qkv_weights_t(wq_ptr, wk_ptr, wv_ptr, cols_b, D, d)  # (16, 4 d)
+    w_a = tl.trans(_qkv_weights(wq_ptr, wk_ptr, wv_ptr, cols_a, D, d))  # (32, 4 d)
+    w_b = tl.trans(_qkv_weights(wq_ptr, wk_ptr, wv_ptr, cols_b, D, d))  # (16, 4 d)
     b_qkv = _qkv_bias(bq_ptr, bk_ptr, bv_ptr, HAS_BQ, HAS_BK, HAS_BV, d)
     if HAS_BO:
         bo_a = tl.load(bo_ptr + cols_a).to(tl.float32)
@@ -760,17 +761,6 @@ def ultimus_bwd_rows_kernel(
 
 
 @triton.jit
-def _qkv_weights(wq_ptr, wk_ptr, wv_ptr, cols, D: tl.constexpr, d: tl.constexpr):
-    """[Wq; Wk; Wv; 0] at x's columns `cols`: (4 d, len(cols)) float32, row c d + i is W_c[i, cols]."""
-    m = tl.arange(0, 4 * d)
-    which = (m // d)[:, None]
-    offs = (m % d)[:, None] * D + cols[None, :]
-    w = tl.load(wq_ptr + offs, mask=which == 0, other=0.0).to(tl.float32)
-    w += tl.load(wk_ptr + offs, mask=which == 1, other=0.0).to(tl.float32)
-    return w + tl.load(wv_ptr + offs, mask=which == 2, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _wo_beside_qkv(wo_ptr, cols, d: tl.constexpr):
     """Wo at output features `cols` in columns 3 d .. 4 d - 1 of a (len(cols), 4 d) float32 tile, zeros
     elsewhere: gy Wo lands beside q | k | v."""
@@ -808,12 +798,12 @@ def ultimus_bwd_half_dot_kernel(
     cols_a = tl.arange(0, 32)
     cols_b = 32 + tl.arange(0, 16)
     # Once per program: the weights as the products read them, split into hi + lo.
-    w_a_hi, w_a_lo = _split_half(_qkv_weights_t(wq_ptr, wk_ptr, wv_ptr, cols_a, D, d), HALF)  # x -> [q | k | v | 0]
-    w_b_hi, w_b_lo = _split_half(_qkv_weights_t(wq_ptr, wk_ptr, wv_ptr, cols_b, D, d), HALF)
-    wo_a_hi, wo_a_lo = _split_half(_wo_beside_qkv(wo_ptr, cols_a, d), HALF)  # gy -> [0 | 0 | 0 | gz]
-    wo_b_hi, wo_b_lo = _split_half(_wo_beside_qkv(wo_ptr, cols_b, d), HALF)
     w3_a_hi, w3_a_lo = _split_half(_qkv_weights(wq_ptr, wk_ptr, wv_ptr, cols_a, D, d), HALF)  # g -> gx
     w3_b_hi, w3_b_lo = _split_half(_qkv_weights(wq_ptr, wk_ptr, wv_ptr, cols_b, D, d), HALF)
+    w_a_hi, w_a_lo = tl.trans(w3_a_hi), tl.trans(w3_a_lo)  # x -> [q | k | v | 0]
+    w_b_hi, w_b_lo = tl.trans(w3_b_hi), tl.trans(w3_b_lo)
+    wo_a_hi, wo_a_lo = _split_half(_wo_beside_qkv(wo_ptr, cols_a, d), HALF)  # gy -> [0 | 0 | 0 | gz]
+    wo_b_hi, wo_b_lo = _split_half(_wo_beside_qkv(wo_ptr, cols_b, d), HALF)
     b_qkv = _qkv_bias(bq_ptr, bk_ptr, bv_ptr, HAS_BQ, HAS_BK, HAS_BV, d)
     scale = 1.0 / tl.sqrt(tl.full((), d, tl.float32))
     n = tl.arange(0, 4 * d)
