@@ -754,8 +754,8 @@ def ultimus_bwd_rows_kernel(
 # parts is summed in float32 ((g_hi + g_lo)(W_hi + W_lo) has four terms; the weight gradients g^T x and
 # [z | 1]^T gy two, 2^-17 of each term). q | k | v and gz come out of one family of products as the
 # columns of one (BLOCK_B, 4 d) tile, [q | k | v | gz], and reach one row per thread through the
-# program's own rows of a float32 scratch (BLOCK_B x 4 d per program: with the persistent grid, a few MB
-# that stay in L2), where the attention backward runs per sample as above. float16 rows keep the
+# program's own float32 scratch (BLOCK_B x 4 d per program, column-major: with the persistent grid, a few
+# MB that stay in L2), where the attention backward runs per sample as above. float16 rows keep the
 # backward above: float32 products in tf32x3 gained nothing here (178 warp-instructions per sample
 # against its 232, bound by the transposed float32 operands), and float16 splits would overflow.
 
@@ -778,6 +778,17 @@ def _split_tile(cols, LOG2_WIDTH: tl.constexpr, HALF: tl.constexpr):
         hi = hi + (h,)
         lo = lo + (l,)
     return _columns_to_tile(hi, LOG2_WIDTH), _columns_to_tile(lo, LOG2_WIDTH)
+
+
+@triton.jit
+def _scratch_columns(scratch, c, COUNT: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Columns c .. c + COUNT - 1 of a column-major (BLOCK_B, n) float32 scratch tile, as (BLOCK_B,) vectors:
+    a warp's lanes read 32 consecutive floats per column (coalesced), where row-major reads of one row per
+    thread would touch 32 sectors per load."""
+    out = ()
+    for t in tl.static_range(COUNT):
+        out = out + (tl.load(scratch + (c + t) * BLOCK_B + tl.arange(0, BLOCK_B)),)
+    return out
 
 
 @triton.jit
@@ -807,7 +818,7 @@ def ultimus_bwd_half_dot_kernel(
     b_qkv = _qkv_bias(bq_ptr, bk_ptr, bv_ptr, HAS_BQ, HAS_BK, HAS_BV, d)
     scale = 1.0 / tl.sqrt(tl.full((), d, tl.float32))
     n = tl.arange(0, 4 * d)
-    scratch = scratch_ptr + (pid * BLOCK_B + tl.arange(0, BLOCK_B)) * (4 * d)
+    scratch = scratch_ptr + pid * (BLOCK_B * 4 * d)  # column c of the tile at scratch + c BLOCK_B
     grad_cols = tl.arange(0, BLOCK_DIM)
     acc_w3 = tl.zeros((4 * d, BLOCK_DIM), tl.float32)
     acc_wo_t = tl.zeros((ZW, BLOCK_DIM), tl.float32)
@@ -826,12 +837,13 @@ def ultimus_bwd_half_dot_kernel(
         # [q | k | v | gz] to one row per thread through the scratch; the first barrier keeps the previous
         # tile's reads ahead of these stores, the second these stores ahead of the reads.
         tl.debug_barrier()
-        tl.store(scratch[:, None] + n[None, :], qkvg)
+        r = tl.arange(0, BLOCK_B)
+        tl.store(scratch + n[None, :] * BLOCK_B + r[:, None], qkvg)
         tl.debug_barrier()
-        q = _row_columns(scratch, 0, row_ok, d)
-        k = _row_columns(scratch, d, row_ok, d)
-        v = _row_columns(scratch, 2 * d, row_ok, d)
-        gz = _row_columns(scratch, 3 * d, row_ok, d)
+        q = _scratch_columns(scratch, 0, d, BLOCK_B)
+        k = _scratch_columns(scratch, d, d, BLOCK_B)
+        v = _scratch_columns(scratch, 2 * d, d, BLOCK_B)
+        gz = _scratch_columns(scratch, 3 * d, d, BLOCK_B)
         # Rows past B: gy = 0, hence gz = gq = gk = gv = 0, and they add nothing below.
         gq, gk, gv, z = _attend_rows_backward(q, k, v, gz, scale, False, True, d)
         g_hi, g_lo = _split_tile(gq + gk + gv + _zeros(d, tl.float32, BLOCK_B), 5, HALF)  # (BLOCK_B, 4 d)
