@@ -106,18 +106,18 @@ def sass_stats_specs(ctx) -> list:
             tiles = cdiv(B, rows_bwd["BLOCK_B"])
             P = ut._num_programs(tiles, cuda)
             launch = {k: v for k, v in rows_bwd.items() if k != "num_warps"}
-            launch.update(D=D, d=d, NUM_PROGRAMS=P, **exp)
+            launch.update(D=D, d=d, **exp)
             config = " ".join(f"{k}={v}" for k, v in rows_bwd.items()) + f" NUM_PROGRAMS={P}"
 
             def values(tiles_per_program, P=P, BLOCK_B=rows_bwd["BLOCK_B"]):
                 n = P * tiles_per_program
-                return dict(B=n * BLOCK_B, stride_xb=D, stride_gyb=D, num_tiles=n, L=L)
+                return dict(B=n * BLOCK_B, stride_xb=D, stride_gyb=D, num_tiles=n, num_programs=P, L=L)
 
             single = dict(launch, PRECISION=ut._product_precision(acc_dtype, (dt, dt)))  # its rows: x and gy
             if dots != "split":
                 specs.append(_spec(
                     B, f"triton bwd {dtype_name}", ut.ultimus_bwd_rows_kernel,
-                    [y, x, y, t(P, num_params, dtype=acc_dtype), rw, rb, rw, rb, rw, rb, rwo, B, D, 1, D, 1, tiles],
+                    [y, x, y, t(P, num_params, dtype=acc_dtype), rw, rb, rw, rb, rw, rb, rwo, B, D, 1, D, 1, tiles, P],
                     dict(**flags, **need, **single), rows_bwd["num_warps"], {**bwd_roles, **rw_roles}, values,
                     P, rows_bwd["BLOCK_B"], 3 * D * es, ("triton", "bwd", dtype_name), config, persistent=True,
                     tiles=tiles,
@@ -129,7 +129,7 @@ def sass_stats_specs(ctx) -> list:
                      w, b, w, b, w, b, wo, B, D, 1, D, 1, tiles, P],
                     dict(**flags, **need, D=D, d=d, HALF=ut._TL_HALF[dt], BLOCK_B=rows_bwd["BLOCK_B"]),
                     4, {**bwd_roles, **weight_roles, "scratch_ptr": ("partial", 4)},
-                    lambda tiles_per_program, P=P: dict(values(tiles_per_program), num_programs=P), P,
+                    values, P,
                     rows_bwd["BLOCK_B"],
                     3 * D * es, ("triton", "bwd", dtype_name),
                     f"BLOCK_B={rows_bwd['BLOCK_B']} num_warps=4 NUM_PROGRAMS={P}", persistent=True, tiles=tiles,
@@ -139,7 +139,7 @@ def sass_stats_specs(ctx) -> list:
             specs.append(_spec(
                 B, f"triton stack bwd L={L} {dtype_name}", ut.ultimus_stack_bwd_rows_kernel,
                 [y, x, y, t(P, L * num_params, dtype=acc_dtype), packed, scratch[0], scratch[1], B, L, D, 1, D, 1,
-                 tiles],
+                 tiles, P],
                 dict(HAS_BIAS=True, RESIDUAL=True, **need, **launch), rows_bwd["num_warps"],
                 {**bwd_roles, **stack_roles, "h_ptr": ("partial", 4), "g_ptr": ("partial", 4)}, values, P,
                 rows_bwd["BLOCK_B"], 3 * D * es, ("triton-stack", "bwd", dtype_name), config + f" L={L}",
@@ -150,24 +150,26 @@ def sass_stats_specs(ctx) -> list:
         BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages = ut._tile_config(B, D, d)
         tiles = cdiv(B, BLOCK_B)
         P = ut._num_programs(tiles, cuda)
-        launch = dict(ACC=acc, EXACT_EXP=False, NUM_PROGRAMS=P, BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM)
+        launch = dict(ACC=acc, EXACT_EXP=False, BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM)
         launch["BLOCK_ATT"] = BLOCK_ATT
         config = f"BLOCK_B={BLOCK_B} BLOCK_DIM={BLOCK_DIM} BLOCK_ATT={BLOCK_ATT} num_warps={num_warps} "
         config += f"num_stages={num_stages} NUM_PROGRAMS={P}"
 
         def tile_values(tiles_per_program, P=P, BLOCK_B=BLOCK_B):
             n = P * tiles_per_program
-            return dict(B=n * BLOCK_B, D=D, d=d, stride_xb=D, stride_gyb=D, num_tiles=n, NUM_PARAMS=num_params, L=L)
+            sizes = dict(B=n * BLOCK_B, D=D, d=d, stride_xb=D, stride_gyb=D, num_tiles=n, NUM_PARAMS=num_params)
+            return dict(sizes, num_programs=P, L=L)
 
         specs.append(_spec(
             B, f"triton bwd (tiles) {dtype_name}", ut.ultimus_bwd_kernel,
-            [y, x, y, t(P, num_params, dtype=acc_dtype), w, b, w, b, w, b, wo, B, D, d, D, 1, D, 1, tiles, num_params],
+            [y, x, y, t(P, num_params, dtype=acc_dtype), w, b, w, b, w, b, wo, B, D, d, D, 1, D, 1, tiles, num_params,
+             P],
             dict(**flags, **need, **launch), num_warps, {**bwd_roles, **weight_roles}, tile_values, P, BLOCK_B,
             3 * D * es, ("triton", "bwd", dtype_name), config, persistent=True, tiles=tiles, num_stages=num_stages,
         ))  # fmt: skip
         specs.append(_spec(
             B, f"triton stack bwd (tiles) L={L} {dtype_name}", ut.ultimus_stack_bwd_kernel,
-            [y, x, y, t(P, L * num_params, dtype=acc_dtype), packed, B, D, d, L, D, 1, D, 1, tiles, num_params],
+            [y, x, y, t(P, L * num_params, dtype=acc_dtype), packed, B, D, d, L, D, 1, D, 1, tiles, num_params, P],
             dict(HAS_BIAS=True, RESIDUAL=True, **need, **launch), num_warps, {**bwd_roles, **stack_roles},
             tile_values, P, BLOCK_B, 3 * D * es, ("triton-stack", "bwd", dtype_name), config + f" L={L}",
             persistent=True, tiles=tiles, num_stages=ut._BARRIERED_LOOP,

@@ -437,6 +437,25 @@ def test_triton_half_forward_runs_on_tensor_cores_only_where_it_can(monkeypatch)
     assert dots(rows(torch.bfloat16, "cuda:1"), 48, 8) == "split"
 
 
+def test_triton_persistent_kernels_take_their_grid_size_at_run_time():
+    """Every persistent Triton kernel (one that loops over tiles) takes the number of programs as a run-time
+    argument. At small B that number follows the batch size; as a tl.constexpr each new number of tiles
+    (an epoch's last, partial batch, an evaluation batch) would compile the kernel anew on a GPU."""
+    import inspect
+
+    import triton
+
+    from ultimus_kernels.ops import ultimus_triton
+
+    kernels = [k for k in vars(ultimus_triton).values() if isinstance(k, triton.runtime.jit.KernelInterface)]
+    signatures = {k.fn.__name__: inspect.signature(k.fn).parameters for k in kernels}
+    persistent = {name: params for name, params in signatures.items() if "num_tiles" in params}
+    assert {"ultimus_bwd_rows_kernel", "ultimus_fwd_half_dot_kernel", "ultimus_stack_bwd_kernel"} <= set(persistent)
+    for name, params in persistent.items():
+        grid_size = [p for p in params.values() if p.name.lower() == "num_programs"]
+        assert len(grid_size) == 1 and "constexpr" not in str(grid_size[0].annotation), name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_autocast_on_gpu(backend):

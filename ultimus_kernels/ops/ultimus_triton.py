@@ -26,9 +26,12 @@ backward uses tf32x3, or tf32x2 where its rows are exact in tf32 (float32 accura
 tensor-core products); the tile kernels use "ieee". The softmax exponents are s q_i (k_j - k_ext), exact
 by construction (see _softmax_row).
 
-Determinism. The backward runs a persistent grid of NUM_PROGRAMS programs; each sums the weight and
+Determinism. The backward runs a persistent grid of num_programs programs; each sums the weight and
 bias gradients of its tiles in registers and writes one partial row, and the host sums the partial
 rows in a fixed order. No atomics, so the same input gives bit-identical gradients on every run.
+num_programs is a run-time argument in every kernel: at small B it follows the batch size, and as a
+constant it would compile each kernel anew for every new number of tiles (the last, partial batch of an
+epoch; an evaluation batch).
 
 torch.compile. The launchers are `torch.library.triton_op`s: Dynamo and Inductor see the Triton
 kernels themselves (not an opaque call), the ops have fake implementations for free (the checks at
@@ -713,12 +716,11 @@ def _param_grad_offsets(D: tl.constexpr, d: tl.constexpr, BLOCK_DIM: tl.constexp
 @triton.jit
 def ultimus_bwd_rows_kernel(
     gy_ptr, x_ptr, gx_ptr, part_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr,
-    B, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles,
+    B, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles, num_programs,
     D: tl.constexpr, d: tl.constexpr, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr, HAS_BV: tl.constexpr,
     RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
-    EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr,
-    LOG2_ZW: tl.constexpr,
+    EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, PRECISION: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr, LOG2_ZW: tl.constexpr,
 ):  # fmt: skip
     """The single block: each program sums its tiles' parameter-gradient terms in registers and writes one
     partial row at the end."""
@@ -728,7 +730,7 @@ def ultimus_bwd_rows_kernel(
     scale = 1.0 / tl.sqrt(tl.full((), d, ACC))
     acc_w3 = tl.zeros((4 * ATT, BLOCK_DIM), ACC)
     acc_wo_t = tl.zeros((ZW, BLOCK_DIM), ACC)
-    for tile in range(pid, num_tiles, NUM_PROGRAMS):
+    for tile in range(pid, num_tiles, num_programs):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
         acc_w3, acc_wo_t = _block_backward_rows(
             x_ptr + rows * stride_xb, stride_xd, gy_ptr + rows * stride_gyb, stride_gyd, gx_ptr + rows * D, rows < B,
@@ -887,11 +889,10 @@ def _add_to_row(row_ptr, offs, mask, value):
 @triton.jit(do_not_specialize=["L"])
 def ultimus_stack_bwd_rows_kernel(
     gy_ptr, x_ptr, gx_ptr, part_ptr, p_ptr, h_ptr, g_ptr, B, L, stride_xb, stride_xd, stride_gyb, stride_gyd,
-    num_tiles,
+    num_tiles, num_programs,
     D: tl.constexpr, d: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr,
     NEED_GW: tl.constexpr, ACC: tl.constexpr, EXACT_EXP: tl.constexpr, EXP2: tl.constexpr, PRECISION: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr,
-    LOG2_ATT: tl.constexpr, LOG2_ZW: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr, LOG2_ZW: tl.constexpr,
 ):  # fmt: skip
     """The stack, per tile, blocks in reverse. Each program has its own (BLOCK_B, D) scratch rows in the
     accumulation dtype: h, the block's input, recomputed from x through the blocks before it (rather than
@@ -910,7 +911,7 @@ def ultimus_stack_bwd_rows_kernel(
     h_rows = h_ptr + local * D
     g_rows = g_ptr + local * D
     my_row = part_ptr + pid.to(tl.int64) * L * NUM_PARAMS
-    for tile in range(pid, num_tiles, NUM_PROGRAMS):
+    for tile in range(pid, num_tiles, num_programs):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
         row_ok = rows < B
         x_rows = x_ptr + rows * stride_xb
@@ -1090,6 +1091,7 @@ def ultimus_bwd_kernel(
     stride_gyd,
     num_tiles,
     NUM_PARAMS,
+    num_programs,
     HAS_BQ: tl.constexpr,
     HAS_BK: tl.constexpr,
     HAS_BV: tl.constexpr,
@@ -1098,7 +1100,6 @@ def ultimus_bwd_kernel(
     NEED_GW: tl.constexpr,
     ACC: tl.constexpr,
     EXACT_EXP: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_DIM: tl.constexpr,
     BLOCK_ATT: tl.constexpr,
@@ -1123,7 +1124,7 @@ def ultimus_bwd_kernel(
     acc_bv = tl.zeros((BLOCK_ATT,), ACC)
     acc_bo = tl.zeros((BLOCK_DIM,), ACC)
 
-    for tile in range(pid, num_tiles, NUM_PROGRAMS):
+    for tile in range(pid, num_tiles, num_programs):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
         tile_mask = (rows[:, None] < B) & (cols[None, :] < D)
         x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=tile_mask, other=0.0).to(ACC)
@@ -1165,10 +1166,9 @@ def ultimus_bwd_kernel(
 @triton.jit(do_not_specialize=["d", "L"])
 def ultimus_stack_bwd_kernel(
     gy_ptr, x_ptr, gx_ptr, part_ptr, p_ptr, B, D, d, L, stride_xb, stride_xd, stride_gyb, stride_gyd, num_tiles,
-    NUM_PARAMS,
+    NUM_PARAMS, num_programs,
     HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NEED_GX: tl.constexpr, NEED_GW: tl.constexpr, ACC: tl.constexpr,
-    EXACT_EXP: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr,
-    BLOCK_ATT: tl.constexpr,
+    EXACT_EXP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, BLOCK_ATT: tl.constexpr,
 ):  # fmt: skip
     """Per tile, the blocks in reverse; block l's input is recomputed from x through blocks 0..l-1
     (about 1.2 kFLOP per block per sample, all on chip) rather than stored. With L blocks' gradients
@@ -1185,7 +1185,7 @@ def ultimus_stack_bwd_kernel(
     wo_mask = (cols[:, None] < D) & (a_offs[None, :] < d)
     my_row = part_ptr + pid.to(tl.int64) * L * NUM_PARAMS
 
-    for tile in range(pid, num_tiles, NUM_PROGRAMS):
+    for tile in range(pid, num_tiles, num_programs):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
         tile_mask = (rows[:, None] < B) & (cols[None, :] < D)
         x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd, mask=tile_mask, other=0.0).to(ACC)
@@ -1459,9 +1459,9 @@ def ultimus_triton_bwd(
         (bq, bk, bv), (has_bq, has_bk, has_bv) = _bias_args(bq, bk, bv, fallback=wq)
         torch.library.wrap_triton(ultimus_bwd_rows_kernel)[(P,)](
             gy, x, gx, partials, wq, bq, wk, bk, wv, bv, wo,
-            B, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
+            B, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles, P,
             D=D, d=d, HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, RESIDUAL=residual, NEED_GX=need_gx,
-            NEED_GW=need_gw, ACC=_TL_ACC[acc], **_exp_flags(x), NUM_PROGRAMS=P, **rows_config,
+            NEED_GW=need_gw, ACC=_TL_ACC[acc], **_exp_flags(x), **rows_config,
         )  # fmt: skip
     elif P > 0:
         wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
@@ -1487,6 +1487,7 @@ def ultimus_triton_bwd(
             gy.stride(1),
             num_tiles,
             num_params,
+            P,
             HAS_BQ=has_bq,
             HAS_BK=has_bk,
             HAS_BV=has_bv,
@@ -1495,7 +1496,6 @@ def ultimus_triton_bwd(
             NEED_GW=need_gw,
             ACC=_TL_ACC[acc],
             EXACT_EXP=_exact_exp(x),
-            NUM_PROGRAMS=P,
             BLOCK_B=BLOCK_B,
             BLOCK_DIM=BLOCK_DIM,
             BLOCK_ATT=BLOCK_ATT,
@@ -1566,16 +1566,16 @@ def ultimus_triton_stack_bwd(
         h, g = torch.empty((2, P * BLOCK_B, D), dtype=acc, device=dev)  # each program's scratch rows
         torch.library.wrap_triton(ultimus_stack_bwd_rows_kernel)[(P,)](
             gy, x, gx, partials, packed, h, g, B, L, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
-            D=D, d=d, HAS_BIAS=bias, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
-            **_exp_flags(x), NUM_PROGRAMS=P, **rows_config, num_stages=_BARRIERED_LOOP,
+            P, D=D, d=d, HAS_BIAS=bias, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
+            **_exp_flags(x), **rows_config, num_stages=_BARRIERED_LOOP,
         )  # fmt: skip
     elif P > 0:
         packed = _pack_stack(params, bias, D, d, acc)
         torch.library.wrap_triton(ultimus_stack_bwd_kernel)[(P,)](
             gy, x, gx, partials, packed, B, D, d, L, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1),
-            num_tiles, num_params,
+            num_tiles, num_params, P,
             HAS_BIAS=bias, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
-            EXACT_EXP=_exact_exp(x), NUM_PROGRAMS=P, BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT,
+            EXACT_EXP=_exact_exp(x), BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT,
             num_warps=num_warps, num_stages=_BARRIERED_LOOP,
         )  # fmt: skip
     if not need_gw:
