@@ -135,10 +135,10 @@ def sass_stats_specs(ctx) -> list:
                     f"BLOCK_B={rows_bwd['BLOCK_B']} num_warps=4 NUM_PROGRAMS={P}", persistent=True, tiles=tiles,
                     num_stages=ut._BARRIERED_LOOP,
                 ))  # fmt: skip
-            scratch = t(2, P * rows_bwd["BLOCK_B"], D, dtype=acc_dtype)
+            scratch = t(P * 2 * rows_bwd["BLOCK_B"], D, dtype=acc_dtype), t(P * rows_bwd["BLOCK_B"], D, dtype=acc_dtype)
             specs.append(_spec(
                 B, f"triton stack bwd L={L} {dtype_name}", ut.ultimus_stack_bwd_rows_kernel,
-                [y, x, y, t(P, L * num_params, dtype=acc_dtype), packed, scratch[0], scratch[1], B, L, D, 1, D, 1,
+                [y, x, y, t(P, L * num_params, dtype=acc_dtype), packed, *scratch, B, L, D, 1, D, 1,
                  tiles, P],
                 dict(HAS_BIAS=True, RESIDUAL=True, **need, **launch), rows_bwd["num_warps"],
                 {**bwd_roles, **stack_roles, "h_ptr": ("partial", 4), "g_ptr": ("partial", 4)}, values, P,

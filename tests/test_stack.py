@@ -98,6 +98,19 @@ def test_stack_of_four_at_a_large_batch_on_gpu(backend):
     assert excess <= TOL[torch.float32], f"bf16 stack forward: error {excess:.2e} of max|y| beyond its rounding"
 
 
+def test_triton_stack_backward_carries_its_scratch_rows_across_tiles(monkeypatch):
+    """One program runs several tiles in turn, as the persistent grid does on a GPU (the interpreter would
+    give each tile a program of its own): every tile recomputes its blocks' inputs in the program's two
+    sets of scratch rows, the second set holding the input kept for the next block, and adds its gradient
+    terms to the program's partial row after the tile before it. Three blocks: both ways an input is found
+    (recomputed, kept) and block 0 reading x."""
+    device = backend_or_skip("triton")
+    from ultimus_kernels.ops import ultimus_triton
+
+    monkeypatch.setattr(ultimus_triton, "_num_programs", lambda num_tiles, device: 1)
+    check_stack("triton", device, 3, 1030, 48, 8, torch.float32)  # 1024-row tiles in the interpreter: two
+
+
 @pytest.mark.parametrize("B,D,d", [(1, 48, 8), (70, 7, 1), (5, 17, 32)])
 def test_stack_over_odd_shapes(fused_backend, B, D, d):
     backend, device = fused_backend

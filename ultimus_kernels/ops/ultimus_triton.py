@@ -739,10 +739,7 @@ def ultimus_bwd_rows_kernel(
             LOG2_ATT, LOG2_ZW,
         )  # fmt: skip
     if NEED_GW:
-        row = part_ptr + pid * (4 * d * D + 3 * d + D)
-        w3_at, wo_t_at = _param_grad_offsets(D, d, BLOCK_DIM, ATT, ZW)
-        tl.store(row + w3_at[0], acc_w3, mask=w3_at[1])
-        tl.store(row + wo_t_at[0], acc_wo_t, mask=wo_t_at[1])
+        _store_param_grads(part_ptr + pid * (4 * d * D + 3 * d + D), acc_w3, acc_wo_t, D, d, BLOCK_DIM, ATT, ZW, False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -874,16 +871,27 @@ def ultimus_bwd_half_dot_kernel(
             acc_wo_t = tl.dot(tl.trans(z_hi), gy, acc_wo_t)
             acc_wo_t = tl.dot(tl.trans(z_lo), gy, acc_wo_t)
     if NEED_GW:
-        row = part_ptr + pid * (4 * d * D + 3 * d + D)
-        w3_at, wo_t_at = _param_grad_offsets(D, d, BLOCK_DIM, d, ZW)
-        tl.store(row + w3_at[0], acc_w3, mask=w3_at[1])
-        tl.store(row + wo_t_at[0], acc_wo_t, mask=wo_t_at[1])
+        _store_param_grads(part_ptr + pid * (4 * d * D + 3 * d + D), acc_w3, acc_wo_t, D, d, BLOCK_DIM, d, ZW, False)
 
 
 @triton.jit
 def _add_to_row(row_ptr, offs, mask, value):
     """row[offs] += value, for a row only this program touches: deterministic without atomics."""
     tl.store(row_ptr + offs, tl.load(row_ptr + offs, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def _store_param_grads(row, acc_w3, acc_wo_t, D: tl.constexpr, d: tl.constexpr, BLOCK_DIM: tl.constexpr,
+                       ATT: tl.constexpr, ZW: tl.constexpr, ADD: tl.constexpr):  # fmt: skip
+    """Accumulators in _block_backward_rows' layout into the partial row at `row` (see
+    _param_grad_offsets), stored, or added to what the row holds (ADD)."""
+    w3_at, wo_t_at = _param_grad_offsets(D, d, BLOCK_DIM, ATT, ZW)
+    if ADD:
+        _add_to_row(row, w3_at[0], w3_at[1], acc_w3)
+        _add_to_row(row, wo_t_at[0], wo_t_at[1], acc_wo_t)
+    else:
+        tl.store(row + w3_at[0], acc_w3, mask=w3_at[1])
+        tl.store(row + wo_t_at[0], acc_wo_t, mask=wo_t_at[1])
 
 
 @triton.jit(do_not_specialize=["L"])
@@ -895,20 +903,25 @@ def ultimus_stack_bwd_rows_kernel(
     WIDTH: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_DIM: tl.constexpr, LOG2_ATT: tl.constexpr, LOG2_ZW: tl.constexpr,
 ):  # fmt: skip
     """The stack, per tile, blocks in reverse. Each program has its own (BLOCK_B, D) scratch rows in the
-    accumulation dtype: h, the block's input, recomputed from x through the blocks before it (rather than
-    stored), and g, the gradient flowing back, updated in place. Its partial row (L * NUM_PARAMS, zeroed
-    by the host) takes each block's terms tile by tile: deterministic, no atomics. The barriers order
-    the scratch rows between the per-sample phases (a thread, its own rows) and the tile phases (any
-    thread, any row)."""
+    accumulation dtype: g, the gradient flowing back, updated in place, and two sets h (at h_ptr, two
+    per program) for the blocks' inputs, recomputed from x through the blocks before them rather than
+    stored. A recomputation for block l keeps block l - 1's input too (the last forward it runs writes
+    block l's input to the second set and leaves block l - 1's in the first), so every other block needs
+    none: 4 block forwards per tile for 4 blocks, where recomputing each input from x took 6. The set is
+    picked by an offset, not by tl.where on pointers, which would hide the rows' alignment and split
+    their vector loads and stores. The program's partial row (L * NUM_PARAMS, zeroed by the
+    host) takes each block's terms tile by tile: deterministic, no atomics. The barriers order the
+    scratch rows between the per-sample phases (a thread, its own rows) and the tile phases (any thread,
+    any row)."""
     ATT: tl.constexpr = 1 << LOG2_ATT
     ZW: tl.constexpr = 1 << LOG2_ZW
     NUM_PARAMS: tl.constexpr = 4 * d * D + 3 * d + D
     dD: tl.constexpr = d * D
     pid = tl.program_id(0)
     scale = 1.0 / tl.sqrt(tl.full((), d, ACC))
-    w3_at, wo_t_at = _param_grad_offsets(D, d, BLOCK_DIM, ATT, ZW)
     local = pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    h_rows = h_ptr + local * D
+    h_rows = h_ptr + (local + pid * BLOCK_B) * D  # the first set; the second is BLOCK_B rows on
+    SECOND: tl.constexpr = BLOCK_B * D
     g_rows = g_ptr + local * D
     my_row = part_ptr + pid.to(tl.int64) * L * NUM_PARAMS
     for tile in range(pid, num_tiles, num_programs):
@@ -918,29 +931,30 @@ def ultimus_stack_bwd_rows_kernel(
         _copy_rows(gy_ptr + rows * stride_gyb, stride_gyd, g_rows, row_ok, ACC, D, WIDTH)
         for r in range(0, L):
             block = L - 1 - r
-            _copy_rows(x_rows, stride_xd, h_rows, row_ok, ACC, D, WIDTH)
-            for earlier in range(0, block):
-                w = p_ptr + earlier * NUM_PARAMS
-                b = w + 4 * dD
-                _block_forward_rows(
-                    h_rows, 1, h_rows, row_ok, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD, b + 3 * d,
-                    scale, HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS, RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH,
-                    BLOCK_B,
-                )  # fmt: skip
-            tl.debug_barrier()  # h and g complete before any thread reads other threads' rows
+            if r % 2 == 0:  # recompute block's input (into the second set) and block - 1's (left in the first)
+                _copy_rows(x_rows, stride_xd, h_rows, row_ok, ACC, D, WIDTH)
+                for earlier in range(0, block):
+                    w = p_ptr + earlier * NUM_PARAMS
+                    b = w + 4 * dD
+                    _block_forward_rows(
+                        h_rows, 1, h_rows + (earlier == block - 1).to(tl.int32) * SECOND, row_ok, w, b, w + dD, b + d,
+                        w + 2 * dD, b + 2 * d, w + 3 * dD, b + 3 * d, scale, HAS_BIAS, HAS_BIAS, HAS_BIAS, HAS_BIAS,
+                        RESIDUAL, ACC, EXACT_EXP, EXP2, D, d, WIDTH, BLOCK_B,
+                    )  # fmt: skip
+            input_rows = h_rows + ((r % 2 == 0) & (block > 0)).to(tl.int32) * SECOND  # block 0's input: x
+            tl.debug_barrier()  # the input and g complete before any thread reads other threads' rows
             w = p_ptr + block * NUM_PARAMS
             b = w + 4 * dD
             g_w3, g_wo_t = _block_backward_rows(
-                h_rows, 1, g_rows, 1, g_rows, row_ok, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD, scale,
+                input_rows, 1, g_rows, 1, g_rows, row_ok, w, b, w + dD, b + d, w + 2 * dD, b + 2 * d, w + 3 * dD, scale,
                 tl.zeros((4 * ATT, BLOCK_DIM), ACC), tl.zeros((ZW, BLOCK_DIM), ACC), HAS_BIAS, HAS_BIAS, HAS_BIAS,
                 RESIDUAL, True, NEED_GW, True, ACC, EXACT_EXP, EXP2, PRECISION, D, d, WIDTH, BLOCK_B, BLOCK_DIM,
                 LOG2_ATT, LOG2_ZW,
             )  # fmt: skip
             if NEED_GW:
                 row = my_row + block * NUM_PARAMS
-                _add_to_row(row, w3_at[0], w3_at[1], g_w3)
-                _add_to_row(row, wo_t_at[0], wo_t_at[1], g_wo_t)
-            tl.debug_barrier()  # every thread is done reading the h tile before the next block rewrites h
+                _store_param_grads(row, g_w3, g_wo_t, D, d, BLOCK_DIM, ATT, ZW, True)
+            tl.debug_barrier()  # every thread is done reading the input tile before the next block rewrites it
         if NEED_GX:
             _copy_rows(g_rows, 1, gx_ptr + rows * D, row_ok, ACC, D, WIDTH)
 
@@ -1563,11 +1577,12 @@ def ultimus_triton_stack_bwd(
     partials = torch.zeros((P if need_gw else 0, L * num_params), dtype=acc, device=dev)
     if P > 0 and rows_config is not None:
         packed = _pack_stack(params, bias, D, d, acc)
-        h, g = torch.empty((2, P * BLOCK_B, D), dtype=acc, device=dev)  # each program's scratch rows
+        h = torch.empty((P * 2 * BLOCK_B, D), dtype=acc, device=dev)  # each program's scratch rows: two sets of h
+        g = torch.empty((P * BLOCK_B, D), dtype=acc, device=dev)  # and g
         torch.library.wrap_triton(ultimus_stack_bwd_rows_kernel)[(P,)](
-            gy, x, gx, partials, packed, h, g, B, L, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1), num_tiles,
-            P, D=D, d=d, HAS_BIAS=bias, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
-            **_exp_flags(x), **rows_config, num_stages=_BARRIERED_LOOP,
+            gy, x, gx, partials, packed, h, g, B, L, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1),
+            num_tiles, P, D=D, d=d, HAS_BIAS=bias, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw,
+            ACC=_TL_ACC[acc], **_exp_flags(x), **rows_config, num_stages=_BARRIERED_LOOP,
         )  # fmt: skip
     elif P > 0:
         packed = _pack_stack(params, bias, D, d, acc)
