@@ -91,14 +91,30 @@ def sass_stats_specs(ctx) -> list:
                 persistent=True, tiles=tiles, num_stages=ut._BARRIERED_LOOP,
             ))  # fmt: skip
         h_is_y = dt == packed.dtype
-        specs.append(_spec(
-            B, f"triton stack fwd L={L} {dtype_name}", ut.ultimus_stack_fwd_kernel,
-            [x, y if h_is_y else packed, y, packed, B, L, D, 1],
-            dict(HAS_BIAS=True, RESIDUAL=True, H_IS_Y=h_is_y, **launch), rows["num_warps"],
-            {"x_ptr": ("act_in", es), "h_ptr": ("act_out", es), "y_ptr": ("act_out", es), **stack_roles},
-            lambda tiles: dict(B=B, L=L, stride_xb=D), grid, rows["BLOCK_B"], 2 * D * es,
-            ("triton-stack", "fwd", dtype_name), config + f" L={L}",
-        ))  # fmt: skip
+        if not ut._stack_dots(x, D, d):
+            specs.append(_spec(
+                B, f"triton stack fwd L={L} {dtype_name}", ut.ultimus_stack_fwd_kernel,
+                [x, y if h_is_y else packed, y, packed, B, L, D, 1],
+                dict(HAS_BIAS=True, RESIDUAL=True, H_IS_Y=h_is_y, **launch), rows["num_warps"],
+                {"x_ptr": ("act_in", es), "h_ptr": ("act_out", es), "y_ptr": ("act_out", es), **stack_roles},
+                lambda tiles: dict(B=B, L=L, stride_xb=D), grid, rows["BLOCK_B"], 2 * D * es,
+                ("triton-stack", "fwd", dtype_name), config + f" L={L}",
+            ))  # fmt: skip
+        else:  # see ultimus_triton_stack_fwd: the stack forward on the tensor cores, 128-row tiles, persistent
+            tiles = cdiv(B, 128)
+            P = ut._num_programs(tiles, cuda)
+
+            def stack_values(tiles_per_program, P=P):
+                n = P * tiles_per_program
+                return dict(B=n * 128, L=L, stride_xb=D, num_tiles=n, num_programs=P)
+
+            specs.append(_spec(
+                B, f"triton stack fwd L={L} {dtype_name}", ut.ultimus_stack_fwd_dot_kernel,
+                [x, y, packed, B, L, D, 1, tiles, P], dict(D=D, d=d, HAS_BIAS=True, RESIDUAL=True, BLOCK_B=128), 4,
+                {"x_ptr": ("act_in", es), "y_ptr": ("act_out", es), **stack_roles}, stack_values, P, 128,
+                2 * D * es, ("triton-stack", "fwd", dtype_name), f"BLOCK_B=128 num_warps=4 NUM_PROGRAMS={P} L={L}",
+                persistent=True, tiles=tiles, num_stages=ut._BARRIERED_LOOP,
+            ))  # fmt: skip
 
         # backward and stack backward for small blocks: see ultimus_triton_bwd, _rows_backward_config
         rows_bwd = ut._rows_backward_config(B, D, d, acc_dtype, (acc_dtype,))  # the stack's; the single's below

@@ -98,17 +98,61 @@ def test_stack_of_four_at_a_large_batch_on_gpu(backend):
     assert excess <= TOL[torch.float32], f"bf16 stack forward: error {excess:.2e} of max|y| beyond its rounding"
 
 
-def test_triton_stack_backward_carries_its_scratch_rows_across_tiles(monkeypatch):
+@pytest.mark.parametrize("L", [3, 5])
+def test_triton_stack_backward_carries_its_scratch_rows_across_tiles(monkeypatch, L):
     """One program runs several tiles in turn, as the persistent grid does on a GPU (the interpreter would
     give each tile a program of its own): every tile recomputes its blocks' inputs in the program's two
     sets of scratch rows, the second set holding the input kept for the next block, and adds its gradient
-    terms to the program's partial row after the tile before it. Three blocks: both ways an input is found
-    (recomputed, kept) and block 0 reading x."""
+    terms to the program's partial row after the tile before it. Three and five blocks: both ways an input
+    is found (recomputed, kept), block 0 reading x, and a recomputation through three blocks."""
     device = backend_or_skip("triton")
     from ultimus_kernels.ops import ultimus_triton
 
     monkeypatch.setattr(ultimus_triton, "_num_programs", lambda num_tiles, device: 1)
-    check_stack("triton", device, 3, 1030, 48, 8, torch.float32)  # 1024-row tiles in the interpreter: two
+    check_stack("triton", device, L, 1030, 48, 8, torch.float32)  # 1024-row tiles in the interpreter: two
+
+
+@pytest.mark.parametrize("L", [1, 2, 4])
+@pytest.mark.parametrize("residual,bias", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_stack_forward_on_tensor_cores(monkeypatch, L, residual, bias, dtype):
+    """The common block's stack forward on the tensor cores (ultimus_stack_fwd_dot_kernel): 3xTF32 products
+    of split float32 parts, q | k | v through the tile's own rows of y, one program over two tiles. float32
+    against float64 block by block within float32's tolerance; float16 rows within their final rounding
+    plus float32's tolerance, the math between the blocks in float32. (The interpreter runs the tf32
+    products in float32, so dropping a cross term of the split, 2^-11 of the result, still fails here.)"""
+    device = backend_or_skip("triton")
+    from ultimus_kernels.ops import ultimus_triton
+
+    monkeypatch.setattr(ultimus_triton, "_num_programs", lambda num_tiles, device: 1)
+    B = 1030 if device.type == "cpu" else 300  # two tiles of 1024 rows in the interpreter, three of 128 on a GPU
+    x, params = make_stack(L, B, 48, 8, dtype=torch.float32, device=device, bias=bias)
+    x = x.detach().to(dtype)
+    params = [[None if t is None else t.detach() for t in block] for block in params]
+    assert ultimus_triton._stack_dots(x, 48, 8)
+    y = torch.ops.ultimus_triton.stack_fwd(x, [t for block in params for t in block if t is not None], bias, residual)
+    y64 = ultimus_stack_reference(x.double(), [[None if t is None else t.double() for t in b] for b in params],
+                                  residual=residual)  # fmt: skip
+    rounding = 0.0 if dtype == torch.float32 else 2.0**-11
+    excess = ((y.double() - y64).abs() - rounding * y64.abs()).clamp_min(0).norm() / y64.norm()
+    assert y.dtype == dtype and excess <= TOL[torch.float32], f"{L} blocks: error {excess:.2e} beyond y's rounding"
+
+
+def test_triton_stack_forward_runs_on_tensor_cores_only_where_it_can(monkeypatch):
+    """float32 and half rows of the common block take the tensor-core stack forward; float64 rows, other
+    sizes and GPUs before sm_80 keep the one-sample-per-thread kernel."""
+    from types import SimpleNamespace
+
+    from ultimus_kernels.ops import ultimus_triton
+
+    rows = lambda dtype, device="cpu": SimpleNamespace(dtype=dtype, device=torch.device(device))  # noqa: E731
+    dots = ultimus_triton._stack_dots
+    assert all(dots(rows(dtype), 48, 8) for dtype in (torch.float32, torch.float16, torch.bfloat16))
+    assert not dots(rows(torch.float64), 48, 8) and not dots(rows(torch.float32), 40, 8)
+    assert not dots(rows(torch.float32), 48, 4)
+    monkeypatch.setattr(ultimus_triton, "interpreter_active", lambda: False)
+    monkeypatch.setattr(ultimus_triton, "_CAPABILITY", {0: (7, 5), 1: (9, 0)})
+    assert not dots(rows(torch.float32, "cuda:0"), 48, 8) and dots(rows(torch.float32, "cuda:1"), 48, 8)
 
 
 @pytest.mark.parametrize("B,D,d", [(1, 48, 8), (70, 7, 1), (5, 17, 32)])

@@ -9,22 +9,23 @@ intermediate stays on chip, or in L1/L2 where a kernel passes rows between threa
 half-precision kernels' scratch, the stack's rows). Row offsets are 64-bit: B * D passes 2^31 at B ~ 45 M
 for D = 48.
 Three designs, each described at its section below:
-- one sample per thread (the forward, the stack forward, and the backward of blocks up to D = 48,
-  d = 8 in size): each thread owns whole rows, and everything per sample is elementwise on column
-  vectors; the backward's sums over the batch go through tl.dot;
-- the half-precision forward and the bfloat16 backward of the D = 48, d = 8 block: the products in
-  tl.dot on the tensor cores, the attention one sample per thread as above;
-- tiles (the backward of larger blocks, the stack backward): D and d padded to powers of two,
+- one sample per thread (the forward, the stack forward, and the backward and stack backward of blocks
+  up to D = 48, d = 8 in size): each thread owns whole rows, and everything per sample is elementwise on
+  column vectors; the backward's sums over the batch go through tl.dot;
+- the half-precision forward, the bfloat16 backward and the stack forward of the D = 48, d = 8 block
+  (sm_80 and later): the products in tl.dot on the tensor cores, the attention one sample per thread as
+  above;
+- tiles (the backward and stack backward of larger blocks): D and d padded to powers of two,
   BLOCK_DIM and BLOCK_ATT (each >= 16, the smallest tl.dot), with masks; the attention is a
   (BLOCK_B, BLOCK_ATT, BLOCK_ATT) tile.
 
 Precision. Everything is computed in float32 (float64 for float64 inputs); half inputs are upcast on
 load and the result is cast back to x's dtype on store. Tensor-core products keep float32 accuracy by
-splitting the operands that are not exact in the product's input type: the half-precision kernels split
-weights, z and g themselves (into two bf16 numbers, or a tf32 head and the rest); the one-sample-per-thread
-backward uses tf32x3, or tf32x2 where its rows are exact in tf32 (float32 accuracy from three or two
-tensor-core products); the tile kernels use "ieee". The softmax exponents are s q_i (k_j - k_ext), exact
-by construction (see _softmax_row).
+splitting the operands that are not exact in the product's input type: the half-precision kernels and
+the stack forward split weights, z, g and the rows between blocks themselves (into two bf16 numbers, or
+a tf32 head and the rest); the one-sample-per-thread backward uses tf32x3, or tf32x2 where its rows are
+exact in tf32 (float32 accuracy from three or two tensor-core products); the tile kernels use "ieee".
+The softmax exponents are s q_i (k_j - k_ext), exact by construction (see _softmax_row).
 
 Determinism. The backward runs a persistent grid of num_programs programs; each sums the weight and
 bias gradients of its tiles in registers and writes one partial row, and the host sums the partial
@@ -514,6 +515,83 @@ def ultimus_stack_fwd_kernel(
         )  # fmt: skip
     if not H_IS_Y:
         _copy_rows(h_rows, 1, y_ptr + rows * D, row_ok, ACC, D, WIDTH)
+
+
+# The stack forward on the tensor cores (D = 48, d = 8; float32, float16 and bfloat16 rows; sm_80 and
+# later). A stack of four does four blocks' float32 FMAs for one block's bytes, so the FMAs bound the
+# kernel above (36% of copy bandwidth in the offline model). Here both projections of every block run in
+# tl.dot, as in the half-precision forward, in tf32 on split float32 parts: the rows between the blocks
+# are float32, so both factors are split into a tf32 head and the rest, h W = h_hi w_hi + h_hi w_lo +
+# h_lo w_hi (3xTF32, float32 accuracy), and z Wo^T = [z_hi | z_lo] [wo_hi; wo_hi] + [z_hi | z_lo]
+# [wo_lo; wo_lo]. The rows stay in registers from block to block as the output products' accumulators;
+# q | k | v reach one row per thread through the tile's own rows of y, as in the half-precision forward
+# (a float32 y row holds 48 floats, a half one exactly the 24 needed), which y overwrites at the end.
+# Each block's weights are read (from L2) and split per tile: L blocks' would not fit in registers.
+
+
+@triton.jit(do_not_specialize=["L"])
+def ultimus_stack_fwd_dot_kernel(
+    x_ptr, y_ptr, p_ptr, B, L, stride_xb, stride_xd, num_tiles, num_programs,
+    D: tl.constexpr, d: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """p_ptr: the packed parameters, (L, NUM_PARAMS) float32 (see ultimus_stack_fwd_kernel)."""
+    tl.static_assert(D == 48 and d == 8, "laid out for D = 48 (K = 32 + 16), d = 8 (q | k | v | 0 = 32 columns)")
+    NUM_PARAMS: tl.constexpr = 4 * d * D + 3 * d + D
+    dD: tl.constexpr = d * D
+    cols_a = tl.arange(0, 32)
+    cols_b = 32 + tl.arange(0, 16)
+    n = tl.arange(0, 4 * d)
+    k2 = tl.arange(0, 2 * d)[:, None]  # [z_hi | z_lo] against [wo_hi; wo_hi] and [wo_lo; wo_lo]
+    scale = 1.0 / tl.sqrt(tl.full((), d, tl.float32))
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs):
+        rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
+        row_ok = rows < B
+        x_rows = x_ptr + rows * stride_xb
+        h_a = tl.load(x_rows[:, None] + cols_a[None, :] * stride_xd, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        h_b = tl.load(x_rows[:, None] + cols_b[None, :] * stride_xd, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        scratch = (y_ptr + rows * D).to(tl.pointer_type(tl.float32))  # q | k | v, one row per sample
+        for block in range(0, L):
+            w = p_ptr + block * NUM_PARAMS
+            b = w + 4 * dD
+            w_a_hi, w_a_lo = _split_tf32(tl.trans(_qkv_weights(w, w + dD, w + 2 * dD, cols_a, D, d)))  # (32, 4 d)
+            w_b_hi, w_b_lo = _split_tf32(tl.trans(_qkv_weights(w, w + dD, w + 2 * dD, cols_b, D, d)))  # (16, 4 d)
+            qkv = tl.zeros((BLOCK_B, 4 * d), tl.float32) + _qkv_bias(b, b + d, b + 2 * d, HAS_BIAS, HAS_BIAS,
+                                                                      HAS_BIAS, d)[None, :]  # fmt: skip
+            h_a_hi, h_a_lo = _split_tf32(h_a)
+            h_b_hi, h_b_lo = _split_tf32(h_b)
+            qkv = _dot_parts(h_a_hi, w_a_hi, w_a_lo, qkv)
+            qkv = _dot_parts(h_b_hi, w_b_hi, w_b_lo, qkv)
+            qkv = tl.dot(h_a_lo, w_a_hi, qkv, input_precision="tf32")
+            qkv = tl.dot(h_b_lo, w_b_hi, qkv, input_precision="tf32")
+            tl.debug_barrier()  # every thread has read the previous block's q | k | v before they are overwritten
+            tl.store(scratch[:, None] + n[None, :], qkv, mask=row_ok[:, None] & (n < 3 * d)[None, :])
+            tl.debug_barrier()
+            q = _row_columns(scratch, 0, row_ok, d)
+            k = _row_columns(scratch, d, row_ok, d)
+            v = _row_columns(scratch, 2 * d, row_ok, d)
+            z = _attend_rows(q, k, v, scale, False, True, d)
+            if not RESIDUAL:
+                h_a = tl.zeros((BLOCK_B, 32), tl.float32)
+                h_b = tl.zeros((BLOCK_B, 16), tl.float32)
+            if HAS_BIAS:
+                h_a += tl.load(b + 3 * d + cols_a)[None, :]
+                h_b += tl.load(b + 3 * d + cols_b)[None, :]
+            z_hi = ()
+            z_lo = ()
+            for j in tl.static_range(d):
+                hi, lo = _split_tf32(z[j])
+                z_hi = z_hi + (hi,)
+                z_lo = z_lo + (lo,)
+            z_t = _columns_to_tile(z_hi + z_lo, 4)  # (BLOCK_B, 2 d): [z_hi | z_lo]
+            wo = w + 3 * dD
+            wo_a_hi, wo_a_lo = _split_tf32(tl.load(wo + cols_a[None, :] * d + k2 % d))
+            wo_b_hi, wo_b_lo = _split_tf32(tl.load(wo + cols_b[None, :] * d + k2 % d))
+            h_a = _dot_parts(z_t, wo_a_hi, wo_a_lo, h_a)
+            h_b = _dot_parts(z_t, wo_b_hi, wo_b_lo, h_b)
+        tl.debug_barrier()  # every thread has read its q | k | v before y's rows overwrite them
+        y_rows = y_ptr + rows * D
+        tl.store(y_rows[:, None] + cols_a[None, :], h_a.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(y_rows[:, None] + cols_b[None, :], h_b.to(y_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1350,15 +1428,25 @@ def _half_dots(x: Tensor, D: int, d: int) -> Optional[str]:
     for float16), or None where the one-sample-per-thread kernels run instead: other dtypes and sizes, and
     GPUs without bf16 and tf32 tensor cores (before sm_80). ultimus_bwd_half_dot_kernel runs where this
     says "split" (float16 keeps the rows backward)."""
-    if x.dtype not in _TL_HALF or (D, d) != (48, 8):
+    if x.dtype not in _TL_HALF or (D, d) != (48, 8) or not _has_tensor_cores(x.device):
         return None
-    if x.device.type == "cuda" and not interpreter_active():
-        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        if index not in _CAPABILITY:  # cached: the query is not free on the small-B hot path
-            _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-        if _CAPABILITY[index] < (8, 0):
-            return None
     return "split" if x.dtype == torch.bfloat16 else "tf32"
+
+
+def _stack_dots(x: Tensor, D: int, d: int) -> bool:
+    """Whether the stack forward runs on the tensor cores (ultimus_stack_fwd_dot_kernel): float32, float16
+    and bfloat16 rows of the D = 48, d = 8 block, on sm_80 and later or in the interpreter."""
+    return x.dtype in (torch.float32, *_TL_HALF) and (D, d) == (48, 8) and _has_tensor_cores(x.device)
+
+
+def _has_tensor_cores(device: torch.device) -> bool:
+    """bf16 and tf32 tensor cores (sm_80 and later); the interpreter runs tl.dot on any device."""
+    if device.type != "cuda" or interpreter_active():
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:  # cached: the query is not free on the small-B hot path
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index] >= (8, 0)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -1544,6 +1632,15 @@ def ultimus_triton_stack_fwd(x: Tensor, params: list[Tensor], bias: bool, residu
     if B == 0:
         return y
     packed = _pack_stack(params, bias, D, d, _acc_dtype(x))
+    if _stack_dots(x, D, d):
+        BLOCK_B = _rows_config(B, D, d)["BLOCK_B"] if interpreter_active() else 128
+        num_tiles = triton.cdiv(B, BLOCK_B)
+        P = _num_programs(num_tiles, x.device)
+        torch.library.wrap_triton(ultimus_stack_fwd_dot_kernel)[(P,)](
+            x, y, packed, B, L, x.stride(0), x.stride(1), num_tiles, P,
+            D=D, d=d, HAS_BIAS=bias, RESIDUAL=residual, BLOCK_B=BLOCK_B, num_warps=4, num_stages=_BARRIERED_LOOP,
+        )  # fmt: skip
+        return y
     config = _rows_config(B, D, d)
     # Between blocks the activations stay in the accumulation dtype: a half-precision y cannot hold them.
     h_is_y = y.dtype == packed.dtype
