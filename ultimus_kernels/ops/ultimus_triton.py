@@ -414,6 +414,20 @@ def _row_columns(row_ptrs, c, row_ok, COUNT: tl.constexpr):
 
 
 @triton.jit
+def _attend_through_rows(qkv, scratch, row_ok, scale, d: tl.constexpr):
+    """z for the tile whose [q | k | v | 0] came out of a product, qkv (BLOCK_B, 4 d): stored as float32
+    into `scratch` (a 3 d-float row per sample), then, after a barrier, read back one row per thread for
+    the attention. The caller orders these reads before anything overwrites the rows."""
+    n = tl.arange(0, 4 * d)
+    tl.store(scratch[:, None] + n[None, :], qkv, mask=row_ok[:, None] & (n < 3 * d)[None, :])
+    tl.debug_barrier()
+    q = _row_columns(scratch, 0, row_ok, d)
+    k = _row_columns(scratch, d, row_ok, d)
+    v = _row_columns(scratch, 2 * d, row_ok, d)
+    return _attend_rows(q, k, v, scale, False, True, d)
+
+
+@triton.jit
 def ultimus_fwd_half_dot_kernel(
     x_ptr, y_ptr, wq_ptr, bq_ptr, wk_ptr, bk_ptr, wv_ptr, bv_ptr, wo_ptr, bo_ptr, B, stride_xb, stride_xd, num_tiles,
     num_programs, D: tl.constexpr, d: tl.constexpr, HAS_BQ: tl.constexpr, HAS_BK: tl.constexpr,
@@ -452,16 +466,9 @@ def ultimus_fwd_half_dot_kernel(
             x_b = x_b.to(tl.float32)
         qkv = tl.zeros((BLOCK_B, 4 * d), tl.float32) + b_qkv[None, :]
         qkv = _dot_parts(x_b, w_b_hi, w_b_lo, _dot_parts(x_a, w_a_hi, w_a_lo, qkv))
-        # q | k | v to one row per thread through the tile's own rows of y; the barriers order the stores
-        # before the reads, and the reads before y's stores over them.
-        scratch = (y_ptr + rows * D).to(tl.pointer_type(tl.float32))
-        n = tl.arange(0, 4 * d)
-        tl.store(scratch[:, None] + n[None, :], qkv, mask=row_ok[:, None] & (n < 3 * d)[None, :])
-        tl.debug_barrier()
-        q = _row_columns(scratch, 0, row_ok, d)
-        k = _row_columns(scratch, d, row_ok, d)
-        v = _row_columns(scratch, 2 * d, row_ok, d)
-        z = _attend_rows(q, k, v, scale, False, True, d)
+        # q | k | v to one row per thread through the tile's own rows of y; the barrier before y's stores
+        # orders the reads before y overwrites them.
+        z = _attend_through_rows(qkv, (y_ptr + rows * D).to(tl.pointer_type(tl.float32)), row_ok, scale, d)
         if RESIDUAL:
             y_a = x_a.to(tl.float32) + bo_a[None, :]
             y_b = x_b.to(tl.float32) + bo_b[None, :]
@@ -540,7 +547,6 @@ def ultimus_stack_fwd_dot_kernel(
     dD: tl.constexpr = d * D
     cols_a = tl.arange(0, 32)
     cols_b = 32 + tl.arange(0, 16)
-    n = tl.arange(0, 4 * d)
     k2 = tl.arange(0, 2 * d)[:, None]  # [z_hi | z_lo] against [wo_hi; wo_hi] and [wo_lo; wo_lo]
     scale = 1.0 / tl.sqrt(tl.full((), d, tl.float32))
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs):
@@ -564,12 +570,7 @@ def ultimus_stack_fwd_dot_kernel(
             qkv = tl.dot(h_a_lo, w_a_hi, qkv, input_precision="tf32")
             qkv = tl.dot(h_b_lo, w_b_hi, qkv, input_precision="tf32")
             tl.debug_barrier()  # every thread has read the previous block's q | k | v before they are overwritten
-            tl.store(scratch[:, None] + n[None, :], qkv, mask=row_ok[:, None] & (n < 3 * d)[None, :])
-            tl.debug_barrier()
-            q = _row_columns(scratch, 0, row_ok, d)
-            k = _row_columns(scratch, d, row_ok, d)
-            v = _row_columns(scratch, 2 * d, row_ok, d)
-            z = _attend_rows(q, k, v, scale, False, True, d)
+            z = _attend_through_rows(qkv, scratch, row_ok, scale, d)
             if not RESIDUAL:
                 h_a = tl.zeros((BLOCK_B, 32), tl.float32)
                 h_b = tl.zeros((BLOCK_B, 16), tl.float32)
