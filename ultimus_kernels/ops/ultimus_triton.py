@@ -988,10 +988,9 @@ def ultimus_stack_bwd_rows_kernel(
     block l's input to the second set and leaves block l - 1's in the first), so every other block needs
     none: 4 block forwards per tile for 4 blocks, where recomputing each input from x took 6. The set is
     picked by an offset, not by tl.where on pointers, which would hide the rows' alignment and split
-    their vector loads and stores. The program's partial row (L * NUM_PARAMS, zeroed by the
-    host) takes each block's terms tile by tile: deterministic, no atomics. The barriers order the
-    scratch rows between the per-sample phases (a thread, its own rows) and the tile phases (any thread,
-    any row)."""
+    their vector loads and stores. The program's partial row (L * NUM_PARAMS, zeroed by the host) takes
+    each block's terms tile by tile: deterministic, no atomics. The barriers order the scratch rows
+    between the per-sample phases (a thread, its own rows) and the tile phases (any thread, any row)."""
     ATT: tl.constexpr = 1 << LOG2_ATT
     ZW: tl.constexpr = 1 << LOG2_ZW
     NUM_PARAMS: tl.constexpr = 4 * d * D + 3 * d + D
@@ -1441,7 +1440,8 @@ def _stack_dots(x: Tensor, D: int, d: int) -> bool:
 
 
 def _has_tensor_cores(device: torch.device) -> bool:
-    """bf16 and tf32 tensor cores (sm_80 and later); the interpreter runs tl.dot on any device."""
+    """bf16 and tf32 tensor cores: a GPU of sm_80 or later. Elsewhere Triton runs only in the interpreter,
+    which runs tl.dot in any precision."""
     if device.type != "cuda" or interpreter_active():
         return True
     index = device.index if device.index is not None else torch.cuda.current_device()
