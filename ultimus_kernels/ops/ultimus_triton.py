@@ -405,6 +405,27 @@ def _split_parts(w, DOTS: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
+def _z_parts_tile(z, DOTS: tl.constexpr, HALF: tl.constexpr):
+    """[z_hi | z_lo] (BLOCK_B, 16) from the 8-tuple z of float32 columns, split as _split_parts does: with
+    _wo_parts, z Wo^T is two products of K = 2 d that hold all four terms of (z_hi + z_lo)(wo_hi + wo_lo)."""
+    z_hi = ()
+    z_lo = ()
+    for j in tl.static_range(len(z)):
+        hi, lo = _split_parts(z[j], DOTS, HALF)
+        z_hi = z_hi + (hi,)
+        z_lo = z_lo + (lo,)
+    return _columns_to_tile(z_hi + z_lo, 4)
+
+
+@triton.jit
+def _wo_parts(wo_ptr, cols, d: tl.constexpr, DOTS: tl.constexpr, HALF: tl.constexpr):
+    """[Wo^T; Wo^T] at output features `cols` ((2 d, len(cols)), Wo in (D, d) nn.Linear layout), split into
+    the parts (hi, lo) that _z_parts_tile's products read."""
+    k2 = tl.arange(0, 2 * d)[:, None]
+    return _split_parts(tl.load(wo_ptr + cols[None, :] * d + k2 % d).to(tl.float32), DOTS, HALF)
+
+
+@triton.jit
 def _row_columns(row_ptrs, c, row_ok, COUNT: tl.constexpr):
     """Columns c .. c + COUNT - 1 of float32 rows, one row per thread, as a COUNT-tuple of (BLOCK_B,) vectors."""
     out = ()
@@ -451,9 +472,8 @@ def ultimus_fwd_half_dot_kernel(
         bo_b = tl.zeros((16,), tl.float32)
     w_a_hi, w_a_lo = _split_parts(w_a, DOTS, HALF)
     w_b_hi, w_b_lo = _split_parts(w_b, DOTS, HALF)
-    k2 = tl.arange(0, 2 * d)[:, None]  # [z_hi | z_lo] against [wo_hi; wo_hi] and [wo_lo; wo_lo]
-    wo_a_hi, wo_a_lo = _split_parts(tl.load(wo_ptr + cols_a[None, :] * d + k2 % d).to(tl.float32), DOTS, HALF)
-    wo_b_hi, wo_b_lo = _split_parts(tl.load(wo_ptr + cols_b[None, :] * d + k2 % d).to(tl.float32), DOTS, HALF)
+    wo_a_hi, wo_a_lo = _wo_parts(wo_ptr, cols_a, d, DOTS, HALF)  # [z_hi | z_lo] against [wo_hi; wo_hi] ...
+    wo_b_hi, wo_b_lo = _wo_parts(wo_ptr, cols_b, d, DOTS, HALF)  # ... and against [wo_lo; wo_lo]
     scale = 1.0 / tl.sqrt(tl.full((), d, tl.float32))
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
@@ -475,13 +495,7 @@ def ultimus_fwd_half_dot_kernel(
         else:
             y_a = tl.zeros((BLOCK_B, 32), tl.float32) + bo_a[None, :]
             y_b = tl.zeros((BLOCK_B, 16), tl.float32) + bo_b[None, :]
-        z_hi = ()
-        z_lo = ()
-        for j in tl.static_range(d):
-            hi, lo = _split_parts(z[j], DOTS, HALF)
-            z_hi = z_hi + (hi,)
-            z_lo = z_lo + (lo,)
-        z_t = _columns_to_tile(z_hi + z_lo, 4)  # (BLOCK_B, 2 d): [z_hi | z_lo]
+        z_t = _z_parts_tile(z, DOTS, HALF)  # (BLOCK_B, 2 d): [z_hi | z_lo]
         y_a = _dot_parts(z_t, wo_a_hi, wo_a_lo, y_a)
         y_b = _dot_parts(z_t, wo_b_hi, wo_b_lo, y_b)
         tl.debug_barrier()
@@ -547,7 +561,6 @@ def ultimus_stack_fwd_dot_kernel(
     dD: tl.constexpr = d * D
     cols_a = tl.arange(0, 32)
     cols_b = 32 + tl.arange(0, 16)
-    k2 = tl.arange(0, 2 * d)[:, None]  # [z_hi | z_lo] against [wo_hi; wo_hi] and [wo_lo; wo_lo]
     scale = 1.0 / tl.sqrt(tl.full((), d, tl.float32))
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs):
         rows = tile * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)  # 64-bit: rows * D may pass 2^31
@@ -577,16 +590,9 @@ def ultimus_stack_fwd_dot_kernel(
             if HAS_BIAS:
                 h_a += tl.load(b + 3 * d + cols_a)[None, :]
                 h_b += tl.load(b + 3 * d + cols_b)[None, :]
-            z_hi = ()
-            z_lo = ()
-            for j in tl.static_range(d):
-                hi, lo = _split_tf32(z[j])
-                z_hi = z_hi + (hi,)
-                z_lo = z_lo + (lo,)
-            z_t = _columns_to_tile(z_hi + z_lo, 4)  # (BLOCK_B, 2 d): [z_hi | z_lo]
-            wo = w + 3 * dD
-            wo_a_hi, wo_a_lo = _split_tf32(tl.load(wo + cols_a[None, :] * d + k2 % d))
-            wo_b_hi, wo_b_lo = _split_tf32(tl.load(wo + cols_b[None, :] * d + k2 % d))
+            z_t = _z_parts_tile(z, "tf32", tl.float32)  # (BLOCK_B, 2 d): [z_hi | z_lo]
+            wo_a_hi, wo_a_lo = _wo_parts(w + 3 * dD, cols_a, d, "tf32", tl.float32)
+            wo_b_hi, wo_b_lo = _wo_parts(w + 3 * dD, cols_b, d, "tf32", tl.float32)
             h_a = _dot_parts(z_t, wo_a_hi, wo_a_lo, h_a)
             h_b = _dot_parts(z_t, wo_b_hi, wo_b_lo, h_b)
         tl.debug_barrier()  # every thread has read its q | k | v before y's rows overwrite them
