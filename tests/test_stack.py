@@ -369,6 +369,19 @@ def test_raw_stack_ops_train_and_their_bwd_refuses_differentiation(backend, fwd,
 
 
 @pytest.mark.parametrize("backend,fwd,bwd", STACK_OPS, ids=[f[0] for f in STACK_OPS])
+def test_raw_stack_bwd_reads_the_incoming_gradient_in_xs_dtype(backend, fwd, bwd):
+    # As the single block's bwd op (test_ops.py): a float32 gy for half-precision x is read in x's dtype.
+    device = backend_or_skip(backend)
+    half = torch.float16 if device.type == "cpu" and backend == "triton" else torch.bfloat16  # interpreter: no bf16
+    x, params = make_stack(2, 5, 48, 8, dtype=half, device=device)
+    x, flat = x.detach(), [t.detach() for t in flat_params(params)]
+    gy = torch.randn(5, 48, device=device)
+    wide = bwd(gy, x, flat, True, True, True, True)
+    rounded = bwd(gy.to(half), x, flat, True, True, True, True)
+    assert all(torch.equal(w, r) for w, r in zip(wide, rounded))
+
+
+@pytest.mark.parametrize("backend,fwd,bwd", STACK_OPS, ids=[f[0] for f in STACK_OPS])
 def test_opcheck_of_the_stack_ops(backend, fwd, bwd):
     device = backend_or_skip(backend)
     interpreted = backend == "triton" and device.type == "cpu"  # see test_ops.test_opcheck_of_the_ops

@@ -160,7 +160,8 @@ def check_fused_limits(backend: str, D: int, d: int) -> None:
 
 
 def check_grad_output(gy: Tensor, x: Tensor) -> None:
-    """The bwd ops' incoming gradient: a tensor of x's shape on x's device (any floating dtype)."""
+    """The bwd ops' incoming gradient: a tensor of x's shape on x's device, of any floating dtype (every
+    backend reads it rounded to x's dtype, which autograd's always has)."""
     _dtype("gy", gy)
     if gy.shape != x.shape:
         raise ValueError(f"ultimus: gy must have x's shape {tuple(x.shape)}, got {tuple(gy.shape)}")

@@ -1433,8 +1433,11 @@ def _half_dots(x: Tensor, D: int, d: int) -> Optional[str]:
     """How ultimus_fwd_half_dot_kernel runs its products for rows like x ("split" for bfloat16 rows, "tf32"
     for float16), or None where the one-sample-per-thread kernels run instead: other dtypes and sizes, and
     GPUs without bf16 and tf32 tensor cores (before sm_80). ultimus_bwd_half_dot_kernel runs where this
-    says "split" (float16 keeps the rows backward)."""
+    says "split" (float16 keeps the rows backward). Triton's interpreter misreads bfloat16 operands of
+    tl.dot (it returns numbers of order 1e10 on triton 3.8), so there bfloat16 rows keep the rows kernels."""
     if x.dtype not in _TL_HALF or (D, d) != (48, 8) or not _has_tensor_cores(x.device):
+        return None
+    if x.dtype == torch.bfloat16 and interpreter_active():
         return None
     return "split" if x.dtype == torch.bfloat16 else "tf32"
 
@@ -1539,11 +1542,12 @@ def ultimus_triton_bwd(
     D, d = check_op_inputs("triton", x, wq, bq, wk, bk, wv, bv, wo, bo, residual)
     check_grad_output(gy, x)
     refuse_forward_ad("ultimus_triton::bwd", (gy, x, wq, bq, wk, bk, wv, bv, wo, bo))
+    gy = gy.to(x.dtype)  # read in x's dtype, as every backend does (autograd's gy always is)
     acc = _acc_dtype(x)
     dev = x.device
     num_params = 4 * d * D + 3 * d + D
     gx = torch.empty((B, D) if need_gx else (0,), dtype=x.dtype, device=dev)
-    rows_config = _rows_backward_config(B, D, d, acc, (x.dtype, gy.dtype))
+    rows_config = _rows_backward_config(B, D, d, acc, (x.dtype,))
     BLOCK_B, BLOCK_DIM, BLOCK_ATT, num_warps, num_stages = _tile_config(B, D, d)
     if rows_config is not None:
         BLOCK_B = rows_config["BLOCK_B"]
@@ -1551,9 +1555,9 @@ def ultimus_triton_bwd(
     P = _num_programs(num_tiles, dev) if (need_gw or need_gx) and B > 0 else 0
     # Parameter-gradient partials, one row per program (see ops/autograd.py for the layout).
     partials = torch.empty((P if need_gw else 0, num_params), dtype=acc, device=dev)
-    # The tensor-core backward: bfloat16 rows (float16 keeps the rows kernel, see its section), gy exact
-    # in bf16 too; BLOCK_B, num_tiles and P as the rows kernel's (D = 48, d = 8 has its config).
-    if P > 0 and _half_dots(x, D, d) == "split" and gy.dtype == x.dtype:
+    # The tensor-core backward: bfloat16 rows (float16 keeps the rows kernel, see its section); BLOCK_B,
+    # num_tiles and P as the rows kernel's (D = 48, d = 8 has its config).
+    if P > 0 and _half_dots(x, D, d) == "split":
         scratch = torch.empty((P * BLOCK_B, 4 * d), dtype=torch.float32, device=dev)  # [q | k | v | gz] rows
         wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
         (bq, bk, bv), (has_bq, has_bk, has_bv) = _bias_args(bq, bk, bv, fallback=wq)
@@ -1668,6 +1672,7 @@ def ultimus_triton_stack_bwd(
     L, D, d = check_stack_op_inputs("triton", x, params, bias, residual)
     check_grad_output(gy, x)
     refuse_forward_ad("ultimus_triton::stack_bwd", (gy, x, *params))
+    gy = gy.to(x.dtype)  # read in x's dtype, as every backend does (autograd's gy always is)
     acc, dev = _acc_dtype(x), x.device
     num_params = 4 * d * D + 3 * d + D
     gx = torch.empty((B, D) if need_gx else (0,), dtype=x.dtype, device=dev)
