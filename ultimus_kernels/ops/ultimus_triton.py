@@ -1433,8 +1433,9 @@ def _half_dots(x: Tensor, D: int, d: int) -> Optional[str]:
     """How ultimus_fwd_half_dot_kernel runs its products for rows like x ("split" for bfloat16 rows, "tf32"
     for float16), or None where the one-sample-per-thread kernels run instead: other dtypes and sizes, and
     GPUs without bf16 and tf32 tensor cores (before sm_80). ultimus_bwd_half_dot_kernel runs where this
-    says "split" (float16 keeps the rows backward). Triton's interpreter misreads bfloat16 operands of
-    tl.dot (it returns numbers of order 1e10 on triton 3.8), so there bfloat16 rows keep the rows kernels."""
+    says "split" (float16 keeps the rows backward). Triton's interpreter multiplies the bit patterns of
+    bfloat16 tl.dot operands (triton-lang/triton#11584, numbers of order 1e10; its maintainers say it does
+    not support bfloat16), so there bfloat16 rows keep the rows kernels."""
     if x.dtype not in _TL_HALF or (D, d) != (48, 8) or not _has_tensor_cores(x.device):
         return None
     if x.dtype == torch.bfloat16 and interpreter_active():
