@@ -102,6 +102,34 @@ def test_generic_kernels_serve_every_other_case(emu, B, D, d, dtype):
     check_block(emu, B, D, d, dtype, "generic")
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_generic_kernels_at_the_largest_sizes_read_parameters_from_device_memory(emu, bias):
+    """float64 at D = 256, d = 32: one block's parameters are 265 KB, past an H100's 227 KB of shared memory
+    per block (these sizes raised "needs ... bytes of shared memory"). The generic kernels then leave them
+    in device memory and give the shared memory to the tiles: the single block through the stack kernels
+    with L = 1. float32 near the limits takes that path for a stack's backward (three tiles)."""
+    check_block(emu, 40, 256, 32, torch.float64, "generic", bias=bias)
+    check_stack(emu, 2, 256, 32, torch.float64, "generic", B=40, bias=bias)
+    check_stack(emu, 2, 251, 30, torch.float32, "generic", B=20, bias=bias)
+
+
+def test_generic_kernels_on_a_gpu_with_little_shared_memory(emu):
+    """With 48 KB of shared memory the parameters of D = 100, d = 20 (34 KB in float32) leave too little
+    room for the tiles: they stay in device memory. Past what even an 8-row tile needs, a clear error."""
+    try:
+        emu.set_shared_memory_per_block(48 * 1024)
+        check_block(emu, 37, 100, 20, torch.float32, "generic")
+        check_block(emu, 37, 100, 20, torch.float32, "generic", bias=False, need=(False, True))
+        check_stack(emu, 3, 100, 20, torch.float64, "generic", B=37)
+        emu.set_shared_memory_per_block(8 * 1024)  # an 8-row float64 x tile of D = 256 is 16 KB
+        x = torch.randn(5, 256, dtype=torch.float64)
+        params = [t.detach() for t in make_inputs(5, 256, 32)[1:]]
+        with pytest.raises(RuntimeError, match=r"D=256, d=32 needs \d+ bytes of shared memory, more than this GPU's"):
+            emu.fwd(x, *params, True)
+    finally:
+        emu.set_shared_memory_per_block(227 * 1024)
+
+
 def test_gpus_without_tf32_tensor_cores_get_the_generic_backward(emu):
     """The rows backward sums its weight gradients with tf32 mma.sync (sm_80 on): on a Turing-class
     GPU the forward is still the rows kernel's and the backward the generic one's."""

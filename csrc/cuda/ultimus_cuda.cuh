@@ -375,23 +375,36 @@ __global__ void ultimus_bwd_kernel(const scalar_t* __restrict__ gy, int64_t sg0,
 
 // The stack: L blocks per launch, their parameters packed (L, np) in the partial-row layout. Shared
 // memory holds one block's parameters at a time, reloaded (from L2) as the tile moves through the
-// blocks: any number of blocks fits, at the cost of np loads per block per tile.
+// blocks: any number of blocks fits, at the cost of np loads per block per tile. Where one block's
+// parameters and the tiles do not fit together (float64 near D = 256, d = 32), params_in_shared is false
+// and the threads read the parameters from device memory (through L1) instead: slower, but every size
+// within the limits runs. The single-block launchers use these kernels with L = 1 for such sizes.
+template <typename acc_t>
+__device__ __forceinline__ const acc_t* block_params(acc_t* sp, const acc_t* __restrict__ packed, int block, int np,
+                                                     bool params_in_shared) {
+  const acc_t* row = packed + int64_t(block) * np;
+  if (!params_in_shared) return row;
+  __syncthreads();  // the previous block's parameters no longer read
+  load_packed(sp, row, np);
+  __syncthreads();
+  return sp;
+}
+
 template <typename scalar_t, typename acc_t, int MAXA>
 __global__ void ultimus_stack_fwd_kernel(const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1,
                                          scalar_t* __restrict__ y, const acc_t* __restrict__ packed, int L, int D,
-                                         int d, acc_t scale, int64_t B, bool residual) {
+                                         int d, acc_t scale, int64_t B, bool residual, bool params_in_shared) {
   ULTIMUS_DYNAMIC_SHARED(smem_raw);
   acc_t* sp = reinterpret_cast<acc_t*>(smem_raw);
   const int ld = D + 1, np = num_params(D, d);
-  acc_t* xs = sp + np;
+  acc_t* xs = sp + (params_in_shared ? np : 0);
   for (int64_t row0 = int64_t(blockIdx.x) * blockDim.x; row0 < B; row0 += int64_t(gridDim.x) * blockDim.x) {
     __syncthreads();  // the previous tile stored
     load_tile(x, sx0, sx1, row0, B, D, xs);
+    __syncthreads();  // the tile loaded (each thread's row comes from other threads' loads)
     for (int block = 0; block < L; ++block) {
-      __syncthreads();  // the previous block's parameters no longer read
-      load_packed(sp, packed + int64_t(block) * np, np);
-      __syncthreads();
-      block_forward_row<acc_t, MAXA>(sp, xs + threadIdx.x * ld, D, d, scale, residual);
+      const acc_t* wp = block_params(sp, packed, block, np, params_in_shared);
+      block_forward_row<acc_t, MAXA>(wp, xs + threadIdx.x * ld, D, d, scale, residual);
     }
     __syncthreads();
     store_tile(xs, row0, B, D, y);
@@ -406,11 +419,11 @@ __global__ void ultimus_stack_bwd_kernel(const scalar_t* __restrict__ gy, int64_
                                          const scalar_t* __restrict__ x, int64_t sx0, int64_t sx1,
                                          scalar_t* __restrict__ gx, acc_t* __restrict__ partials,
                                          const acc_t* __restrict__ packed, int L, int D, int d, acc_t scale,
-                                         int64_t B, bool residual) {
+                                         int64_t B, bool residual, bool params_in_shared) {
   ULTIMUS_DYNAMIC_SHARED(smem_raw);
   acc_t* sp = reinterpret_cast<acc_t*>(smem_raw);
   const int ld = D + 1, rows = blockDim.x, np = num_params(D, d), ldg = 4 * d + 1;
-  acc_t* xs = sp + np;
+  acc_t* xs = sp + (params_in_shared ? np : 0);
   acc_t* hs = xs + rows * ld;
   acc_t* gys = hs + rows * ld;
   acc_t* gs = gys + rows * ld;
@@ -430,21 +443,16 @@ __global__ void ultimus_stack_bwd_kernel(const scalar_t* __restrict__ gy, int64_
     for (int r = 0; r < L; ++r) {
       const int block = L - 1 - r;
       for (int n = 0; n < D; ++n) hrow[n] = xrow[n];  // this thread's own row: no barrier needed
-      for (int earlier = 0; earlier < block; ++earlier) {
-        __syncthreads();
-        load_packed(sp, packed + int64_t(earlier) * np, np);
-        __syncthreads();
-        block_forward_row<acc_t, MAXA>(sp, hrow, D, d, scale, residual);
-      }
-      __syncthreads();
-      load_packed(sp, packed + int64_t(block) * np, np);
-      __syncthreads();
+      for (int earlier = 0; earlier < block; ++earlier)
+        block_forward_row<acc_t, MAXA>(block_params(sp, packed, earlier, np, params_in_shared), hrow, D, d, scale,
+                                       residual);
+      const acc_t* wp = block_params(sp, packed, block, np, params_in_shared);
       acc_t gq[MAXA], gk[MAXA], gv[MAXA];
-      block_backward_row<acc_t, MAXA>(sp, hrow, gyrow, D, d, scale, gs + threadIdx.x * ldg, gq, gk, gv);
+      block_backward_row<acc_t, MAXA>(wp, hrow, gyrow, D, d, scale, gs + threadIdx.x * ldg, gq, gk, gv);
       __syncthreads();  // every row's gs and block input written
       if (my_partial) accumulate_partials(my_partial + int64_t(block) * np, hs, gys, gs, D, d);
       __syncthreads();  // everyone is done reading gys before this block's input gradient replaces it
-      input_grad_row<acc_t, MAXA>(sp, gyrow, gq, gk, gv, D, d, residual, gyrow);
+      input_grad_row<acc_t, MAXA>(wp, gyrow, gq, gk, gv, D, d, residual, gyrow);
     }
     if (gx) {
       __syncthreads();
@@ -2084,20 +2092,26 @@ LaunchConfig persistent_grid(void (*kernel)(P...), int64_t B, int rows, size_t s
   return {rows, int(std::max<int64_t>(1, std::min(tiles, resident))), smem};
 }
 
-// The generic kernels' tile: the largest (128, 64 or 32 rows) whose shared memory fits the device;
-// `tiles` x-sized tiles, plus the g|z tile in the backward. Returns {rows, shared-memory bytes}.
-inline std::pair<int, size_t> generic_tile(int64_t D, int64_t d, size_t acc_size, int tiles, bool backward) {
-  const int smem_optin = runtime::device_info().smem_optin;
-  for (int rows : {128, 64, 32}) {
-    size_t elems = num_params(D, d) + size_t(tiles) * rows * (D + 1) + (backward ? size_t(rows) * (4 * d + 1) : 0);
-    size_t smem = elems * acc_size;
-    if (smem <= size_t(smem_optin) || rows == 32) {
-      TORCH_CHECK(smem <= size_t(smem_optin), "ultimus: D=", D, ", d=", d, " needs ", smem,
-                  " bytes of shared memory, more than this GPU's ", smem_optin);
-      return {rows, smem};
-    }
-  }
-  TORCH_CHECK(false, "unreachable");
+// The generic kernels' tile: `tiles` x-sized tiles, plus the g|z tile in the backward, and one block's
+// parameters beside them: the largest tile (128, 64 or 32 rows) for which all that fits the device's
+// shared memory. Where none does (float64 near D = 256, d = 32: 265 KB of parameters alone), the
+// parameters stay in device memory and the tile gets the shared memory to itself (128 down to 8 rows);
+// the stack kernels read them from there (params_in_shared = false).
+struct GenericTile {
+  int rows;
+  size_t smem;
+  bool params_in_shared;
+};
+inline GenericTile generic_tile(int64_t D, int64_t d, size_t acc_size, int tiles, bool backward) {
+  const size_t smem_optin = size_t(runtime::device_info().smem_optin);
+  const size_t per_row = size_t(tiles) * (D + 1) + (backward ? size_t(4 * d + 1) : 0);
+  for (int rows : {128, 64, 32})
+    if ((num_params(D, d) + rows * per_row) * acc_size <= smem_optin)
+      return {rows, (num_params(D, d) + rows * per_row) * acc_size, true};
+  for (int rows : {128, 64, 32, 16, 8})
+    if (rows * per_row * acc_size <= smem_optin) return {rows, rows * per_row * acc_size, false};
+  TORCH_CHECK(false, "ultimus: D=", D, ", d=", d, " needs ", 8 * per_row * acc_size,
+              " bytes of shared memory, more than this GPU's ", smem_optin);
 }
 
 // Whether the rows kernels serve a call: the sizes they are compiled for and float32 math (float64
@@ -2198,6 +2212,51 @@ bool stack_fwd_rows(const at::Tensor& x, at::Tensor& y, const at::Tensor& packed
   return false;
 }
 
+// A stack's parameters as the kernels read them: (L, np) in the accumulation dtype, each row in the
+// partial-row layout, zeros for absent biases (a single block's may be absent one by one). One cat.
+at::Tensor pack_stack(const std::vector<AccParams>& blocks, int64_t D, int64_t d, const at::Tensor& x) {
+  std::vector<at::Tensor> pieces;
+  for (const auto& b : blocks) {
+    for (const at::Tensor* w : {&b.wq, &b.wk, &b.wv, &b.wo}) pieces.push_back(w->reshape(-1));
+    const std::pair<const at::Tensor*, int64_t> biases[] = {{&b.bq, d}, {&b.bk, d}, {&b.bv, d}, {&b.bo, D}};
+    for (const auto& [bias, length] : biases)
+      pieces.push_back(bias->defined() ? *bias : at::zeros({length}, x.options().dtype(acc_type(x))));
+  }
+  return at::cat(pieces);
+}
+
+// The generic stack kernels' launches (the single-block launchers use them, with L = 1, where a block's
+// parameters do not fit in shared memory beside the tiles).
+template <typename scalar_t, typename acc_t>
+void stack_fwd_generic(const at::Tensor& x, at::Tensor& y, const at::Tensor& packed, int64_t L, int64_t D, int64_t d,
+                       bool residual, const GenericTile& tile) {
+  const acc_t scale = acc_t(1.0 / std::sqrt(double(d)));
+  ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] {
+    const auto kernel = ultimus_stack_fwd_kernel<scalar_t, acc_t, MAXA>;
+    const auto cfg = persistent_grid(kernel, x.size(0), tile.rows, tile.smem);
+    runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+                    y.mutable_data_ptr<scalar_t>(), packed.const_data_ptr<acc_t>(), int(L), int(D), int(d), scale,
+                    x.size(0), residual, tile.params_in_shared);
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void stack_bwd_generic(const at::Tensor& gy, const at::Tensor& x, at::Tensor& gx, at::Tensor& partials,
+                       const at::Tensor& packed, int64_t L, int64_t D, int64_t d, bool residual, bool need_gx,
+                       bool need_gw, const GenericTile& tile) {
+  const acc_t scale = acc_t(1.0 / std::sqrt(double(d)));
+  ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] {
+    const auto kernel = ultimus_stack_bwd_kernel<scalar_t, acc_t, MAXA>;
+    const auto cfg = persistent_grid(kernel, x.size(0), tile.rows, tile.smem);
+    if (need_gw) partials = at::empty({cfg.blocks, L * num_params(D, d)}, x.options().dtype(acc_type(x)));
+    runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, gy.const_data_ptr<scalar_t>(), gy.stride(0), gy.stride(1),
+                    x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
+                    need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr,
+                    need_gw ? partials.mutable_data_ptr<acc_t>() : nullptr, packed.const_data_ptr<acc_t>(), int(L),
+                    int(D), int(d), scale, x.size(0), residual, tile.params_in_shared);
+  });
+}
+
 at::Tensor ultimus_fwd_cuda(const at::Tensor& x_in, const at::Tensor& wq, const OptTensor& bq, const at::Tensor& wk,
                             const OptTensor& bk, const at::Tensor& wv, const OptTensor& bv, const at::Tensor& wo,
                             const OptTensor& bo, bool residual) {
@@ -2212,10 +2271,12 @@ at::Tensor ultimus_fwd_cuda(const at::Tensor& x_in, const at::Tensor& wq, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (rows && fwd_rows<scalar_t>(x, y, params, D, d, residual)) return;
-    const auto [tile_rows, smem] = generic_tile(D, d, sizeof(acc_t), 1, false);
+    const GenericTile tile = generic_tile(D, d, sizeof(acc_t), 1, false);
+    if (!tile.params_in_shared)
+      return stack_fwd_generic<scalar_t, acc_t>(x, y, pack_stack({params}, D, d, x), 1, D, d, residual, tile);
     ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] {
       const auto kernel = ultimus_fwd_kernel<scalar_t, acc_t, MAXA>;
-      const auto cfg = persistent_grid(kernel, B, tile_rows, smem);
+      const auto cfg = persistent_grid(kernel, B, tile.rows, tile.smem);
       runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
                       y.mutable_data_ptr<scalar_t>(), params.ptrs<acc_t, int>(D, d), B, residual);
     });
@@ -2241,10 +2302,15 @@ BackwardResult ultimus_bwd_cuda(const at::Tensor& gy, const at::Tensor& x_in, co
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       if (rows && bwd_rows<scalar_t>(gy_c, x, gx, partials, params, D, d, residual, need_gx, need_gw)) return;
-      const auto [tile_rows, smem] = generic_tile(D, d, sizeof(acc_t), 2, true);
+      const GenericTile tile = generic_tile(D, d, sizeof(acc_t), 2, true);
+      if (!tile.params_in_shared) {  // the stack kernel's tiles: x, the block input (x again) and gy
+        const GenericTile stack_tile = generic_tile(D, d, sizeof(acc_t), 3, true);
+        return stack_bwd_generic<scalar_t, acc_t>(gy_c, x, gx, partials, pack_stack({params}, D, d, x), 1, D, d,
+                                                  residual, need_gx, need_gw, stack_tile);
+      }
       ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] {
         const auto kernel = ultimus_bwd_kernel<scalar_t, acc_t, MAXA>;
-        const auto cfg = persistent_grid(kernel, B, tile_rows, smem);
+        const auto cfg = persistent_grid(kernel, B, tile.rows, tile.smem);
         if (need_gw) partials = at::empty({cfg.blocks, num_params(D, d)}, x.options().dtype(acc));
         runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, gy_c.const_data_ptr<scalar_t>(), gy_c.stride(0),
                         gy_c.stride(1), x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
@@ -2287,20 +2353,6 @@ bool stack_bwd_rows(const at::Tensor& gy, const at::Tensor& x, at::Tensor& gx, a
   return false;
 }
 
-// A stack's parameters as the kernels read them: (L, np) in the accumulation dtype, each row in the
-// partial-row layout, zeros for absent biases. One cat on the device.
-at::Tensor pack_stack(const std::vector<AccParams>& blocks, int64_t D, int64_t d, const at::Tensor& x) {
-  std::vector<at::Tensor> pieces;
-  for (const auto& b : blocks) {
-    for (const at::Tensor* w : {&b.wq, &b.wk, &b.wv, &b.wo}) pieces.push_back(w->reshape(-1));
-    if (b.bq.defined())
-      for (const at::Tensor* bias : {&b.bq, &b.bk, &b.bv, &b.bo}) pieces.push_back(*bias);
-    else
-      pieces.push_back(at::zeros({3 * d + D}, x.options().dtype(acc_type(x))));
-  }
-  return at::cat(pieces);
-}
-
 at::Tensor ultimus_stack_fwd_cuda(const at::Tensor& x_in, at::TensorList params, bool bias, bool residual) {
   const auto [L, D, d] = check_stack_inputs("cuda", x_in, params, bias);
   const int64_t B = x_in.size(0);
@@ -2314,16 +2366,8 @@ at::Tensor ultimus_stack_fwd_cuda(const at::Tensor& x_in, at::TensorList params,
   const at::Tensor x = rows_input(x_in, rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_stack_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t scale = acc_t(1.0 / std::sqrt(double(d)));
     if (rows && stack_fwd_rows<scalar_t>(x, y, packed, L, residual)) return;
-    const auto [tile_rows, smem] = generic_tile(D, d, sizeof(acc_t), 1, false);
-    ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] {
-      const auto kernel = ultimus_stack_fwd_kernel<scalar_t, acc_t, MAXA>;
-      const auto cfg = persistent_grid(kernel, B, tile_rows, smem);
-      runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
-                      y.mutable_data_ptr<scalar_t>(), packed.const_data_ptr<acc_t>(), int(L), int(D), int(d), scale,
-                      B, residual);
-    });
+    stack_fwd_generic<scalar_t, acc_t>(x, y, packed, L, D, d, residual, generic_tile(D, d, sizeof(acc_t), 1, false));
   });
   return y;
 }
@@ -2346,18 +2390,8 @@ BackwardResult ultimus_stack_bwd_cuda(const at::Tensor& gy, const at::Tensor& x_
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ultimus_stack_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       if (rows && stack_bwd_rows<scalar_t>(gy_c, x, gx, partials, packed, L, residual, need_gx, need_gw)) return;
-      const auto [tile_rows, smem] = generic_tile(D, d, sizeof(acc_t), 3, true);
-      const acc_t scale = acc_t(1.0 / std::sqrt(double(d)));
-      ULTIMUS_ATTN_DIM_SWITCH(d, MAXA, [&] {
-        const auto kernel = ultimus_stack_bwd_kernel<scalar_t, acc_t, MAXA>;
-        const auto cfg = persistent_grid(kernel, B, tile_rows, smem);
-        if (need_gw) partials = at::empty({cfg.blocks, L * num_params(D, d)}, x.options().dtype(acc));
-        runtime::launch(kernel, cfg.blocks, cfg.rows, cfg.smem, gy_c.const_data_ptr<scalar_t>(), gy_c.stride(0),
-                        gy_c.stride(1), x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1),
-                        need_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr,
-                        need_gw ? partials.mutable_data_ptr<acc_t>() : nullptr, packed.const_data_ptr<acc_t>(), int(L),
-                        int(D), int(d), scale, B, residual);
-      });
+      stack_bwd_generic<scalar_t, acc_t>(gy_c, x, gx, partials, packed, L, D, d, residual, need_gx, need_gw,
+                                         generic_tile(D, d, sizeof(acc_t), 3, true));
     });
   }
   return backward_result(gx, partials, need_gw);
