@@ -448,6 +448,46 @@ def test_triton_half_forward_runs_on_tensor_cores_only_where_it_can(monkeypatch)
     assert dots(rows(torch.float16, "cpu"), 48, 8) == "tf32" and dots(rows(torch.bfloat16, "cpu"), 48, 8) is None
 
 
+def test_triton_backward_that_does_not_fit_the_gpu_says_so(monkeypatch):
+    """Triton refuses a kernel whose shared memory exceeds the GPU's when it loads it: the float64 tile
+    backward at D > 128 and d > 16 needs 384 KB (sm_90 compile), past an H100's 227 KB. The error names
+    the call and what runs it instead, from the public API and the raw ops alike. (Here the launch is made
+    to fail as a GPU's would; the interpreter has no shared-memory limit.)"""
+    device = backend_or_skip("triton")
+    from triton.runtime.errors import OutOfResources
+
+    from ultimus_kernels import ultimus_stack
+    from ultimus_kernels.ops import ultimus_triton
+
+    real = torch.library.wrap_triton
+    too_big = {ultimus_triton.ultimus_bwd_kernel, ultimus_triton.ultimus_stack_bwd_kernel}
+
+    def wrap_triton(kernel):
+        if kernel not in too_big:
+            return real(kernel)
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    raise OutOfResources(393216, 232448, "shared memory")
+
+                return launch
+
+        return Launcher()
+
+    monkeypatch.setattr(torch.library, "wrap_triton", wrap_triton)
+    message = r"backend 'triton' cannot run {} for D=100, d=20 with torch.float64 inputs on this GPU \(out of resource"
+    args = make_inputs(3, 100, 20, device=device)
+    y = ultimus(*args, backend="triton")
+    with pytest.raises(RuntimeError, match=message.format("bwd")):
+        y.sum().backward()
+    with pytest.raises(RuntimeError, match=message.format("bwd")):
+        torch.ops.ultimus_triton.bwd(torch.ones_like(y), *(t.detach() for t in args), True, True, True)
+    y = ultimus_stack(args.x, [args.params, args.params], backend="triton")
+    with pytest.raises(RuntimeError, match=message.format("stack_bwd") + r".*'cuda' or 'reference' runs it"):
+        y.sum().backward()
+
+
 def test_triton_persistent_kernels_take_their_grid_size_at_run_time():
     """Every persistent Triton kernel (one that loops over tiles) takes the number of programs as a run-time
     argument. At small B that number follows the batch size; as a tl.constexpr each new number of tiles

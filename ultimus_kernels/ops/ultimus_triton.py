@@ -41,6 +41,7 @@ their top run on fake tensors too), and `fullgraph=True` holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -49,6 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
+from triton.runtime.errors import OutOfResources
 
 from ..checks import check_grad_output, check_op_inputs, check_stack_op_inputs, refuse_forward_ad
 from .autograd import register_fused_ops
@@ -1523,6 +1525,20 @@ def ultimus_triton_fwd(
     return y
 
 
+@contextlib.contextmanager
+def _say_what_does_not_fit(op: str, x: Tensor, D: int, d: int):
+    """Triton checks a kernel's shared memory against the GPU's when it loads the kernel. The float64 tile
+    backward (single block or stack) at D > 128 and d > 16 needs 384 KB of it (sm_90 compile), past an
+    H100's 227 KB; GPUs with less stop sooner. Say which call that was and what runs it instead."""
+    try:
+        yield
+    except OutOfResources as exc:
+        raise RuntimeError(
+            f"ultimus: backend 'triton' cannot run {op} for D={D}, d={d} with {x.dtype} inputs on this GPU "
+            f"({exc}); backend='cuda' or 'reference' runs it"
+        ) from exc
+
+
 @torch.library.triton_op("ultimus_triton::bwd", mutates_args=())
 def ultimus_triton_bwd(
     gy: Tensor,
@@ -1580,42 +1596,43 @@ def ultimus_triton_bwd(
     elif P > 0:
         wq, wk, wv, wo = (w.contiguous() for w in (wq, wk, wv, wo))
         (bq, bk, bv), (has_bq, has_bk, has_bv) = _bias_args(bq, bk, bv, fallback=wq)
-        torch.library.wrap_triton(ultimus_bwd_kernel)[(P,)](
-            gy,
-            x,
-            gx,
-            partials,
-            wq,
-            bq,
-            wk,
-            bk,
-            wv,
-            bv,
-            wo,
-            B,
-            D,
-            d,
-            x.stride(0),
-            x.stride(1),
-            gy.stride(0),
-            gy.stride(1),
-            num_tiles,
-            num_params,
-            P,
-            HAS_BQ=has_bq,
-            HAS_BK=has_bk,
-            HAS_BV=has_bv,
-            RESIDUAL=residual,
-            NEED_GX=need_gx,
-            NEED_GW=need_gw,
-            ACC=_TL_ACC[acc],
-            EXACT_EXP=_exact_exp(x),
-            BLOCK_B=BLOCK_B,
-            BLOCK_DIM=BLOCK_DIM,
-            BLOCK_ATT=BLOCK_ATT,
-            num_warps=num_warps,
-            num_stages=num_stages,
-        )
+        with _say_what_does_not_fit("bwd", x, D, d):
+            torch.library.wrap_triton(ultimus_bwd_kernel)[(P,)](
+                gy,
+                x,
+                gx,
+                partials,
+                wq,
+                bq,
+                wk,
+                bk,
+                wv,
+                bv,
+                wo,
+                B,
+                D,
+                d,
+                x.stride(0),
+                x.stride(1),
+                gy.stride(0),
+                gy.stride(1),
+                num_tiles,
+                num_params,
+                P,
+                HAS_BQ=has_bq,
+                HAS_BK=has_bk,
+                HAS_BV=has_bv,
+                RESIDUAL=residual,
+                NEED_GX=need_gx,
+                NEED_GW=need_gw,
+                ACC=_TL_ACC[acc],
+                EXACT_EXP=_exact_exp(x),
+                BLOCK_B=BLOCK_B,
+                BLOCK_DIM=BLOCK_DIM,
+                BLOCK_ATT=BLOCK_ATT,
+                num_warps=num_warps,
+                num_stages=num_stages,
+            )
     if not need_gw:
         return gx, torch.empty((0,), dtype=acc, device=dev)
     # Fixed-order reduction of the per-program partials: deterministic; one kernel for all eight.
@@ -1696,13 +1713,14 @@ def ultimus_triton_stack_bwd(
         )  # fmt: skip
     elif P > 0:
         packed = _pack_stack(params, bias, D, d, acc)
-        torch.library.wrap_triton(ultimus_stack_bwd_kernel)[(P,)](
-            gy, x, gx, partials, packed, B, D, d, L, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1),
-            num_tiles, num_params, P,
-            HAS_BIAS=bias, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
-            EXACT_EXP=_exact_exp(x), BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT,
-            num_warps=num_warps, num_stages=_BARRIERED_LOOP,
-        )  # fmt: skip
+        with _say_what_does_not_fit("stack_bwd", x, D, d):
+            torch.library.wrap_triton(ultimus_stack_bwd_kernel)[(P,)](
+                gy, x, gx, partials, packed, B, D, d, L, x.stride(0), x.stride(1), gy.stride(0), gy.stride(1),
+                num_tiles, num_params, P,
+                HAS_BIAS=bias, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw, ACC=_TL_ACC[acc],
+                EXACT_EXP=_exact_exp(x), BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT,
+                num_warps=num_warps, num_stages=_BARRIERED_LOOP,
+            )  # fmt: skip
     if not need_gw:
         return gx, torch.empty((0,), dtype=acc, device=dev)
     return gx, partials.view(-1) if P == 1 else partials.sum(0)  # fixed-order reduction: deterministic
