@@ -1598,41 +1598,12 @@ def ultimus_triton_bwd(
         (bq, bk, bv), (has_bq, has_bk, has_bv) = _bias_args(bq, bk, bv, fallback=wq)
         with _say_what_does_not_fit("bwd", x, D, d):
             torch.library.wrap_triton(ultimus_bwd_kernel)[(P,)](
-                gy,
-                x,
-                gx,
-                partials,
-                wq,
-                bq,
-                wk,
-                bk,
-                wv,
-                bv,
-                wo,
-                B,
-                D,
-                d,
-                x.stride(0),
-                x.stride(1),
-                gy.stride(0),
-                gy.stride(1),
-                num_tiles,
-                num_params,
-                P,
-                HAS_BQ=has_bq,
-                HAS_BK=has_bk,
-                HAS_BV=has_bv,
-                RESIDUAL=residual,
-                NEED_GX=need_gx,
-                NEED_GW=need_gw,
-                ACC=_TL_ACC[acc],
-                EXACT_EXP=_exact_exp(x),
-                BLOCK_B=BLOCK_B,
-                BLOCK_DIM=BLOCK_DIM,
-                BLOCK_ATT=BLOCK_ATT,
-                num_warps=num_warps,
-                num_stages=num_stages,
-            )
+                gy, x, gx, partials, wq, bq, wk, bk, wv, bv, wo, B, D, d, x.stride(0), x.stride(1), gy.stride(0),
+                gy.stride(1), num_tiles, num_params, P,
+                HAS_BQ=has_bq, HAS_BK=has_bk, HAS_BV=has_bv, RESIDUAL=residual, NEED_GX=need_gx, NEED_GW=need_gw,
+                ACC=_TL_ACC[acc], EXACT_EXP=_exact_exp(x), BLOCK_B=BLOCK_B, BLOCK_DIM=BLOCK_DIM, BLOCK_ATT=BLOCK_ATT,
+                num_warps=num_warps, num_stages=num_stages,
+            )  # fmt: skip
     if not need_gw:
         return gx, torch.empty((0,), dtype=acc, device=dev)
     # Fixed-order reduction of the per-program partials: deterministic; one kernel for all eight.
