@@ -2216,11 +2216,14 @@ bool stack_fwd_rows(const at::Tensor& x, at::Tensor& y, const at::Tensor& packed
 // partial-row layout, zeros for absent biases (a single block's may be absent one by one). One cat.
 at::Tensor pack_stack(const std::vector<AccParams>& blocks, int64_t D, int64_t d, const at::Tensor& x) {
   std::vector<at::Tensor> pieces;
+  at::Tensor zeros;  // one allocation per call, sliced for every absent bias
   for (const auto& b : blocks) {
     for (const at::Tensor* w : {&b.wq, &b.wk, &b.wv, &b.wo}) pieces.push_back(w->reshape(-1));
     const std::pair<const at::Tensor*, int64_t> biases[] = {{&b.bq, d}, {&b.bk, d}, {&b.bv, d}, {&b.bo, D}};
-    for (const auto& [bias, length] : biases)
-      pieces.push_back(bias->defined() ? *bias : at::zeros({length}, x.options().dtype(acc_type(x))));
+    for (const auto& [bias, length] : biases) {
+      if (!bias->defined() && !zeros.defined()) zeros = at::zeros({std::max(D, d)}, x.options().dtype(acc_type(x)));
+      pieces.push_back(bias->defined() ? *bias : zeros.narrow(0, 0, length));
+    }
   }
   return at::cat(pieces);
 }
